@@ -1,0 +1,49 @@
+"""Every engine knob, with its default, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_MODEL = "dummy_model"
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    # "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "bfloat16", "float16", "float32".
+    dtype: str = "auto"
+    # "auto" (cuda when available), "cpu", "cuda", "cuda:N".
+    device: str = "auto"
+    # "auto" reads the weights from the model's files; "dummy" gives random weights on the real config.
+    load_format: str = "auto"
+    revision: Optional[str] = None
+    # Tokens per KV block.
+    block_size: int = 16
+    # Memory for the KV cache pool, in GiB. Ignored when num_kv_blocks is set.
+    kv_cache_memory_gib: float = 1.0
+    num_kv_blocks: Optional[int] = None
+    # Context length; None takes the model's max_position_embeddings.
+    max_model_len: Optional[int] = None
+    # At most this many requests run in one step.
+    max_num_seqs: int = 64
+    # Per-step token budget: decodes take one each, prefill chunks share the rest.
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    # CPU threads for torch; None leaves torch's default.
+    num_threads: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+        if self.num_kv_blocks is None and self.kv_cache_memory_gib <= 0:
+            raise ValueError("kv_cache_memory_gib must be > 0")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")

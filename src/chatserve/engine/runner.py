@@ -1,0 +1,66 @@
+"""A scheduled batch -> tensors -> one model forward -> the logits of the tokens to sample."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.layers import AttentionMetadata, KVCache, PrefillSpan
+from ..models.loader import LoadedModel
+from .request import Request
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+        cfg = loaded.config
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = block_size
+        self.kv_cache = KVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                                cfg.head_dim, loaded.dtype, loaded.device)
+
+    def _tensor(self, data) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
+        """Run the batch; return logits [S, vocab] for the S requests whose last token was computed."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampled: list[Request] = []
+        for req, n in items:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            offset = len(input_ids)
+            input_ids.extend(req.token_ids[start:end])
+            pos = range(start, end)
+            positions.extend(pos)
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1:
+                decode_tables.append(table[: -(-end // bs)])
+                decode_lens.append(end)
+            elif start == 0:
+                prefills.append(PrefillSpan(offset, offset + n, end))
+            else:
+                # A later chunk, or a prompt behind a cached prefix: attend to the cache too.
+                mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+                prefills.append(PrefillSpan(offset, offset + n, end, self._tensor(table[: -(-end // bs)]), mask))
+            if end == req.num_tokens:
+                logits_indices.append(offset + n - 1)
+                sampled.append(req)
+
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills,
+                                 num_prefill_tokens=sum(s.end - s.start for s in prefills))
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            lens = self._tensor(decode_lens)
+            meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens.unsqueeze(1))[:, None, None, :]
+        logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
+                            self._tensor(logits_indices))
+        return logits, sampled

@@ -1,0 +1,173 @@
+"""SamplingParams and the batched sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+# Logprobs alternatives a request may ask for (OpenAI allows up to 20).
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: Optional[int] = None  # None: until a stop condition or the context is full
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0  # OpenAI's, over the output so far
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None  # same seed, same tokens, whatever else is in the batch
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: off; k: the sampled token's logprob and the top k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> None:
+            raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad("max_tokens", "must be at least 1")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 or -1 turns it off)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+class SamplingRow:
+    """What the sampler needs from one request."""
+
+    params: SamplingParams
+    generator: Optional[torch.Generator]
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long, device=logits.device)
+            seen = seen[seen < vocab]
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        output = row.token_ids[row.num_prompt_tokens:]
+        if output and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(output, dtype=torch.long, device=logits.device)
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device).scatter_add_(
+                0, ids, torch.ones_like(ids, dtype=logits.dtype))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _filter(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on the rows that sample (not greedy)."""
+    dev = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], device=dev).unsqueeze(1)
+    logits = logits / temps
+    top_k = [r.params.top_k for r in rows]
+    if any(top_k):
+        k = torch.tensor([t if t > 0 else logits.shape[1] for t in top_k], device=dev)
+        kmax = int(k.max())
+        kth = logits.topk(kmax, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = [r.params.top_p for r in rows]
+    if any(p < 1 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Keep a token while the mass before it is below top_p (the first token always stays).
+        remove = (cum - sorted_logits.softmax(-1)) >= torch.tensor(top_p, device=dev).unsqueeze(1)
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    min_p = [r.params.min_p for r in rows]
+    if any(min_p):
+        probs = logits.softmax(-1)
+        floor = probs.max(-1, keepdim=True).values * torch.tensor(min_p, device=dev).unsqueeze(1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(r.params.has_penalties for r in rows):
+            logits = apply_penalties(logits.clone(), rows)
+
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            sub_rows = [rows[i] for i in sampled]
+            probs = _filter(logits[sampled], sub_rows).softmax(-1).cpu()
+            # Exponential race (argmax of p / E, E ~ Exp(1)) draws from p; seeded requests draw
+            # their noise from their own generator so the batch around them does not matter.
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for j, row in enumerate(sub_rows):
+                if row.generator is not None:
+                    noise[j].exponential_(generator=row.generator)
+            tokens[sampled] = (probs / noise).argmax(dim=-1).to(tokens.device)
+
+        token_list = tokens.tolist()
+        logprobs: list[Optional[TokenLogprob]] = [None] * len(rows)
+        if raw_logprobs is not None:
+            for i, row in enumerate(rows):
+                k = row.params.logprobs
+                if k is None:
+                    continue
+                top = []
+                if k > 0:
+                    vals, ids = raw_logprobs[i].topk(k)
+                    top = list(zip(ids.tolist(), vals.tolist()))
+                logprobs[i] = TokenLogprob(token_list[i], float(raw_logprobs[i, token_list[i]]), top)
+        return token_list, logprobs
