@@ -20,7 +20,7 @@ from ..models.layers import KVCache
 from ..models.loader import LoadedModel, load_model
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager
-from .request import CompletionOutput, FinishReason, Request, RequestOutput, RequestStatus
+from .request import CompletionOutput, FinishReason, Request, RequestOutput
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import mmap
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
