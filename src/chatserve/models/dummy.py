@@ -27,7 +27,8 @@ SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 # Qwen3 marks <think>/</think> as added but *not* special: they survive skip_special_tokens.
 NON_SPECIAL_ADDED_TOKENS = (THINK_START, THINK_END)
 
-# BPE vocabulary before the 5 added tokens, so len(tokenizer) == 1000.
+# BPE vocabulary before the 5 added tokens, so len(tokenizer) == 1000. The corpus is just big
+# enough for training to reach it (a test checks), so keep it when editing the corpus.
 _BPE_VOCAB_SIZE = 995
 
 # Qwen2's pre-tokenization split (like GPT-2's, but digits are split one by one).
@@ -184,11 +185,20 @@ if __name__ == "__main__":
 @functools.lru_cache(maxsize=1)
 def _dummy_tokenizer_json() -> str:
     """Train the BPE once per process; return it serialized so callers get fresh copies."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     # Exactly the pipeline transformers' Qwen2Tokenizer rebuilds around a tokenizer.json, so
     # AutoTokenizer gives identical ids whichever tokenizer class it picks for a model dir.
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=""))
+    tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

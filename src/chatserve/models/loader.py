@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import EngineConfig
 from . import ARCHITECTURES
@@ -152,17 +153,18 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[SafetensorsFile, str]]:
-    for file in checkpoint_files(path):
-        st = SafetensorsFile(file)
-        for name in st.keys():
-            yield st, name
+    files = [SafetensorsFile(f) for f in checkpoint_files(path)]
+    total = sum(len(st.keys()) for st in files)
+    # A progress bar on terminals (tqdm disables itself elsewhere).
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for st in files:
+            for name in st.keys():
+                yield st, name
+                bar.update()
 
 
-def build_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
+def build_model(cls: type[CausalLM], cfg: ModelConfig, device: torch.device) -> CausalLM:
     """The module tree with parameters on the meta device: no memory until weights arrive."""
-    cls = ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
-        raise ModelLoadError(f"architecture {cfg.architecture!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     with torch.device("meta"):
         model = cls(cfg)
     # The rotary tables are computed, not loaded: build them for real.
@@ -250,7 +252,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         raise ModelLoadError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     model_cfg = cls.read_config(raw)
     dtype = resolve_dtype(config.dtype, device)
-    model = build_model(model_cfg, device)
+    model = build_model(cls, model_cfg, device)
     if load_format == "dummy":
         init_random_weights(model, device, dtype, config.seed)
     else:

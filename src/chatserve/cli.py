@@ -1,0 +1,138 @@
+"""The one entry point: `chatserve generate ...` (and later serve, chat, client, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import fields
+from typing import Optional, Sequence
+
+from .config import DEFAULT_MODEL, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("model and engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a local Hugging Face model directory, a hub id (downloaded into the HF cache), or "
+                        f"'{DEFAULT_MODEL}', the built-in random model that needs no download (default)")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to download")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights and activations; auto = bfloat16 on CUDA and on CPUs with native bf16 "
+                        "(avx512_bf16/AMX), else float32")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (auto picks CUDA when present)")
+    g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="dummy = random weights on the model's real config (benchmarks without weights)")
+    g.add_argument("--kv-cache-memory-gib", type=float, default=d.kv_cache_memory_gib,
+                   help="memory for the paged KV cache pool, GiB (default %(default)s)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the memory budget)")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (default %(default)s)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="most requests batched in one step (default %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="per-step token budget; longer prompts prefill in chunks (default %(default)s)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    g.add_argument("--engine-seed", dest="seed", type=int, default=d.seed,
+                   help="seed of the engine's generator for unseeded requests (default %(default)s)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return EngineConfig(enable_prefix_caching=not args.no_prefix_caching, **values)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config, else 1)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="seed for this generation")
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def sampling_params_from_args(args: argparse.Namespace, defaults: dict):
+    from .engine.sampling import SamplingParams
+
+    values = {"max_tokens": args.max_tokens, "seed": args.sampling_seed, "stop": args.stop}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(args, name)
+        if value is None:
+            value = defaults.get(name)
+        if value is not None:
+            values[name] = value
+    return SamplingParams(**values)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.engine import Engine
+    from .models.loader import ModelLoadError
+
+    try:
+        engine = Engine(engine_config_from_args(args))
+        gen_defaults = engine.loaded.generation_config
+        params = sampling_params_from_args(args, gen_defaults)
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        if args.raw:
+            prompt = args.prompt
+        else:
+            prompt = {"prompt_token_ids": engine.apply_chat_template(messages + [{"role": "user", "content": args.prompt}])}
+        request_id = engine.add_request(prompt, params)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    final = None
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id == request_id:
+                    sys.stdout.write(out.text)
+                    sys.stdout.flush()
+                    final = out if out.finished else final
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - start
+    sys.stdout.write("\n")
+    if final is not None:
+        ttft = final.time_to_first_token or 0.0
+        print(f"[{final.num_output_tokens} tokens, {final.num_output_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+              f"first token {ttft * 1000:.0f} ms, finish: {final.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatserve", description="A streaming chat service for local LLMs.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="how much to log on stderr (default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", parents=[common], help="answer one chat message, streamed to the terminal",
+                         description="Load a model in-process and stream its answer to one message.")
+    gen.add_argument("prompt", nargs="?", default="Hello, how are you?", help="the user message (default: %(default)r)")
+    gen.add_argument("--system", default=None, help="a system prompt")
+    gen.add_argument("--raw", action="store_true", help="send the text as a plain prompt, without the chat template")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
