@@ -6,6 +6,8 @@ by transformers is the reference our own model code is checked against.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from chatserve.models.dummy import LLAMA3_ROPE_SCALING, TINY_ARCHS, write_hf_model_dir
