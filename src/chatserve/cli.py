@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import fields
 from typing import Optional, Sequence
 
-from .config import DEFAULT_MODEL, EngineConfig
+from .config import DEFAULT_MODEL, EngineConfig, ServerConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +111,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import create_app
+
+    server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+                                 cors_origins=args.cors_origin, max_queue=args.max_queue,
+                                 model_aliases=args.model_alias)
+    try:
+        app = create_app(engine_config_from_args(args), server_config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from .client.infer import run
+
+    if args.log_level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # its per-request line is noise in the demo
+    return run(args.url, model=args.model, text_only=args.text, max_tokens=args.max_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatserve", description="A streaming chat service for local LLMs.")
     common = argparse.ArgumentParser(add_help=False)
@@ -124,6 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", parents=[common], help="serve a model over HTTP (POST /infer, GET /health)",
+                           description="Load a model and serve it over HTTP: POST /infer streams NDJSON, "
+                                       "GET /health is 200 once the model is loaded (503 while it loads).")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 for every interface (default %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    serve.add_argument("--api-key", default=os.environ.get("CHATSERVE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /infer (default: $CHATSERVE_API_KEY, else none)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
+    serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
+                       help="most requests in flight; more get 503 at once (default %(default)s)")
+    serve.add_argument("--model-alias", action="append", default=[], metavar="NAME",
+                       help="another name requests may give as 'model' (repeatable); the served model's own "
+                            "name (the --model value) is always accepted")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    client = sub.add_parser("client", parents=[common], help="stream the demo chat from a server's /infer",
+                            description="Post the original demo's chat to /infer and print each streamed line "
+                                        "(raw bytes and parsed), as the original stream_test.py does.")
+    client.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    client.add_argument("--text", action="store_true", help="print only the streamed text")
+    client.add_argument("--model", default=DEFAULT_MODEL, help="the model name to ask for (default %(default)s)")
+    client.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: until a stop token or the context is full)")
+    client.set_defaults(func=cmd_client)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 DEFAULT_MODEL = "dummy_model"
@@ -47,3 +47,17 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # When set, /infer needs "Authorization: Bearer <api_key>"; /health stays open for probes.
+    api_key: Optional[str] = None
+    # Browser origins allowed to call the API (CORS); empty: same-origin only.
+    cors_origins: list[str] = field(default_factory=list)
+    # Requests in flight (running or waiting) beyond this get 503 at once rather than queueing without bound.
+    max_queue: int = 256
+    # Names accepted in a request's "model" besides the served model's own (its --model value).
+    model_aliases: list[str] = field(default_factory=list)

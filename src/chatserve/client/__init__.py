@@ -1,0 +1,1 @@
+"""Clients of the server: the /infer demo client."""

@@ -1,0 +1,117 @@
+"""The /infer request body, and errors in the OpenAI shape: {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("chatserve.server")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+    # None: the model's generation_config default (sampling values), or until a stop condition
+    # or the context is full (max_tokens).
+    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+
+    @field_validator("messages")
+    @classmethod
+    def not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages:
+            raise ValueError('must hold at least one message, e.g. [{"role": "user", "content": "Hi"}]')
+        return messages
+
+
+class APIError(Exception):
+    """An error the client gets back as {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status_code, self.message, self.type, self.param, self.code = status_code, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.message, self.type, self.param, self.code)
+
+
+def error_response(status_code: int, message: str, type: str = "invalid_request_error",
+                   param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status_code)
+
+
+def _param(loc) -> Optional[str]:
+    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def describe_validation_error(errors: list[dict]) -> tuple[str, Optional[str]]:
+    """The first problem, phrased so the client knows what to change, and the field it is in."""
+    err = errors[0]
+    if err["type"] == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return (f"the request body is not valid JSON ({detail}); send a JSON object such as "
+                '{"model": "...", "messages": [{"role": "user", "content": "Hi"}]}', None)
+    param = _param(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if param is None:
+        return ("the request body must be a JSON object with 'model' and 'messages', sent with "
+                f"'Content-Type: application/json' ({msg})", None)
+    if err["type"] == "missing":
+        return f"{param} is required", param
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{param}: {msg} (got {got})", param
+
+
+def engine_error(exc: ValueError) -> APIError:
+    """A 400 for the engine's refusal, naming the request field its message starts with."""
+    message = str(exc)
+    word = re.match(r"\w*", message).group()
+    param = word if word in InferRequest.model_fields else ("messages" if "prompt" in message else None)
+    return APIError(400, message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(list(exc.errors()))
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"internal server error: {exc}", "server_error")
