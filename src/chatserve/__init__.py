@@ -1,9 +1,25 @@
-"""chatserve: a streaming chat service for local large language models."""
+"""chatserve: a streaming chat service for local large language models.
 
-from .config import EngineConfig
-from .engine.engine import LLM, AsyncEngine, Engine
-from .engine.request import CompletionOutput, RequestOutput
-from .engine.sampling import SamplingParams
+The engine names are imported on first use, so light commands (the HTTP client) start fast
+without loading torch."""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "CompletionOutput", "RequestOutput"]
+
+_EXPORTS = {
+    "LLM": "chatserve.engine.engine",
+    "Engine": "chatserve.engine.engine",
+    "AsyncEngine": "chatserve.engine.engine",
+    "EngineConfig": "chatserve.config",
+    "SamplingParams": "chatserve.engine.sampling",
+    "CompletionOutput": "chatserve.engine.request",
+    "RequestOutput": "chatserve.engine.request",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'chatserve' has no attribute {name!r}")

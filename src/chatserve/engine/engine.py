@@ -267,6 +267,10 @@ class AsyncEngine:
             raise RuntimeError("the engine is shutting down")
         self.start()
         req = self.engine.make_request(prompt, params, request_id)  # raises ValueError on bad input
+        # Checked here, not on the engine thread: a duplicate would take over the other
+        # request's stream, and Engine.add raising there would end the engine thread.
+        if req.request_id in self._streams:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", req))
