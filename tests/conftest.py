@@ -38,3 +38,15 @@ def qwen3_dir(tmp_path_factory) -> Path:
 def tiny_model_dir(request) -> Path:
     """Each of qwen2_dir, llama_dir, qwen3_dir in turn (the arch is request.param)."""
     return request.getfixturevalue(f"{request.param}_dir")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    # Tiny models gain nothing from more threads, and OpenMP threads fighting other
+    # processes for 2 cores make every step many times slower.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ import random
 import time
 
 import pytest
-import torch
 
 from chatserve import AsyncEngine, Engine, EngineConfig, SamplingParams
 from chatserve.models.loader import load_model
@@ -15,12 +14,6 @@ from chatserve.models.loader import load_model
 WAIT_S = 10.0  # generous bound for the engine thread to react, on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine thread inherits it
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

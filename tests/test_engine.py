@@ -13,7 +13,6 @@ import shutil
 from collections import Counter
 
 import pytest
-import torch
 
 from chatserve import LLM, Engine, EngineConfig, SamplingParams
 from chatserve.engine.request import FinishReason, RequestStatus
@@ -22,14 +21,6 @@ from chatserve.models.loader import load_model
 BLOCK_SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from more threads, and OpenMP threads fighting other
-    # processes for 2 cores make every step many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

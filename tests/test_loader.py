@@ -24,12 +24,6 @@ from chatserve.models.loader import ModelLoadError, load_model, resolve_dtype
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def load(path, **kw):
