@@ -8,20 +8,16 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import requests
-import torch
-import uvicorn
+from live_server import WAIT_S, healthy, idle, live_server, wait_until
 from starlette.testclient import TestClient
 
 from chatserve.config import EngineConfig, ServerConfig
 from chatserve.server.app import configs_from_env, create_app
 
-WAIT_S = 30.0  # generous bound for a loaded 2-core machine
 REPO = Path(__file__).resolve().parents[1]
 # Long enough to fill a KV block (so the prefix cache can serve it); greedy dummy_model answers it
 # with 450+ tokens, no stop token.
@@ -29,42 +25,10 @@ HELLO = [{"role": "system", "content": "You are a helpful assistant. Answer brie
          {"role": "user", "content": "Hello"}]
 
 
-def wait_until(condition, what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server():
-    threads = torch.get_num_threads()
-    config = EngineConfig(model="dummy_model", device="cpu", dtype="float32", num_kv_blocks=32, block_size=16,
-                          num_threads=1)
-    app = create_app(config, ServerConfig())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: healthy(url), "the server to load the model", timeout=60)
-        yield SimpleNamespace(url=url, app=app, engine=app.state.engine.engine)
-    finally:
-        srv.should_exit = True
-        thread.join(WAIT_S)
-        sock.close()
-        torch.set_num_threads(threads)
-    assert not thread.is_alive()
+    with live_server() as srv:
+        yield srv
 
 
 def post(server, timeout: float = WAIT_S, **body) -> requests.Response:
@@ -78,10 +42,6 @@ def assert_error(response: requests.Response, status: int, *words: str) -> dict:
     assert set(error) == {"message", "type", "param", "code"}
     assert all(w in error["message"] for w in words), error["message"]
     return error
-
-
-def idle(engine) -> bool:
-    return not engine.requests and engine.block_manager.num_free_blocks == engine.num_blocks
 
 
 def test_health(server):

@@ -7,38 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from typing import AsyncIterator, Optional
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2.exceptions import TemplateError
+from fastapi.responses import JSONResponse, Response
 
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
-from .protocol import APIError, InferRequest, engine_error, error_response
-
-log = logging.getLogger("chatserve.server")
+from .protocol import InferRequest, engine_error, error_response
+from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
+                        get_engine, render_chat, wait_for_disconnect)
 
 router = APIRouter()
-
-
-def check_api_key(request: Request) -> None:
-    key = request.app.state.server_config.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
-        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                       code="invalid_api_key")
-
-
-def get_engine(request: Request) -> AsyncEngine:
-    state = request.app.state
-    if state.engine is None:
-        raise APIError(503, state.load_error or f"the model {state.model_name} is still loading; retry shortly",
-                       "service_unavailable_error", code="model_not_ready")
-    return state.engine
 
 
 def sampling_params(body: InferRequest, defaults: dict) -> SamplingParams:
@@ -55,94 +38,13 @@ def sampling_params(body: InferRequest, defaults: dict) -> SamplingParams:
         raise engine_error(exc) from None
 
 
-class Generation:
-    """One request's engine stream, with the counts its log line and usage need."""
-
-    def __init__(self, request: Request, outputs: AsyncIterator[RequestOutput], request_id: str):
-        self.state = request.app.state
-        self.outputs = outputs
-        self.request_id = request_id
-        self.start = time.monotonic()
-        self.last: Optional[RequestOutput] = None
-        self.pending: Optional[RequestOutput] = None
-        self.closed = False
-        self.state.in_flight += 1
-
-    async def first(self) -> RequestOutput:
-        """Wait for the first output, so a request the engine refuses is a 400 before any streaming."""
-        try:
-            self.pending = self.last = await self.outputs.__anext__()
-        except ValueError as exc:
-            self._release()
-            raise engine_error(exc) from None
-        except RuntimeError as exc:  # the engine is shutting down
-            self._release()
-            raise APIError(503, str(exc), "service_unavailable_error") from None
-        return self.last
-
-    async def next(self) -> RequestOutput:
-        """The next output: first the one first() waited for, then the engine's."""
-        if self.pending is not None:
-            out, self.pending = self.pending, None
-            return out
-        self.last = await self.outputs.__anext__()
-        return self.last
-
-    def _release(self) -> bool:
-        released, self.closed = not self.closed, True
-        if released:
-            self.state.in_flight -= 1
-        return released
-
-    async def close(self) -> None:
-        """End the request (once first() succeeded) and log its one line."""
-        if not self._release():
-            return
-        # Closing the engine's iterator aborts the request if it is still running (the client left).
-        await self.outputs.aclose()
-        out, elapsed = self.last, time.monotonic() - self.start
-        finish = out.finish_reason if out.finished else "abort (client went away)"
-        n, ttft = out.num_output_tokens, out.time_to_first_token
-        rate = (n - 1) / (elapsed - ttft) if ttft is not None and n > 1 and elapsed > ttft else 0.0
-        log.info("request %s: %d prompt tokens (%d cached), %d output tokens, first token %s, "
-                 "%.1f tokens/s after it, finish %s", self.request_id, out.num_prompt_tokens, out.num_cached_tokens,
-                 n, "-" if ttft is None else f"{ttft * 1000:.0f} ms", rate, finish)
-
-    def usage(self) -> dict:
-        out = self.last
-        return {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
-                "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-                "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """Closes its body iterator however the response ends: when the client disconnects, the
-    request is aborted at once rather than whenever the generator is garbage collected."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
 @router.post("/infer", dependencies=[Depends(check_api_key)])
 async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depends(get_engine)) -> Response:
     state = request.app.state
-    served = [state.model_name, *state.server_config.model_aliases]
-    if body.model not in served:
-        raise APIError(404, f"model {body.model!r} is not served here; use one of {served}", param="model",
-                       code="model_not_found")
+    check_model(request, body.model)
     params = sampling_params(body, engine.engine.loaded.generation_config)
-    try:
-        # The tokenizer's own template, rendered by transformers' sandboxed Jinja; it may reject a
-        # conversation (e.g. roles that do not alternate), which is the client's to fix.
-        prompt_ids = engine.engine.apply_chat_template([m.model_dump() for m in body.messages])
-    except (ValueError, TemplateError) as exc:
-        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-    if state.in_flight >= state.server_config.max_queue:
-        raise APIError(503, f"the server is busy ({state.in_flight} requests in flight); retry shortly",
-                       "service_unavailable_error", code="server_busy")
+    prompt_ids = render_chat(engine, [m.model_dump() for m in body.messages])
+    check_capacity(request)
 
     request_id, created = str(uuid.uuid4()), int(time.time())
     gen = Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, params, request_id), request_id)
@@ -182,7 +84,7 @@ async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depe
 
     # Nobody streams the answer, so watch the connection ourselves: a client that leaves aborts it.
     collecting = asyncio.ensure_future(collect())
-    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait([collecting, disconnected], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -200,6 +102,3 @@ async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depe
     return JSONResponse({**chunk(text, out.finish_reason), "usage": gen.usage()})
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
