@@ -97,38 +97,51 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())  # parameters() skips tied duplicates
 
 
-def _cpu_snapshot() -> tuple[float, float, float]:
-    """(wall time, CPU seconds the whole machine was busy, CPU seconds of this process)."""
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of another process; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # the name in parentheses may hold spaces
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _cpu_snapshot(pids: tuple[int, ...] = ()) -> tuple[float, float, float]:
+    """(wall time, CPU seconds the whole machine was busy, CPU seconds of this process and `pids`)."""
     with open("/proc/stat") as f:
         ticks = [int(v) for v in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already in user.
     busy = sum(ticks[:8]) - ticks[3] - ticks[4]
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+    own = time.process_time() + sum(_process_cpu_seconds(pid) for pid in pids)
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own
 
 
-def wait_for_quiet(max_wait: float = 60.0, window: float = 1.0) -> None:
+def wait_for_quiet(max_wait: float = 60.0, window: float = 1.0, pids: tuple[int, ...] = ()) -> None:
     """Wait (up to max_wait seconds) for a window in which other processes use under QUIET of the CPU."""
     deadline = time.perf_counter() + max_wait
     while time.perf_counter() < deadline:
-        wall0, busy0, own0 = _cpu_snapshot()
+        wall0, busy0, own0 = _cpu_snapshot(pids)
         time.sleep(window)
-        wall1, busy1, own1 = _cpu_snapshot()
+        wall1, busy1, own1 = _cpu_snapshot(pids)
         if (busy1 - busy0) - (own1 - own0) <= QUIET * (wall1 - wall0) * (os.cpu_count() or 1):
             return
 
 
 class CpuShare:
     """The share of the machine's CPU other processes took while each measurement ran. The
-    benchmark machine may be shared: timings are only comparable while this stays near zero."""
+    benchmark machine may be shared: timings are only comparable while this stays near zero.
+    Processes in `own_pids` (a server this benchmark started) count as the benchmark's own."""
 
     def __init__(self):
         self.shares: dict[str, float] = {}
+        self.own_pids: tuple[int, ...] = ()
 
     @contextmanager
     def track(self, label: str):
-        wall0, busy0, own0 = _cpu_snapshot()
+        wall0, busy0, own0 = _cpu_snapshot(self.own_pids)
         yield
-        wall1, busy1, own1 = _cpu_snapshot()
+        wall1, busy1, own1 = _cpu_snapshot(self.own_pids)
         other = max(0.0, (busy1 - busy0) - (own1 - own0))
         self.shares[label] = other / max((wall1 - wall0) * (os.cpu_count() or 1), 1e-9)
 
@@ -137,7 +150,7 @@ class CpuShare:
         `quiet` of the CPU; the result of the quietest run."""
         best: tuple[float, T] | None = None
         for i in range(tries):
-            wait_for_quiet()
+            wait_for_quiet(pids=self.own_pids)
             with self.track(label):
                 result = fn(i)
             if best is None or self.shares[label] < best[0]:

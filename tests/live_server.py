@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -46,9 +47,14 @@ def tiny_engine_config(**overrides) -> EngineConfig:
 @contextmanager
 def live_server(engine_config: Optional[EngineConfig] = None,
                 server_config: Optional[ServerConfig] = None) -> Iterator[SimpleNamespace]:
-    """Yields (url, app, engine) once /health is 200; stops the server and checks it ended."""
+    """Yields (url, app, engine, port) once /health is 200; stops the server and checks it ended.
+    Conversations live in memory unless server_config names a db_path: tests never touch the
+    user's own store."""
     threads = torch.get_num_threads()
-    app = create_app(engine_config or tiny_engine_config(), server_config or ServerConfig())
+    server_config = server_config or ServerConfig()
+    if server_config.db_path is None:
+        server_config = dataclasses.replace(server_config, db_path=":memory:")
+    app = create_app(engine_config or tiny_engine_config(), server_config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import fields
@@ -118,14 +119,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                                  cors_origins=args.cors_origin, max_queue=args.max_queue,
-                                 model_aliases=args.model_alias)
+                                 max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                                 model_aliases=args.model_alias, db_path=args.db_path or None)
     try:
         app = create_app(engine_config_from_args(args), server_config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Once uvicorn has shut down after SIGTERM or Ctrl-C it raises the signal again; the stop was
+    # graceful by then, so exit 0 rather than die by the signal or a KeyboardInterrupt traceback.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_quietly)
+    # log_config=None: uvicorn's lines ("Uvicorn running on http://...") go through our logging format.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                timeout_graceful_shutdown=server_config.shutdown_timeout)
     return 0
+
+
+def _exit_quietly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -134,6 +146,19 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # its per-request line is noise in the demo
     return run(args.url, model=args.model, text_only=args.text, max_tokens=args.max_tokens)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .client.chat import run_chat
+
+    if args.log_level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would break up the chat
+    if args.db is not None and args.model is None:
+        print("error: --db applies only with --model (a running server keeps its own store)", file=sys.stderr)
+        return 2
+    engine_config = engine_config_from_args(args) if args.model else None
+    return run_chat(args.url, api_key=args.api_key or None, engine_config=engine_config, db_path=args.db,
+                    new=args.new)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,19 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="serve a model over HTTP (POST /infer, GET /health)",
                            description="Load a model and serve it over HTTP: POST /infer streams NDJSON, "
-                                       "GET /health is 200 once the model is loaded (503 while it loads).")
+                                       "GET /health is 200 once the model is loaded (503 while it loads or "
+                                       "shuts down), GET /metrics gives Prometheus metrics (both need no API "
+                                       "key). SIGTERM or Ctrl-C ends every stream with a final chunk and exits.")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 for every interface (default %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     serve.add_argument("--api-key", default=os.environ.get("CHATSERVE_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /infer (default: $CHATSERVE_API_KEY, else none)")
+                       help="require 'Authorization: Bearer KEY' on generating routes; /health and /metrics stay "
+                            "open (default: $CHATSERVE_API_KEY, else none)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
     serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
-                       help="most requests in flight; more get 503 at once (default %(default)s)")
+                       help="most requests in flight (running or waiting); more get 429 with Retry-After at "
+                            "once (default %(default)s)")
+    serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, metavar="BYTES",
+                       help="largest request body accepted; larger gets 413 (default %(default)s = 4 MiB)")
+    serve.add_argument("--shutdown-timeout", type=int, default=ServerConfig.shutdown_timeout, metavar="SECONDS",
+                       help="after SIGTERM or Ctrl-C, wait at most this long for open connections before "
+                            "exiting; streams end at once (default %(default)s)")
     serve.add_argument("--model-alias", action="append", default=[], metavar="NAME",
                        help="another name requests may give as 'model' (repeatable); the served model's own "
                             "name (the --model value) is always accepted")
+    serve.add_argument("--db", dest="db_path", default=os.environ.get("CHATSERVE_DB"), metavar="PATH",
+                       help="SQLite file of the stored conversations (/v1/conversations), created if missing; "
+                            "':memory:' keeps nothing (default: $CHATSERVE_DB, else "
+                            "$XDG_DATA_HOME/chatserve/conversations.sqlite3, i.e. ~/.local/share/chatserve/...)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -177,6 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--model", default=DEFAULT_MODEL, help="the model name to ask for (default %(default)s)")
     client.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: until a stop token or the context is full)")
     client.set_defaults(func=cmd_client)
+
+    # conflict_handler="resolve": chat's own --model (optional: without it, connect to --url)
+    # replaces the engine group's, whose default is a model.
+    chat = sub.add_parser("chat", conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="chat in the terminal, with stored conversations",
+                          description="Chat in the terminal with a running server (`chatserve serve`), or with "
+                                      "--model, with a model loaded in-process. Answers stream as they are "
+                                      "generated; conversations are stored on the server, branches included; the "
+                                      "most recently updated one is resumed.",
+                          epilog="Enter sends a message. End a line with \\ to continue on the next one, or put "
+                                 '""" on a line\nto start a block and again to end it. Ctrl-C stops an answer; '
+                                 "Ctrl-C or Ctrl-D at the prompt exits.\n\n"
+                                 "Commands: /new /list /switch /rename /delete /history /edit /regen /system "
+                                 "/params /help /quit\n(/help in the chat explains each).")
+    chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                      help="how much to log on stderr (default %(default)s: the chat stays readable)")
+    where = chat.add_argument_group("server")
+    where.add_argument("--url", default="http://127.0.0.1:8000",
+                       help="the chatserve server to talk to (default %(default)s)")
+    where.add_argument("--api-key", default=os.environ.get("CHATSERVE_API_KEY"),
+                       help="the server's API key, sent as 'Authorization: Bearer KEY' (default: $CHATSERVE_API_KEY)")
+    add_engine_args(chat)
+    where.add_argument("--model", default=None,
+                       help="instead of --url, load this model in-process and serve it on a free loopback port: "
+                            f"a local Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}' (random, no "
+                            "download); the 'model and engine' flags apply to it")
+    where.add_argument("--db", default=None, metavar="PATH",
+                       help="with --model: the SQLite file for its conversations (default: the same as `chatserve "
+                            "serve`, $XDG_DATA_HOME/chatserve/conversations.sqlite3; ':memory:' keeps nothing)")
+    where.add_argument("--new", action="store_true",
+                       help="start a new conversation instead of resuming the most recently updated one")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

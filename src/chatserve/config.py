@@ -53,11 +53,22 @@ class EngineConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    # When set, /infer needs "Authorization: Bearer <api_key>"; /health stays open for probes.
+    # When set, generating routes need "Authorization: Bearer <api_key>"; /health and /metrics stay
+    # open for probes and scrapers.
     api_key: Optional[str] = None
     # Browser origins allowed to call the API (CORS); empty: same-origin only.
     cors_origins: list[str] = field(default_factory=list)
-    # Requests in flight (running or waiting) beyond this get 503 at once rather than queueing without bound.
+    # Requests in flight (running or waiting) beyond this get 429 with Retry-After at once, rather
+    # than queueing without bound.
     max_queue: int = 256
+    # A request body larger than this gets 413 (chat histories are text: 4 MiB is a long book).
+    max_body_bytes: int = 4 * 2**20
+    # After SIGTERM or Ctrl-C, wait at most this long (seconds) for open connections before exiting;
+    # streams end at once, so this bounds only slow uploads and stuck clients. `chatserve serve`
+    # passes it to uvicorn; under `uvicorn main:app` give --timeout-graceful-shutdown instead.
+    shutdown_timeout: int = 3
     # Names accepted in a request's "model" besides the served model's own (its --model value).
     model_aliases: list[str] = field(default_factory=list)
+    # The conversation store (SQLite): None for $XDG_DATA_HOME/chatserve/conversations.sqlite3
+    # (~/.local/share/...), ":memory:" to keep nothing.
+    db_path: Optional[str] = None

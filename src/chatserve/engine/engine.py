@@ -170,8 +170,10 @@ class Engine:
             if req.detokenizer.stopped:
                 reason, req.stop_reason = FinishReason.STOP, req.detokenizer.stop_reason
             elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
-                reason = FinishReason.LENGTH
                 text += req.detokenizer.flush()
+                # The held-back tail may complete a stop string only now.
+                reason = FinishReason.STOP if req.detokenizer.stopped else FinishReason.LENGTH
+                req.stop_reason = req.detokenizer.stop_reason
         out = self._output(req, text, [token], [logprob] if logprob is not None else None)
         if reason is not None:
             self._finish(req, reason, out)
@@ -243,6 +245,13 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        # Held while checking _stopping and queueing (no request is queued behind "stop", never
+        # answered), and while _aborting changes together with the queue.
+        self._lock = threading.Lock()
+        # Ids whose abort was queued and not yet carried out, and the token ids generated for such
+        # requests by steps that began after the abort was queued: wasted work, which stays 0.
+        self._aborting: set[str] = set()
+        self.num_tokens_after_abort = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncEngine":
@@ -253,9 +262,17 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._loop, name="chatserve-engine", daemon=True)
             self._thread.start()
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and end every one in flight with a final abort output ("the engine
+        is shutting down"), without waiting: safe to call from the event loop at signal time."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._commands.put(("stop", None))
+
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        self._commands.put(("stop", None))
+        """begin_shutdown(), then wait for the engine thread to end."""
+        self.begin_shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -263,17 +280,20 @@ class AsyncEngine:
     async def generate(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Closing the iterator early (a client went away) aborts it."""
-        if self._stopping:
+        if self._stopping:  # before start(): a stopped engine must not get a new thread
             raise RuntimeError("the engine is shutting down")
         self.start()
         req = self.engine.make_request(prompt, params, request_id)  # raises ValueError on bad input
-        # Checked here, not on the engine thread: a duplicate would take over the other
-        # request's stream, and Engine.add raising there would end the engine thread.
-        if req.request_id in self._streams:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[req.request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", req))
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            # Checked here, not on the engine thread: a duplicate would take over the other
+            # request's stream, and Engine.add raising there would end the engine thread.
+            if req.request_id in self._streams:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+            self._streams[req.request_id] = (asyncio.get_running_loop(), stream)
+            self._commands.put(("add", req))
         finished = False
         try:
             while not finished:
@@ -286,7 +306,9 @@ class AsyncEngine:
                 self.abort(req.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        with self._lock:  # the engine thread discards the id only after this add
+            self._commands.put(("abort", request_id))
+            self._aborting.add(request_id)  # after the put: see _loop
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -306,11 +328,17 @@ class AsyncEngine:
             out = self.engine.abort_request(arg)
             if out is not None:
                 self._deliver([out])
+            if arg not in self.engine.requests:  # else the abort failed, and its tokens count
+                with self._lock:
+                    self._aborting.discard(arg)
         return True
 
     def _loop(self) -> None:
         engine = self.engine
         while True:
+            # Taken before this iteration's command: each id in it had its abort queued before
+            # then, so carried out before the step below; a token the step makes for it is waste.
+            aborting = set(self._aborting)
             # Block while idle; while busy, take every command that arrived, then step.
             try:
                 cmd = self._commands.get_nowait() if engine.has_unfinished() else self._commands.get()
@@ -321,7 +349,10 @@ class AsyncEngine:
                     return
                 continue
             try:
-                self._deliver(engine.step())
+                outputs = engine.step()
             except Exception as exc:  # keep serving: fail the requests in flight, not the thread
                 log.exception("engine step failed")
-                self._deliver(engine.finish_all(FinishReason.ERROR, f"internal error in the engine: {exc}"))
+                outputs = engine.finish_all(FinishReason.ERROR, f"internal error in the engine: {exc}")
+            self.num_tokens_after_abort += sum(len(out.token_ids) for out in outputs
+                                               if out.request_id in aborting)
+            self._deliver(outputs)

@@ -8,7 +8,7 @@ list until it is reused, least recently freed first: that is the prefix cache.""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Sequence
 
 from .request import Request
 
@@ -65,6 +65,22 @@ class BlockManager:
                 break
             found.append(block_id)
         return found
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of token_ids full blocks in the prefix cache cover. Read-only:
+        no ref counts, no LRU order. Safe to call from another thread: each dict lookup is atomic
+        under the GIL, so the worst case is an answer one engine step out of date."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs, parent, n = self.block_size, None, 0
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            tokens = tuple(token_ids[start:start + bs])
+            parent = chain_hash(parent, tokens)
+            block_id = self.cached.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            n += bs
+        return n
 
     def can_admit(self, req: Request, cached: list[int], num_new_tokens: int) -> bool:
         reusable_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)

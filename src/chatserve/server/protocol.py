@@ -92,7 +92,8 @@ def engine_error(exc: ValueError) -> APIError:
     """A 400 for the engine's refusal, naming the request field its message starts with."""
     message = str(exc)
     word = re.match(r"\w*", message).group()
-    param = word if word in InferRequest.model_fields else ("messages" if "prompt" in message else None)
+    fields = {*InferRequest.model_fields, *SamplingFields.model_fields}
+    param = word if word in fields else ("messages" if "prompt" in message else None)
     return APIError(400, message, param=param)
 
 
@@ -115,3 +116,110 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, f"internal server error: {exc}", "server_error")
+
+
+# -- OpenAI API request bodies ----------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    type: Literal["text"] = Field(description="only text parts; images and audio are not supported")
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    # "developer" is OpenAI's newer name for "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+    def as_template_message(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both OpenAI routes share, plus the extras top_k, min_p, repetition_penalty, ignore_eos."""
+
+    model: str
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    user: Optional[str] = None
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def stop_strings(cls, stop):
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and (len(stop) > 4 or any(not s for s in stop)):
+            raise ValueError("give at most 4 non-empty stop strings")
+        return stop
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[OpenAIMessage]
+    max_completion_tokens: Optional[int] = Field(None, gt=0)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    # Passed to the chat template, e.g. {"enable_thinking": false} for Qwen3.
+    chat_template_kwargs: Optional[dict] = None
+    tools: Optional[list] = None
+    response_format: Optional[dict] = None
+
+    @field_validator("messages")
+    @classmethod
+    def not_empty(cls, messages):
+        if not messages:
+            raise ValueError('must hold at least one message, e.g. [{"role": "user", "content": "Hi"}]')
+        return messages
+
+    @field_validator("tools")
+    @classmethod
+    def no_tools(cls, tools):
+        if tools:
+            raise ValueError("tool calling is not supported by this server; leave 'tools' out")
+        return tools
+
+    @field_validator("response_format")
+    @classmethod
+    def text_only(cls, response_format):
+        if response_format and response_format.get("type", "text") != "text":
+            raise ValueError("only {\"type\": \"text\"} is supported (no JSON mode or schemas)")
+        return response_format
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def prompts_not_empty(cls, prompt):
+        if isinstance(prompt, list) and (not prompt or any(isinstance(p, (str, list)) and not p for p in prompt)):
+            raise ValueError("must be a non-empty string, list of strings, or list of token ids")
+        return prompt
+
+    @field_validator("suffix")
+    @classmethod
+    def no_suffix(cls, suffix):
+        if suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        return suffix

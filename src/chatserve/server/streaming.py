@@ -8,7 +8,7 @@ import time
 from typing import AsyncIterator, Optional
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2.exceptions import TemplateError
 
 from ..engine.engine import AsyncEngine
@@ -27,11 +27,37 @@ def render_chat(engine: AsyncEngine, messages: list[dict], **template_kwargs) ->
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
 
+class RetryLater(APIError):
+    """A sound request the server cannot take now: the error carries a Retry-After header."""
+
+    def __init__(self, status_code: int, message: str, type: str, code: str, retry_after: int = 1):
+        super().__init__(status_code, message, type, code=code)
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        response = super().response()
+        response.headers["Retry-After"] = str(self.retry_after)
+        return response
+
+
+def shutting_down(message: str = "the server is shutting down; retry shortly") -> RetryLater:
+    return RetryLater(503, message, "service_unavailable_error", "shutting_down")
+
+
 def check_capacity(request: Request) -> None:
+    """429 when --max-queue requests are in flight (a bounded queue, not an unbounded wait), and
+    503 while the server drains for shutdown."""
     state = request.app.state
-    if state.in_flight >= state.server_config.max_queue:
-        raise APIError(503, f"the server is busy ({state.in_flight} requests in flight); retry shortly",
-                       "service_unavailable_error", code="server_busy")
+    if state.draining:
+        error = shutting_down()
+    elif state.in_flight >= state.server_config.max_queue:
+        error = RetryLater(429, f"the server is busy ({state.in_flight} requests in flight, at most "
+                                f"{state.server_config.max_queue}); retry shortly",
+                           "rate_limit_exceeded", "server_busy")
+    else:
+        return
+    state.metrics.rejected.labels(error.code).inc()
+    raise error
 
 
 def check_model(request: Request, model: str) -> None:
@@ -58,7 +84,7 @@ def get_engine(request: Request) -> AsyncEngine:
 
 
 class Generation:
-    """One request's engine stream, with the counts its log line and usage need."""
+    """One request's engine stream, with the counts its log line, usage and metrics need."""
 
     def __init__(self, request: Request, outputs: AsyncIterator[RequestOutput], request_id: str):
         self.state = request.app.state
@@ -67,19 +93,21 @@ class Generation:
         self.start = time.monotonic()
         self.last: Optional[RequestOutput] = None
         self.pending: Optional[RequestOutput] = None
+        self.last_token_time: Optional[float] = None
         self.closed = False
         self.state.in_flight += 1
 
     async def first(self) -> RequestOutput:
         """Wait for the first output, so a request the engine refuses is a 400 before any streaming."""
         try:
-            self.pending = self.last = await self.outputs.__anext__()
+            self.pending = self._arrived(await self.outputs.__anext__())
         except ValueError as exc:
             self._release()
             raise engine_error(exc) from None
         except RuntimeError as exc:  # the engine is shutting down
             self._release()
-            raise APIError(503, str(exc), "service_unavailable_error") from None
+            self.state.metrics.rejected.labels("shutting_down").inc()
+            raise shutting_down(str(exc)) from None
         return self.last
 
     async def next(self) -> RequestOutput:
@@ -87,8 +115,24 @@ class Generation:
         if self.pending is not None:
             out, self.pending = self.pending, None
             return out
-        self.last = await self.outputs.__anext__()
-        return self.last
+        return self._arrived(await self.outputs.__anext__())
+
+    def _arrived(self, out: RequestOutput) -> RequestOutput:
+        """Count an engine output as it arrives: the latencies are the ones the client sees."""
+        metrics, now = self.state.metrics, time.monotonic()
+        if self.last is None:  # the first output: the prompt has been admitted
+            metrics.prompt_tokens.inc(out.num_prompt_tokens)
+            metrics.cached_prompt_tokens.inc(out.num_cached_tokens)
+        if out.token_ids:
+            metrics.output_tokens.inc(len(out.token_ids))
+            if self.last_token_time is None:
+                metrics.time_to_first_token.observe(now - self.start)
+            else:
+                for _ in out.token_ids:
+                    metrics.inter_token_latency.observe((now - self.last_token_time) / len(out.token_ids))
+            self.last_token_time = now
+        self.last = out
+        return out
 
     def _release(self) -> bool:
         released, self.closed = not self.closed, True
@@ -103,6 +147,9 @@ class Generation:
         # Closing the engine's iterator aborts the request if it is still running (the client left).
         await self.outputs.aclose()
         out, elapsed = self.last, time.monotonic() - self.start
+        self.state.metrics.finished.labels(out.finish_reason if out is not None and out.finished else "abort").inc()
+        if out is None:  # cancelled before the engine answered: nothing ran, nothing to log
+            return
         finish = out.finish_reason if out.finished else "abort (client went away)"
         n, ttft = out.num_output_tokens, out.time_to_first_token
         rate = (n - 1) / (elapsed - ttft) if ttft is not None and n > 1 and elapsed > ttft else 0.0

@@ -1,0 +1,805 @@
+"""`chatserve chat`: a terminal chat over the stored-conversations API (docs/conversations-api.md).
+
+It talks HTTP to a running server, or starts the real server app in-process on a free loopback
+port (`--model`) and talks HTTP to that, so both paths exercise the same API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import closing
+from typing import Callable, Iterator, Optional
+
+import httpx
+
+try:
+    import readline
+except ImportError:  # Windows, or a Python built without it: plain input() still works
+    readline = None
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+PARAM_TYPES = {"temperature": float, "top_p": float, "max_tokens": int}
+NOT_REACHABLE_HINT = ("start one with `chatserve serve` (or chat with a model in-process: "
+                      "`chatserve chat --model MODEL`)")
+
+MULTILINE_HELP = ('Multi-line: end a line with \\ to continue on the next one, or put """ on a line '
+                  'to start a block and again to end it.')
+
+COMMANDS_HELP = """\
+Commands:
+  /new                    start a new conversation (stored once you send its first message)
+  /list                   list the stored conversations, most recently updated first
+  /switch N|ID            resume conversation N of /list (or its id, or a unique start of it)
+  /rename TITLE           rename this conversation
+  /delete [N|ID]          delete a conversation (default: this one), after asking
+  /history                reprint the current branch of this conversation
+  /edit [N] [TEXT]        rewrite your message #N (default: the last one) as TEXT and answer it
+                          again; the old version stays as a branch ("(1/2)"). Without TEXT you
+                          are asked for it.
+  /regen                  answer your last message again, as a new branch
+  /system [TEXT|none]     show or set (none: clear) this conversation's system prompt
+  /params [K=V ...]       show or set temperature, top_p, max_tokens (V = default to unset),
+                          e.g. /params temperature=0.7 top_p=0.9 max_tokens=256
+  /help                   this help
+  /quit                   exit (also Ctrl-D on an empty prompt, or Ctrl-C at the prompt)
+Ctrl-C while an answer streams stops it (the partial answer is kept, marked stopped).
+Start a message with // to send text that begins with /.
+"""
+
+
+class ChatError(Exception):
+    """Something the user should read as one line: an API error or an unreachable server."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class Unreachable(ChatError):
+    pass
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text.strip()[:300] or response.reason_phrase
+
+
+class ChatAPI:
+    """A thin, synchronous client of the conversations API: dicts in, dicts out, ChatError on failure."""
+
+    def __init__(self, url: str, api_key: Optional[str] = None):
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # A read timeout guards against a stuck server; generous, since a long prompt on a slow
+        # CPU model may take minutes before its first token.
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10.0, read=600.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return self.http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise Unreachable(f"cannot reach the server at {self.url} ({exc}); {NOT_REACHABLE_HINT}") from None
+        except httpx.HTTPError as exc:
+            raise ChatError(f"{method} {self.url}{path} failed: {exc}") from None
+
+    def request(self, method: str, path: str, **kwargs) -> dict:
+        response = self._send(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise ChatError(_error_message(response), response.status_code)
+        return response.json()
+
+    def health(self) -> tuple[int, dict]:
+        response = self._send("GET", "/health")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        return response.status_code, body if isinstance(body, dict) else {}
+
+    def list(self) -> list[dict]:
+        return self.request("GET", "/v1/conversations")["data"]
+
+    def create(self, **fields) -> dict:
+        return self.request("POST", "/v1/conversations", json=fields)
+
+    def get(self, conv_id: str) -> dict:
+        return self.request("GET", f"/v1/conversations/{conv_id}")
+
+    def patch(self, conv_id: str, **fields) -> dict:
+        return self.request("PATCH", f"/v1/conversations/{conv_id}", json=fields)
+
+    def delete(self, conv_id: str) -> dict:
+        return self.request("DELETE", f"/v1/conversations/{conv_id}")
+
+    def stop(self, conv_id: str, message_id: str) -> dict:
+        return self.request("POST", f"/v1/conversations/{conv_id}/messages/{message_id}/stop")
+
+    def stream(self, path: str, body: dict) -> Iterator[dict]:
+        """The events of an answer stream (SSE `data:` lines), until `[DONE]`. Closing the
+        generator closes the connection, which stops the answer on the server."""
+        try:
+            with self.http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ChatError(_error_message(response), response.status_code)
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, event:/id: fields
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    yield json.loads(data)
+        except httpx.ConnectError as exc:
+            raise Unreachable(f"cannot reach the server at {self.url} ({exc}); {NOT_REACHABLE_HINT}") from None
+        except httpx.HTTPError as exc:
+            raise ChatError(f"the answer stream from {self.url} broke: {exc}") from None
+
+
+class Style:
+    """ANSI styling, only for a terminal and only when NO_COLOR is unset (https://no-color.org)."""
+
+    CODES = {"bold": "1", "dim": "2", "italic": "3", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, text: str, *styles: str, prompt: bool = False) -> str:
+        if not self.enabled or not styles:
+            return text
+        start = "\x1b[" + ";".join(self.CODES[s] for s in styles) + "m"
+        end = "\x1b[0m"
+        if prompt and readline is not None:
+            # readline must not count invisible bytes in the prompt's width
+            start, end = f"\001{start}\002", f"\001{end}\002"
+        return f"{start}{text}{end}"
+
+
+def colour_wanted(stream=sys.stdout) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "chatserve")
+
+
+# C0 controls but tab and newline, DEL, and C1 controls: a model's output must not move the
+# cursor, clear the screen or restyle the terminal.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    return CONTROL_CHARS.sub("", text)
+
+
+def sibling_tag(message: dict) -> str:
+    siblings = message.get("siblings") or []
+    if len(siblings) > 1 and message.get("sibling_index") is not None:
+        return f" ({message['sibling_index'] + 1}/{len(siblings)})"
+    return ""
+
+
+def stats_text(stats: Optional[dict], finish_reason: Optional[str] = None) -> str:
+    parts = []
+    if stats:
+        parts.append(f"{stats.get('completion_tokens', 0)} tokens")
+        if stats.get("tokens_per_second") is not None:
+            parts.append(f"{stats['tokens_per_second']:.1f} tokens/s")
+        if stats.get("time_to_first_token") is not None:
+            parts.append(f"first token {stats['time_to_first_token'] * 1000:.0f} ms")
+        if stats.get("prompt_tokens") is not None:
+            parts.append(f"{stats.get('cached_tokens') or 0}/{stats['prompt_tokens']} prompt tokens cached")
+    if finish_reason == "length":
+        parts.append("stopped at max_tokens")
+    return "[" + ", ".join(parts) + "]" if parts else ""
+
+
+def ago(timestamp: Optional[float]) -> str:
+    if not timestamp:
+        return ""
+    seconds = max(0, time.time() - timestamp)
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return time.strftime("%Y-%m-%d", time.localtime(timestamp))
+
+
+class Chat:
+    """The interactive loop: read a message or a /command, act on it through ChatAPI, print."""
+
+    def __init__(self, api: ChatAPI, style: Style, out=sys.stdout, err=sys.stderr, where: Optional[str] = None):
+        self.api, self.style, self.out, self.err = api, style, out, err
+        self.where = where or f"the server at {api.url}"
+        self.conv: Optional[dict] = None  # None: a new chat, stored when its first message is sent
+        self.branch: list[dict] = []  # the current branch, root first
+        self.listed: list[dict] = []  # what /list showed last, for /switch N and /delete N
+        self.model = "?"
+        self.commands: dict[str, Callable[[str], None]] = {
+            "new": self.cmd_new, "list": self.cmd_list, "ls": self.cmd_list, "switch": self.cmd_switch,
+            "rename": self.cmd_rename, "delete": self.cmd_delete, "history": self.cmd_history,
+            "edit": self.cmd_edit, "regen": self.cmd_regen, "system": self.cmd_system, "params": self.cmd_params,
+            "help": self.cmd_help, "?": self.cmd_help,
+        }
+
+    # -- output -------------------------------------------------------------------------------
+
+    def say(self, text: str = "", *styles: str, end: str = "\n") -> None:
+        self.out.write(self.style(text, *styles) + end)
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.say(text, "dim")
+
+    def error(self, text: str) -> None:
+        self.out.flush()
+        self.err.write(self.style(f"error: {text}", "red") + "\n")
+        self.err.flush()
+
+    def report(self, exc: ChatError) -> None:
+        if exc.status == 401:
+            self.error(f"{exc.message}\n  The server at {self.api.url} needs an API key: pass --api-key KEY "
+                       "or set CHATSERVE_API_KEY.")
+        elif exc.status == 409:
+            self.error(f"{exc.message} (wait for that answer to finish, or stop it)")
+        else:
+            self.error(exc.message)
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def connect(self, local: Optional["LocalServer"] = None) -> None:
+        """Wait (Ctrl-C gives up) for the model to be ready; raises ChatError when it cannot be."""
+        said = False
+        while True:
+            try:
+                status, body = self.api.health()
+            except Unreachable:
+                if local is None:
+                    raise
+                if not local.thread.is_alive():
+                    raise ChatError("the in-process server did not start (see the errors above)") from None
+                time.sleep(0.05)  # its thread is still starting to listen
+                continue
+            self.model = body.get("model") or self.model
+            if status == 200 or status == 404:  # 404: not a chatserve /health; the API calls will tell
+                return
+            if body.get("status") == "error":
+                raise ChatError(f"{self.where} could not load its model: {body.get('error') or 'unknown error'}")
+            if status != 503:
+                raise ChatError(f"{self.where} is not ready: HTTP {status} {body}")
+            if not said:
+                self.note(f"waiting for the server to load {self.model} (Ctrl-C gives up) ...")
+                said = True
+            time.sleep(0.25)
+
+    def start(self, new: bool = False) -> None:
+        try:
+            conversations = self.api.list()
+        except ChatError as exc:
+            if exc.status == 404:
+                raise ChatError(f"the server at {self.api.url} has no conversations API (GET /v1/conversations "
+                                "gave 404): is it a chatserve server, and recent enough?", 404) from None
+            raise
+        if conversations and not new:
+            self.load(conversations[0]["id"])
+
+    def load(self, conv_id: str) -> None:
+        conv = self.api.get(conv_id)
+        self.branch = conv.pop("messages", None) or []
+        self.conv = conv
+
+    def banner(self) -> None:
+        self.say(f"chatserve chat: {self.model} at {self.api.url}", "bold")
+        self.note(f"Enter sends. {MULTILINE_HELP}")
+        self.note("/help lists the commands. Ctrl-C stops an answer; Ctrl-D (or /quit) exits.")
+        if self.conv is None:
+            self.note("New conversation.")
+        else:
+            self.note(f"Resumed {self.title()!r} ({len(self.branch)} messages on this branch); "
+                      "/history shows it all, /new starts another.")
+            self.print_messages(self.branch[-2:], first_number=self.user_count(self.branch[:-2]) + 1)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def prompt(self, label: str = "you") -> str:
+        return self.style(f"{label}> ", "bold", "green", prompt=True)
+
+    def read_message(self, label: str = "you") -> Optional[str]:
+        """One message: a line, a line ending with \\ and its continuations, or a \"\"\" block.
+        EOFError/KeyboardInterrupt at the first prompt propagate (they exit); in a continuation
+        they discard the unfinished message and give None."""
+        line = input(self.prompt(label))
+        if line.lstrip().startswith('"""'):
+            first = line.lstrip()[3:]
+            if first.rstrip().endswith('"""'):
+                return first.rstrip()[:-3]
+            lines = [first] if first else []
+            return self._continue(lines, block=True)
+        if line.endswith("\\"):
+            return self._continue([line[:-1]], block=False)
+        return line
+
+    def _continue(self, lines: list[str], block: bool) -> Optional[str]:
+        try:
+            while True:
+                line = input(self.style("...> ", "dim", prompt=True))
+                if block:
+                    if line.rstrip().endswith('"""'):
+                        last = line.rstrip()[:-3]
+                        if last:
+                            lines.append(last)
+                        return "\n".join(lines)
+                    lines.append(line)
+                elif line.endswith("\\"):
+                    lines.append(line[:-1])
+                else:
+                    lines.append(line)
+                    return "\n".join(lines)
+        except (EOFError, KeyboardInterrupt):
+            self.say()
+            self.note("(unfinished message discarded)")
+            return None
+
+    def run(self) -> int:
+        while True:
+            try:
+                text = self.read_message()
+            except (EOFError, KeyboardInterrupt):
+                self.say()
+                return 0
+            if text is None or not text.strip():
+                continue
+            try:
+                if text.startswith("//"):
+                    self.send(text[1:])
+                elif text.startswith("/"):
+                    if not self.command(text):
+                        return 0
+                else:
+                    self.send(text)
+            except ChatError as exc:
+                self.report(exc)
+            except KeyboardInterrupt:
+                self.say()
+                self.note("(interrupted)")
+
+    def command(self, text: str) -> bool:
+        """Run one /command; False means quit."""
+        match = re.match(r"/(\S+)\s*(.*)", text, re.S)
+        name, rest = match.group(1).lower(), match.group(2).strip()
+        if name in ("quit", "exit", "q"):
+            return False
+        handler = self.commands.get(name)
+        if handler is None:
+            self.error(f"unknown command /{name}; /help lists them (start a message with // to send a leading /)")
+        else:
+            handler(rest)
+        return True
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def ensure_conv(self, **fields) -> dict:
+        if self.conv is None:
+            conv = self.api.create(**fields)
+            conv.pop("messages", None)
+            self.conv, self.branch = conv, []
+        return self.conv
+
+    def send(self, text: str) -> None:
+        conv = self.ensure_conv()
+        body = {"content": text}
+        if self.branch:
+            body["parent_id"] = self.branch[-1]["id"]  # continue the branch on show here
+        self.answer(f"/v1/conversations/{conv['id']}/messages", body)
+
+    def answer(self, path: str, body: dict, show_user: bool = False) -> None:
+        """Stream one answer to the terminal; Ctrl-C stops it and keeps the program running."""
+        conv_id = self.conv["id"]
+        assistant: Optional[dict] = None
+        final: Optional[dict] = None
+        state = {"reasoning": False, "content": False, "at_line_start": False}
+        stopped, failure = False, None
+        events = self.api.stream(path, body)
+        try:
+            with closing(events):
+                for event in events:
+                    kind = event.get("type")
+                    if kind == "message":
+                        message = event["message"]
+                        self.attach(message)
+                        if message["role"] == "user":
+                            if show_user:
+                                self.print_messages([message], first_number=self.user_count(self.branch[:-1]) + 1)
+                        else:
+                            assistant = message
+                            self.say(self.label(message), end="")
+                    elif kind == "delta":
+                        self.write_delta(event, state)
+                    elif kind == "done":
+                        final = event["message"]
+                        self.attach(final)
+                        conv = event.get("conversation")
+                        if conv:
+                            conv.pop("messages", None)
+                            self.conv = conv
+                    elif kind == "error":
+                        failure = (event.get("error") or {}).get("message") or "the answer failed"
+        except KeyboardInterrupt:
+            stopped = True
+        except ChatError:
+            if assistant is not None:  # it broke mid-answer: end the line, then read back what is stored
+                self.say()
+                self.refresh(quiet=True)
+            raise
+        if assistant is not None and not state["at_line_start"]:
+            self.say()
+        if stopped:
+            self.stopped(conv_id, assistant)
+        elif final is not None:
+            line = stats_text(final.get("stats"), final.get("finish_reason"))
+            if line:
+                self.note(line)
+        else:
+            self.error(failure or "the answer stream ended without a result")
+            self.refresh()  # the stored message, with its status (error, or stopped)
+
+    def stopped(self, conv_id: str, assistant: Optional[dict]) -> None:
+        """The connection is closed, which stops the answer; say so explicitly too, so the stored
+        message is marked stopped before we read it back, then show what was kept."""
+        message = None
+        if assistant is not None:
+            try:
+                message = self.api.stop(conv_id, assistant["id"])
+            except ChatError:
+                pass
+        line = stats_text(message.get("stats")) if message else ""
+        self.note("[stopped" + (f"; {line[1:-1]}" if line else "") + "]")
+        self.refresh()
+
+    def refresh(self, quiet: bool = False) -> None:
+        if self.conv is not None:
+            try:
+                self.load(self.conv["id"])
+            except ChatError as exc:
+                if not quiet:
+                    self.report(exc)
+
+    def write_delta(self, event: dict, state: dict) -> None:
+        reasoning, content = event.get("reasoning_content"), event.get("content")
+        if reasoning:
+            if not state["reasoning"]:
+                self.out.write(self.style("(thinking) ", "dim", "italic"))
+                state["reasoning"] = True
+            self.out.write(self.style(printable(reasoning), "dim", "italic"))
+        if content:
+            if state["reasoning"] and not state["content"]:
+                self.out.write("\n")
+            state["content"] = True
+            self.out.write(printable(content))
+        if reasoning or content:
+            state["at_line_start"] = (content or reasoning).endswith("\n") and not (reasoning and not content)
+        self.out.flush()
+
+    def attach(self, message: dict) -> None:
+        """Put a streamed message on the local branch: after its parent, replacing what followed."""
+        parent = message.get("parent_id")
+        ids = [m["id"] for m in self.branch]
+        if message["id"] in ids:
+            self.branch[ids.index(message["id"])] = message
+            return
+        cut = ids.index(parent) + 1 if parent in ids else 0
+        self.branch = self.branch[:cut] + [message]
+
+    # -- showing messages ----------------------------------------------------------------------
+
+    def label(self, message: dict, number: Optional[int] = None) -> str:
+        tag = sibling_tag(message)
+        if message["role"] == "user":
+            return self.style(f"you #{number}{tag}> " if number else f"you{tag}> ", "bold", "green")
+        return self.style(f"assistant{tag}> ", "bold", "cyan")
+
+    @staticmethod
+    def user_count(messages: list[dict]) -> int:
+        return sum(1 for m in messages if m["role"] == "user")
+
+    def print_messages(self, messages: list[dict], first_number: int = 1) -> None:
+        number = first_number
+        for message in messages:
+            if message["role"] == "user":
+                self.say(self.label(message, number) + printable(message.get("content", "")))
+                number += 1
+                continue
+            text = self.label(message)
+            if message.get("reasoning_content"):
+                text += self.style("(thinking) " + printable(message["reasoning_content"]), "dim", "italic") + "\n"
+            text += printable(message.get("content") or "")
+            status = message.get("status")
+            if status in ("stopped", "error", "generating"):
+                text += self.style(f" [{status}]", "dim")
+            self.say(text)
+
+    def title(self) -> str:
+        return printable((self.conv or {}).get("title") or "New chat")
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def cmd_help(self, _rest: str) -> None:
+        self.say(MULTILINE_HELP)
+        self.say(COMMANDS_HELP, end="")
+
+    def cmd_new(self, _rest: str) -> None:
+        self.conv, self.branch = None, []
+        self.note("New conversation (stored when you send its first message).")
+
+    def cmd_list(self, _rest: str) -> None:
+        self.listed = self.api.list()
+        if not self.listed:
+            self.note("No stored conversations yet.")
+            return
+        current = (self.conv or {}).get("id")
+        width = len(str(len(self.listed)))
+        for n, conv in enumerate(self.listed, 1):
+            mark = "*" if conv["id"] == current else " "
+            self.say(f"{mark}{n:>{width}}. {printable(conv.get('title') or 'New chat')}  "
+                     + self.style(f"{conv['id']}  {ago(conv.get('updated'))}", "dim"))
+
+    def resolve(self, ref: str) -> dict:
+        """A conversation from a /list number, an id, or a unique start of an id."""
+        if ref.isdigit():
+            listed = self.listed or self.api.list()
+            n = int(ref)
+            if not 1 <= n <= len(listed):
+                raise ChatError(f"no conversation #{n}: /list shows {len(listed)}")
+            return listed[n - 1]
+        conversations = self.api.list()
+        matches = [c for c in conversations if c["id"] == ref] or [c for c in conversations if c["id"].startswith(ref)]
+        if len(matches) != 1:
+            raise ChatError(f"no conversation {ref!r}" if not matches else
+                            f"{ref!r} matches {len(matches)} conversations; give more of the id")
+        return matches[0]
+
+    def cmd_switch(self, rest: str) -> None:
+        if not rest:
+            raise ChatError("usage: /switch N|ID (N as /list shows it)")
+        self.load(self.resolve(rest)["id"])
+        self.note(f"Switched to {self.title()!r} ({len(self.branch)} messages on this branch).")
+        self.print_messages(self.branch[-2:], first_number=self.user_count(self.branch[:-2]) + 1)
+
+    def cmd_rename(self, rest: str) -> None:
+        if not rest:
+            raise ChatError("usage: /rename TITLE")
+        conv = self.ensure_conv()
+        updated = self.api.patch(conv["id"], title=rest)
+        updated.pop("messages", None)
+        self.conv = updated
+        self.note(f"Renamed to {self.title()!r}.")
+
+    def cmd_delete(self, rest: str) -> None:
+        if rest:
+            target = self.resolve(rest)
+        elif self.conv is not None:
+            target = self.conv
+        else:
+            raise ChatError("this conversation is not stored yet; nothing to delete")
+        title = target.get("title") or "New chat"
+        try:
+            answer = input(f"Delete {title!r} ({target['id']})? [y/N] ")
+            if readline is not None and answer and readline.get_current_history_length():
+                readline.remove_history_item(readline.get_current_history_length() - 1)  # a "y" is no history
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            self.note("Not deleted.")
+            return
+        self.api.delete(target["id"])
+        self.listed = [c for c in self.listed if c["id"] != target["id"]]
+        self.note(f"Deleted {title!r}.")
+        if self.conv is not None and target["id"] == self.conv["id"]:
+            remaining = self.api.list()
+            if remaining:
+                self.load(remaining[0]["id"])
+                self.note(f"Now in {self.title()!r}.")
+            else:
+                self.conv, self.branch = None, []
+                self.note("New conversation.")
+
+    def cmd_history(self, _rest: str) -> None:
+        if not self.branch:
+            self.note("(no messages yet)")
+            return
+        self.note(f"{self.title()!r}, {self.conv['id']}:")
+        self.print_messages(self.branch)
+
+    def cmd_edit(self, rest: str) -> None:
+        users = [m for m in self.branch if m["role"] == "user"]
+        if not users:
+            raise ChatError("no message of yours to edit yet")
+        # "/edit 2 text" or "/edit 2": message #2; anything else is the new text of the last one.
+        match = re.match(r"#?(\d+)(?:\s+(.*))?$", rest, re.S)
+        number, text = (int(match.group(1)), (match.group(2) or "").strip()) if match else (len(users), rest)
+        if not 1 <= number <= len(users):
+            raise ChatError(f"no message #{number}: this branch has {len(users)} of yours (/history numbers them)")
+        target = users[number - 1]
+        if not text:
+            text = self.ask_edit(target["content"])
+            if not text:
+                self.note("Not edited.")
+                return
+        self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/edit", {"content": text},
+                    show_user=True)
+
+    def ask_edit(self, old: str) -> Optional[str]:
+        """Read the new text, pre-filled with the old one where readline can (one-line messages)."""
+        self.note(f"Editing: {old}")
+        self.note("Type the new text (empty: cancel).")
+        prefill = readline is not None and "\n" not in old
+        if prefill:
+            readline.set_pre_input_hook(lambda: (readline.insert_text(old), readline.redisplay()))
+        try:
+            text = self.read_message("edit")
+        except (EOFError, KeyboardInterrupt):
+            self.say()
+            return None
+        finally:
+            if prefill:
+                readline.set_pre_input_hook(None)
+        return text if text and text.strip() else None
+
+    def cmd_regen(self, _rest: str) -> None:
+        answers = [m for m in self.branch if m["role"] == "assistant"]
+        if not answers:
+            raise ChatError("no answer to regenerate yet")
+        self.answer(f"/v1/conversations/{self.conv['id']}/messages/{answers[-1]['id']}/regenerate", {})
+
+    def cmd_system(self, rest: str) -> None:
+        if not rest:
+            prompt = (self.conv or {}).get("system_prompt")
+            self.say(prompt if prompt else self.style("(no system prompt)", "dim"))
+            return
+        value = None if rest.lower() == "none" else rest
+        if self.conv is None:
+            conv = self.ensure_conv(system_prompt=value)
+        else:
+            conv = self.api.patch(self.conv["id"], system_prompt=value)
+            conv.pop("messages", None)
+        self.conv = conv
+        self.note("System prompt cleared." if value is None else "System prompt set.")
+
+    def cmd_params(self, rest: str) -> None:
+        current = dict((self.conv or {}).get("params") or {})
+        if rest:
+            changes = {}
+            for item in rest.split():
+                key, sep, value = item.partition("=")
+                key = key.strip().replace("-", "_")
+                if not sep or key not in PARAM_TYPES:
+                    raise ChatError(f"cannot read {item!r}: use NAME=VALUE with NAME one of "
+                                    f"{', '.join(PARAM_TYPES)}, e.g. temperature=0.7 (VALUE default to unset)")
+                if value.lower() in ("default", "none", "null", ""):
+                    changes[key] = None
+                else:
+                    try:
+                        changes[key] = PARAM_TYPES[key](value)
+                    except ValueError:
+                        raise ChatError(f"{key} must be a{'n integer' if PARAM_TYPES[key] is int else ' number'}, "
+                                        f"got {value!r}") from None
+            params = {name: current.get(name) for name in PARAM_TYPES}
+            params.update(changes)  # send them all: right whether PATCH merges params or replaces them
+            if self.conv is None:
+                self.ensure_conv(params=params)
+            else:
+                conv = self.api.patch(self.conv["id"], params=params)
+                conv.pop("messages", None)
+                self.conv = conv
+            current = self.conv.get("params") or params
+        shown = " ".join(f"{name}={'default' if current.get(name) is None else current.get(name)}"
+                         for name in PARAM_TYPES)
+        self.say(shown)
+
+
+# -- in-process server ---------------------------------------------------------------------------
+
+
+class LocalServer:
+    """The real server app (create_app) on a free loopback port, in a daemon thread."""
+
+    def __init__(self, engine_config, db_path: Optional[str] = None):
+        import socket
+
+        import uvicorn
+
+        from ..config import ServerConfig
+        from ..server.app import create_app
+        from ..server.store import Store, default_db_path
+
+        # No --db: the same default file as `chatserve serve`, so both see the same conversations.
+        self.db_path = db_path or str(default_db_path())
+        Store.open(self.db_path).close()  # a bad path is one clear line here, not a traceback from the lifespan
+        app = create_app(engine_config, ServerConfig(db_path=self.db_path))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        # Not the main thread, so uvicorn leaves SIGINT to us: Ctrl-C stays the chat's to handle.
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning",
+                                                    timeout_graceful_shutdown=3))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="chatserve-local-server", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+
+def _setup_readline() -> None:
+    if readline is None:
+        return
+    path = os.path.join(data_dir(), "chat_history")
+    try:
+        readline.read_history_file(path)
+    except (OSError, ValueError):
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    import atexit
+
+    atexit.register(save)
+
+
+def run_chat(url: str = DEFAULT_URL, api_key: Optional[str] = None, engine_config=None,
+             db_path: Optional[str] = None, new: bool = False) -> int:
+    """The whole `chatserve chat` session; returns the exit status."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # a model's odd characters never crash a C-locale terminal
+    style = Style(colour_wanted())
+    local: Optional[LocalServer] = None
+    if engine_config is not None:
+        try:
+            local = LocalServer(engine_config, db_path)
+        except (ValueError, RuntimeError) as exc:
+            print(style(f"error: {exc}", "red"), file=sys.stderr)
+            return 2
+        local.start()
+        url, api_key = local.url, None
+        print(style(f"loading {engine_config.model} in-process (conversations in {local.db_path}) ...", "dim"),
+              flush=True)
+    api = ChatAPI(url, api_key)
+    chat = Chat(api, style, where="the in-process server" if local else None)
+    try:
+        try:
+            chat.connect(local)
+            chat.start(new=new)
+        except KeyboardInterrupt:
+            print()
+            return 130
+        except ChatError as exc:
+            chat.report(exc)
+            return 1
+        _setup_readline()
+        chat.banner()
+        return chat.run()
+    finally:
+        api.close()
+        if local is not None:
+            local.stop()

@@ -1,0 +1,534 @@
+"""Stored conversations: /v1/conversations (the contract is docs/conversations-api.md).
+
+A conversation is a tree of messages in the Store. Posting, editing or regenerating answers over
+SSE; the answer is saved while it streams and kept, marked stopped, when the client leaves or
+asks to stop. Each answer keeps its exact prompt and output token ids, and the next turn extends
+them rather than re-rendering the whole chat, so the history is a prefix-cache hit."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from collections import defaultdict
+from contextlib import suppress
+from typing import AsyncIterator, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from jinja2.exceptions import TemplateError
+from pydantic import BaseModel, Field
+
+from ..engine.engine import AsyncEngine
+from ..engine.request import RequestOutput
+from ..engine.sampling import SamplingParams
+from .protocol import APIError, engine_error
+from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
+from .store import DEFAULT_TITLE, Store, new_id
+from .streaming import ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine
+
+log = logging.getLogger("chatserve.server")
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependencies=[Depends(check_api_key)])
+
+SAVE_INTERVAL_S = 0.5  # how often a streaming answer's text so far is saved
+STOP_WAIT_S = 10.0  # how long /stop waits for the answer to record its end
+TITLE_CHARS = 60
+# What /openapi.json says the answering routes return.
+SSE_RESPONSE = {200: {"description": "the answer as server-sent events", "content": {"text/event-stream": {}}}}
+
+# -- request bodies -------------------------------------------------------------------------------
+
+
+class Params(BaseModel):
+    """Sampling values; null: the model's defaults (max_tokens: until a stop token or the context is full)."""
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(None, gt=0)
+
+
+class CreateConversation(BaseModel):
+    title: Optional[str] = Field(None, min_length=1)
+    system_prompt: Optional[str] = None
+    params: Optional[Params] = None
+
+
+class UpdateConversation(BaseModel):
+    """Only the fields sent change; in params, only the keys sent (null unsets one)."""
+    title: Optional[str] = Field(None, min_length=1)
+    system_prompt: Optional[str] = None
+    params: Optional[Params] = None
+
+
+class Regenerate(Params):
+    """Sampling values for this answer only, over the conversation's params."""
+
+
+class EditMessage(Regenerate):
+    content: str
+
+
+class PostMessage(EditMessage):
+    # Absent: under the conversation's current message; null: a new first message (a new root).
+    parent_id: Optional[str] = None
+
+
+class Switch(BaseModel):
+    message_id: str
+
+
+# -- lookups --------------------------------------------------------------------------------------
+
+
+def get_store(request: Request) -> Store:
+    store = request.app.state.store
+    if store is None:
+        raise APIError(503, "the conversation store is not open", "service_unavailable_error")
+    return store
+
+
+def find_conversation(store: Store, conv_id: str) -> dict:
+    conv = store.conversation(conv_id)
+    if conv is None:
+        raise APIError(404, f"no conversation {conv_id!r}", "not_found_error", param="id",
+                       code="conversation_not_found")
+    return conv
+
+
+def find_message(store: Store, conv_id: str, message_id: str, param: str = "message_id") -> dict:
+    msg = store.message(conv_id, message_id)
+    if msg is None:
+        raise APIError(404, f"no message {message_id!r} in conversation {conv_id!r}", "not_found_error",
+                       param=param, code="message_not_found")
+    return msg
+
+
+def check_idle(app: FastAPI, conv_id: str) -> None:
+    if conv_id in app.state.answers:
+        raise APIError(409, f"conversation {conv_id!r} is already generating an answer; wait for it or stop it "
+                            "(POST .../messages/{message_id}/stop)", code="conversation_busy")
+
+
+class Tree:
+    """A conversation's messages as a tree: branches, siblings, leaves."""
+
+    def __init__(self, messages: list[dict]):
+        self.messages = {m["id"]: m for m in messages}
+        self.children: dict[Optional[str], list[str]] = defaultdict(list)  # None: the roots
+        for m in messages:  # in creation order
+            self.children[m["parent_id"]].append(m["id"])
+
+    def branch(self, leaf_id: Optional[str]) -> list[dict]:
+        """Root first, down to leaf_id."""
+        out = []
+        while leaf_id is not None:
+            msg = self.messages[leaf_id]
+            out.append(msg)
+            leaf_id = msg["parent_id"]
+        return out[::-1]
+
+    def leaf_below(self, message_id: str) -> str:
+        """Down from message_id by the most recently created child at each level."""
+        while self.children.get(message_id):
+            message_id = self.children[message_id][-1]
+        return message_id
+
+    def json(self, msg: dict) -> dict:
+        siblings = self.children[msg["parent_id"]]
+        return {"id": msg["id"], "object": "conversation.message", "parent_id": msg["parent_id"],
+                "role": msg["role"], "content": msg["content"], "reasoning_content": msg["reasoning_content"],
+                "created": int(msg["created"]), "status": msg["status"], "finish_reason": msg["finish_reason"],
+                "siblings": list(siblings), "sibling_index": siblings.index(msg["id"]), "stats": msg["stats"]}
+
+
+def cache_state(app: FastAPI, store: Store, conv: dict) -> dict:
+    """How much of the current branch's tokens (its last answer's prompt + output) the prefix cache
+    still holds. The block manager belongs to the engine thread; reading its hash table from here
+    cannot crash (the GIL makes each dict lookup atomic) but may be a step out of date, which is
+    fine for a hint."""
+    engine: Optional[AsyncEngine] = app.state.engine
+    ids = store.answer_token_ids(conv["current_message_id"]) if engine is not None else None
+    cached = engine.engine.block_manager.cached_prefix_tokens(ids) if ids else 0
+    return {"warm": cached > 0, "cached_tokens": cached}
+
+
+def conversation_json(app: FastAPI, store: Store, conv: dict, with_messages: bool = False) -> dict:
+    out = {"id": conv["id"], "object": "conversation", "title": conv["title"], "created": int(conv["created"]),
+           "updated": int(conv["updated"]), "system_prompt": conv["system_prompt"], "params": conv["params"],
+           "current_message_id": conv["current_message_id"], "cache": cache_state(app, store, conv)}
+    if with_messages:
+        tree = Tree(store.messages(conv["id"]))
+        out["messages"] = [tree.json(m) for m in tree.branch(conv["current_message_id"])]
+    return out
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+def chat_messages(system_prompt: Optional[str], branch: list[dict]) -> list[dict]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": m["role"], "content": m["content"]} for m in branch]
+
+
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (ValueError, TemplateError) as exc:
+        raise APIError(400, f"the chat template rejected the conversation: {exc}", param="content") from None
+
+
+def prompt_key(model: str, text: str) -> str:
+    """Names the rendered history an answer was prompted with (model included: its ids mean nothing to another)."""
+    return hashlib.sha256(f"{model}\0{text}".encode()).hexdigest()
+
+
+# Stands in for the previous answer's text when rendering, to find what the template puts after it.
+ANSWER_MARK = "\x00chatserve-answer\x00"
+
+
+def build_prompt(tokenizer, model: str, messages: list[dict], previous: Optional[dict]) -> tuple[list[int], str]:
+    """(prompt ids, prompt key) for answering `messages` (which end with the user's message).
+
+    previous: the answer just before that message (messages[-2]), with its "prompt_token_ids",
+    "output_token_ids", "prompt_key" and "finish_reason", or None. While the history it was prompted
+    with is unchanged, the prompt extends its exact ids; otherwise the chat is rendered afresh."""
+    text = render_text(tokenizer, messages, True)
+    ids = None
+    if previous is not None and len(messages) >= 3:
+        with suppress(APIError):  # a template that rejects the stand-in: render afresh
+            ids = _extend(tokenizer, model, messages, text, previous)
+    if ids is None:
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the rendered text carries its own BOS
+    return ids, prompt_key(model, text)
+
+
+def _extend(tokenizer, model: str, messages: list[dict], text: str, previous: dict) -> Optional[list[int]]:
+    """previous prompt ids + previous output ids + the template's text after that answer (its
+    closing, the user's turn, the new answer's opening), or None when those do not line up.
+
+    The template's text after the answer is found by rendering a stand-in in its place, rather
+    than by comparing renders with and without the new message: templates such as Qwen3's render
+    the last answer differently once a user message follows it."""
+    output_ids = previous["output_token_ids"] or []
+    before = render_text(tokenizer, messages[:-2], True)  # what the previous answer was prompted with
+    if not previous["prompt_token_ids"] or prompt_key(model, before) != previous["prompt_key"]:
+        return None  # the system prompt, the template or the model changed since
+    marked = render_text(tokenizer, messages[:-2] + [{**messages[-2], "content": ANSWER_MARK}, messages[-1]], True)
+    if marked.count(ANSWER_MARK) != 1:
+        return None
+    after = marked.split(ANSWER_MARK)[1]  # e.g. "<|im_end|>\n<|im_start|>user\n...<|im_start|>assistant\n"
+    if not (text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text)):
+        return None
+    if previous["finish_reason"] == "stop" and output_ids:
+        # It ended on a stop token, usually the one the template closes the turn with: keep one.
+        stop_text = tokenizer.decode(output_ids[-1:], skip_special_tokens=False)
+        if stop_text and after.startswith(stop_text):
+            after = after[len(stop_text):]
+    return previous["prompt_token_ids"] + output_ids + tokenizer.encode(after, add_special_tokens=False)
+
+
+def sampling_params(body: Params, conv_params: dict, defaults: dict) -> SamplingParams:
+    """The message's values, else the conversation's, else the model's generation_config."""
+    values = {}
+    for name in ("temperature", "top_p", "max_tokens", "top_k"):
+        value = getattr(body, name, None)
+        value = conv_params.get(name) if value is None else value
+        value = defaults.get(name) if value is None and name != "max_tokens" else value
+        if value is not None:
+            values[name] = value
+    try:
+        return SamplingParams(**values)
+    except ValueError as exc:
+        raise engine_error(exc) from None
+
+
+def title_from(content: str) -> Optional[str]:
+    """The first line, cut at TITLE_CHARS; None for a blank message."""
+    lines = content.strip().splitlines()
+    return lines[0].strip()[:TITLE_CHARS] if lines else None
+
+
+# -- one answer -----------------------------------------------------------------------------------
+
+
+def sse(event) -> str:
+    return f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+
+
+class Answer:
+    """One answer being generated: turns engine outputs into SSE events, saves the text as it
+    grows, and records its end exactly once, however the stream ends."""
+
+    def __init__(self, app: FastAPI, store: Store, conv_id: str, message_id: str, gen: Generation,
+                 parser: Optional[ReasoningParser]):
+        self.app, self.store, self.conv_id, self.message_id, self.gen = app, store, conv_id, message_id, gen
+        self.parser = parser
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.output_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.last_save = time.monotonic()
+        self.finished = False
+        self.ended = asyncio.Event()  # set once the end is saved: /stop waits for it
+
+    def feed(self, out: RequestOutput) -> Optional[dict]:
+        """The delta event for one engine output, if it has new text."""
+        self.output_ids.extend(out.token_ids)
+        if self.parser is None:
+            reasoning, content = "", out.text
+        else:
+            reasoning, content = self.parser.feed(out.text)
+            if out.finished:
+                more = self.parser.flush()
+                reasoning, content = reasoning + more[0], content + more[1]
+        if out.finished:
+            self.finish_reason, self.error = out.finish_reason, out.error
+        self.content.append(content)
+        self.reasoning.append(reasoning)
+        delta = {k: v for k, v in (("content", content), ("reasoning_content", reasoning)) if v}
+        return {"type": "delta", "message_id": self.message_id, **delta} if delta else None
+
+    def save(self, status: str = "generating", stats: Optional[dict] = None) -> None:
+        thought = self.parser is not None and self.parser.thought
+        try:
+            self.store.save_answer(self.conv_id, self.message_id, "".join(self.content),
+                                   "".join(self.reasoning) if thought else None, self.output_ids, status,
+                                   None if status == "generating" else (self.finish_reason or "abort"), stats)
+        except sqlite3.Error as exc:  # e.g. the store closed at shutdown: the next start marks it stopped
+            log.warning("could not save answer %s: %s", self.message_id, exc)
+        self.last_save = time.monotonic()
+
+    def stats(self) -> dict:
+        usage, out = self.gen.usage(), self.gen.last
+        elapsed, ttft, n = time.monotonic() - self.gen.start, out.time_to_first_token, out.num_output_tokens
+        rate = (n - 1) / (elapsed - ttft) if ttft is not None and n > 1 and elapsed > ttft else 0.0
+        return {"prompt_tokens": usage["prompt_tokens"],
+                "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                "completion_tokens": usage["completion_tokens"], "time_to_first_token": ttft,
+                "tokens_per_second": round(rate, 2)}
+
+    @property
+    def status(self) -> str:
+        if self.finish_reason in ("stop", "length"):
+            return "complete"
+        return "error" if self.finish_reason == "error" else "stopped"  # None: the client went away
+
+    def finish(self) -> None:
+        """Save the end and free the conversation for its next message (before the done event, so a
+        client may post again as soon as it reads it)."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.save(self.status, self.stats())
+        finally:
+            if self.app.state.answers.get(self.conv_id) is self:
+                del self.app.state.answers[self.conv_id]
+            self.ended.set()
+
+    async def end(self) -> None:
+        """finish(), then end the engine request (aborting it if still running) and log it."""
+        try:
+            self.finish()
+        finally:
+            await self.gen.close()
+
+    async def events(self, opening: list[dict]) -> AsyncIterator[str]:
+        try:
+            for msg in opening:
+                yield sse({"type": "message", "message": msg})
+            while self.finish_reason is None:
+                out = await self.gen.next()
+                delta = self.feed(out)
+                if delta:
+                    yield sse(delta)
+                if self.finish_reason is None and time.monotonic() - self.last_save >= SAVE_INTERVAL_S:
+                    self.save()
+            self.finish()
+            if self.status == "error":
+                yield sse({"type": "error", "error": {"message": self.error or "the engine failed",
+                                                      "type": "server_error", "param": None, "code": None}})
+            else:
+                conv = self.store.conversation(self.conv_id)
+                message = self.store.message(self.conv_id, self.message_id)
+                if conv is not None and message is not None:  # else deleted meanwhile
+                    yield sse({"type": "done", "message": Tree(self.store.messages(self.conv_id)).json(message),
+                               "conversation": conversation_json(self.app, self.store, conv)})
+            yield sse("[DONE]")
+        finally:
+            await self.end()
+
+
+class AnswerResponse(ClosingStreamingResponse):
+    """Also ends the answer when its body never ran (the client left before the first byte)."""
+
+    def __init__(self, answer: Answer, opening: list[dict]):
+        super().__init__(answer.events(opening), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.answer.end()
+
+
+async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv: dict, parent_id: Optional[str],
+                       user_content: Optional[str], body: Params) -> Response:
+    """Answer under parent_id: a new user message (user_content) first, or, for a regenerate
+    (user_content None), a new answer to the user message parent_id."""
+    app, conv_id = request.app, conv["id"]
+    check_idle(app, conv_id)
+    tree = Tree(store.messages(conv_id))
+    branch = tree.branch(parent_id)
+    user = None
+    if user_content is not None:
+        user = {"id": new_id("msg"), "parent_id": parent_id, "role": "user", "content": user_content,
+                "status": "complete"}
+        branch.append(user)
+    previous = branch[-2] if len(branch) >= 2 and branch[-2]["role"] == "assistant" else None
+    if previous is not None:
+        prompt_ids, output_ids, key = store.token_ids(previous["id"])
+        previous = {**previous, "prompt_token_ids": prompt_ids, "output_token_ids": output_ids, "prompt_key": key}
+    tokenizer = engine.engine.tokenizer
+    prompt_ids, key = build_prompt(tokenizer, app.state.model_name, chat_messages(conv["system_prompt"], branch),
+                                   previous)
+    params = sampling_params(body, conv["params"], engine.engine.loaded.generation_config)
+    check_capacity(request)
+
+    message_id = new_id("msg")  # also the engine's request id, for /stop
+    assistant = {"id": message_id, "parent_id": branch[-1]["id"], "role": "assistant", "content": "",
+                 "status": "generating"}
+    title = title_from(user_content) if user and parent_id is None and conv["title"] == DEFAULT_TITLE else None
+    app.state.answers[conv_id] = None  # taken before the first await: a second message now gets 409
+    gen = None
+    try:
+        gen = Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, params, message_id), message_id)
+        try:
+            await gen.first()  # the engine refusing the prompt is a 400 before anything is stored
+        except APIError as exc:
+            if exc.param == "messages":  # the engine's name for the prompt
+                exc.param = "content"
+            raise
+        find_conversation(store, conv_id)  # it may have been deleted meanwhile
+        store.start_answer(conv_id, user, assistant, prompt_ids, key, title)
+    except BaseException:
+        app.state.answers.pop(conv_id, None)
+        if gen is not None:
+            await gen.close()  # a no-op when first() failed
+        raise
+    parser = ReasoningParser(prompt_opens_reasoning(tokenizer, prompt_ids)) if is_reasoning_model(tokenizer) else None
+    answer = app.state.answers[conv_id] = Answer(app, store, conv_id, message_id, gen, parser)
+    tree = Tree(store.messages(conv_id))
+    opening = [tree.json(tree.messages[m["id"]]) for m in ([user] if user else []) + [assistant]]
+    return AnswerResponse(answer, opening)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+@router.post("", status_code=201)
+async def create_conversation(body: CreateConversation, request: Request, store: Store = Depends(get_store)) -> dict:
+    conv = store.create_conversation(body.title, body.system_prompt, (body.params or Params()).model_dump())
+    return {**conversation_json(request.app, store, conv), "messages": []}
+
+
+@router.get("")
+async def list_conversations(request: Request, store: Store = Depends(get_store)) -> dict:
+    return {"object": "list", "data": [conversation_json(request.app, store, c) for c in store.conversations()]}
+
+
+@router.get("/{conv_id}")
+async def get_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
+
+
+@router.patch("/{conv_id}")
+async def update_conversation(conv_id: str, body: UpdateConversation, request: Request,
+                              store: Store = Depends(get_store)) -> dict:
+    conv = find_conversation(store, conv_id)
+    sent = body.model_fields_set
+    if "title" in sent and body.title is None:
+        raise APIError(400, "title must be a non-empty string", param="title")
+    values = {name: getattr(body, name) for name in ("title", "system_prompt") if name in sent}
+    if body.params is not None:
+        values["params"] = {**conv["params"], **body.params.model_dump(include=body.params.model_fields_set)}
+    store.update_conversation(conv_id, **values)
+    return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
+
+
+@router.delete("/{conv_id}")
+async def delete_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    find_conversation(store, conv_id)
+    answer: Optional[Answer] = request.app.state.answers.get(conv_id)
+    if answer is not None and request.app.state.engine is not None:
+        request.app.state.engine.abort(answer.message_id)  # the message ids are the request ids
+    store.delete_conversation(conv_id)
+    return {"id": conv_id, "object": "conversation.deleted", "deleted": True}
+
+
+@router.post("/{conv_id}/messages", responses=SSE_RESPONSE)
+async def post_message(conv_id: str, body: PostMessage, request: Request, store: Store = Depends(get_store),
+                       engine: AsyncEngine = Depends(get_engine)) -> Response:
+    conv = find_conversation(store, conv_id)
+    parent_id = body.parent_id if "parent_id" in body.model_fields_set else conv["current_message_id"]
+    if parent_id is not None:
+        parent = find_message(store, conv_id, parent_id, param="parent_id")
+        if parent["role"] != "assistant":
+            raise APIError(400, f"parent_id {parent_id!r} is a user message; a new message follows an answer "
+                                "(to change a message, use .../edit)", param="parent_id")
+    return await start_answer(request, engine, store, conv, parent_id, body.content, body)
+
+
+@router.post("/{conv_id}/messages/{message_id}/edit", responses=SSE_RESPONSE)
+async def edit_message(conv_id: str, message_id: str, body: EditMessage, request: Request,
+                       store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
+    conv = find_conversation(store, conv_id)
+    msg = find_message(store, conv_id, message_id)
+    if msg["role"] != "user":
+        raise APIError(400, f"message {message_id!r} is an answer; edit a user message, or regenerate this one",
+                       param="message_id")
+    return await start_answer(request, engine, store, conv, msg["parent_id"], body.content, body)
+
+
+@router.post("/{conv_id}/messages/{message_id}/regenerate", responses=SSE_RESPONSE)
+async def regenerate(conv_id: str, message_id: str, request: Request, body: Optional[Regenerate] = None,
+                     store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
+    conv = find_conversation(store, conv_id)
+    msg = find_message(store, conv_id, message_id)
+    if msg["role"] != "assistant":
+        raise APIError(400, f"message {message_id!r} is a user message; regenerate an answer, or edit this one",
+                       param="message_id")
+    return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
+
+
+@router.post("/{conv_id}/messages/{message_id}/stop")
+async def stop(conv_id: str, message_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    find_conversation(store, conv_id)
+    msg = find_message(store, conv_id, message_id)
+    if msg["role"] != "assistant":
+        raise APIError(400, f"message {message_id!r} is a user message; only an answer can be stopped",
+                       param="message_id")
+    answer: Optional[Answer] = request.app.state.answers.get(conv_id)
+    engine: Optional[AsyncEngine] = request.app.state.engine
+    if answer is not None and answer.message_id == message_id and engine is not None:
+        engine.abort(message_id)  # the answer's stream sees the abort and saves the end
+        # A stream whose reader stalls may take longer; the message then still says generating.
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(answer.ended.wait(), STOP_WAIT_S)
+    msg = find_message(store, conv_id, message_id)
+    return Tree(store.messages(conv_id)).json(msg)
+
+
+@router.post("/{conv_id}/switch")
+async def switch(conv_id: str, body: Switch, request: Request, store: Store = Depends(get_store)) -> dict:
+    find_conversation(store, conv_id)
+    find_message(store, conv_id, body.message_id)
+    leaf = Tree(store.messages(conv_id)).leaf_below(body.message_id)
+    store.update_conversation(conv_id, touch=False, current_message_id=leaf)
+    return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)

@@ -1,0 +1,455 @@
+"""The OpenAI API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+
+Streaming answers are server-sent events: `data: {chunk}` per text delta, a final chunk per choice
+with its finish_reason, a usage chunk when stream_options.include_usage is set, then
+`data: [DONE]`. n > 1 runs n engine requests side by side (they share the prompt's KV blocks
+through the prefix cache) and interleaves their chunks as they come."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Optional, Union
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..engine.engine import AsyncEngine
+from ..engine.request import RequestOutput
+from ..engine.sampling import SamplingParams, TokenLogprob
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, engine_error,
+                       error_response)
+from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
+from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
+                        get_engine, render_chat, wait_for_disconnect)
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+
+# -- models -------------------------------------------------------------------------------------
+
+def _model_card(request: Request, name: str) -> dict:
+    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "chatserve",
+            "root": request.app.state.model_name}
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict:
+    state = request.app.state
+    return {"object": "list", "data": [_model_card(request, name)
+                                       for name in (state.model_name, *state.server_config.model_aliases)]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict:
+    check_model(request, model_id)
+    return _model_card(request, model_id)
+
+
+# -- shared by both completion routes ------------------------------------------------------------
+
+def sampling_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int], logprobs: Optional[int],
+                    choice: int) -> SamplingParams:
+    values = dict(max_tokens=max_tokens, presence_penalty=body.presence_penalty,
+                  frequency_penalty=body.frequency_penalty, stop=body.stop or [], ignore_eos=body.ignore_eos,
+                  logprobs=logprobs,
+                  # Each of n choices draws differently, yet the same seed still gives the same answers.
+                  seed=None if body.seed is None else body.seed + choice)
+    # Unset sampling values take the model's generation_config, as vLLM and `chatserve generate` do.
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(body, name)
+        value = defaults.get(name) if value is None else value
+        if value is not None:
+            values[name] = value
+    try:
+        return SamplingParams(**values)
+    except ValueError as exc:
+        raise engine_error(exc) from None
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (one printable character per byte), reversed."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_DECODER = _bytes_to_unicode()
+
+
+class TokenText:
+    """A token's own bytes and text, as OpenAI's logprobs show them ("bytes:\\xe4" when a token is
+    part of a multi-byte character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self.cache.get(token_id)
+        if hit is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+            if piece and all(c in BYTE_DECODER for c in piece):
+                raw = bytes(BYTE_DECODER[c] for c in piece)
+            else:
+                raw = self.tokenizer.decode([token_id]).encode("utf-8")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            hit = self.cache[token_id] = (text, list(raw))
+        return hit
+
+
+def token_text(request: Request, engine: AsyncEngine) -> TokenText:
+    state = request.app.state
+    if getattr(state, "token_text", None) is None:
+        state.token_text = TokenText(engine.engine.tokenizer)
+    return state.token_text
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+async def start_generations(request: Request, engine: AsyncEngine, prompts: list[list[int]],
+                            params: list[SamplingParams], request_id: str) -> list[Generation]:
+    """One engine request per (prompt, params) pair, each past its first output, so a request the
+    engine refuses is a 400 before anything streams."""
+    check_capacity(request)
+    gens = [Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, p, f"{request_id}-{i}"),
+                       f"{request_id}-{i}") for i, (prompt_ids, p) in enumerate(zip(prompts, params))]
+    try:
+        # All at once, so the choices prefill in the same engine steps.
+        firsts = await asyncio.gather(*(g.first() for g in gens), return_exceptions=True)
+    except BaseException:
+        await close_all(gens)
+        raise
+    refused = next((exc for exc in firsts if isinstance(exc, BaseException)), None)
+    if refused is not None:
+        await close_all(gens)
+        raise refused
+    return gens
+
+
+async def close_all(gens: list[Generation]) -> None:
+    for gen in gens:
+        await gen.close()
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every generation, in the order they arrive, until all finish."""
+    if len(gens) == 1:
+        while True:
+            out = await gens[0].next()
+            yield 0, out
+            if out.finished:
+                return
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            while True:
+                out = await gen.next()
+                arrived.put_nowait((i, out))
+                if out.finished:
+                    return
+        except Exception as exc:
+            arrived.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, item = await arrived.get()
+            if isinstance(item, Exception):
+                raise item
+            yield i, item
+            remaining -= item.finished
+    finally:
+        for t in tasks:
+            t.cancel()
+        # The engine iterators must be idle before the generations close them.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def usage(gens: list[Generation], prompts_once: list[int]) -> dict:
+    """Prompt tokens count once per distinct prompt (n choices share one), completion tokens per choice."""
+    prompt = sum(gens[i].last.num_prompt_tokens for i in prompts_once)
+    cached = sum(gens[i].last.num_cached_tokens for i in prompts_once)
+    completion = sum(g.last.num_output_tokens for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(out: RequestOutput) -> str:
+    # "abort" only reaches a client when the server shuts down mid-answer.
+    return out.finish_reason or "stop"
+
+
+async def collect(request: Request, gens: list[Generation]) -> Optional[list[ChoiceState]]:
+    """Every choice's whole answer; None when the client went away first (the answers are aborted)."""
+    choices = [ChoiceState(i) for i in range(len(gens))]
+
+    async def gather() -> None:
+        async for i, out in merged(gens):
+            c = choices[i]
+            c.text.append(out.text)
+            c.logprobs.extend(out.logprobs or [])
+            if out.finished:
+                c.finish_reason, c.error = finish_reason(out), out.error
+
+    # Nobody streams the answer, so watch the connection ourselves: a client that leaves aborts it.
+    gathering = asyncio.ensure_future(gather())
+    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait([gathering, disconnected], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+        if not gathering.done():
+            gathering.cancel()
+            await asyncio.wait([gathering])
+        await close_all(gens)
+    if gathering.cancelled():
+        return None
+    gathering.result()
+    return choices
+
+
+def failed(choices: list[ChoiceState]) -> Optional[Response]:
+    """The error response when the engine failed or shut down while answering."""
+    for c in choices:
+        if c.error:
+            status, kind = (500, "server_error") if c.finish_reason == "error" else \
+                (503, "service_unavailable_error")
+            return error_response(status, c.error, kind)
+    return None
+
+
+def sse(obj: Union[dict, str]) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def event_stream(gens: list[Generation], events: AsyncIterator[str]) -> Response:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await close_all(gens)
+
+    return ClosingStreamingResponse(body(), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream_chunks(gens: list[Generation], make_chunk: Callable[[int, RequestOutput, bool], Optional[dict]],
+                        base: dict, include_usage: bool, prompts_once: list[int]) -> AsyncIterator[str]:
+    """The SSE events of a streamed answer: make_chunk(choice, output, is_last) gives each chunk's
+    choice entry (None to send nothing), then the usage chunk and [DONE]. An engine failure ends
+    the stream with an error event, which OpenAI clients raise."""
+    extra = {"usage": None} if include_usage else {}
+    error = None
+    async for i, out in merged(gens):
+        entry = make_chunk(i, out, False)
+        if entry is not None:
+            yield sse({**base, "choices": [entry], **extra})
+        if out.finished:
+            yield sse({**base, "choices": [make_chunk(i, out, True)], **extra})
+            if out.finish_reason == "error":
+                error = out.error
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(gens, prompts_once)})
+    if error:
+        yield sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
+    yield sse("[DONE]")
+
+
+# -- /v1/chat/completions -----------------------------------------------------------------------
+
+def chat_logprobs(tokens: TokenText, entries: list[TokenLogprob], top: int) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        text, raw = tokens(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[:top]]}
+                        for e in entries]}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           engine: AsyncEngine = Depends(get_engine)) -> Response:
+    check_model(request, body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tokenizer = engine.engine.tokenizer
+    prompt_ids = render_chat(engine, [m.as_template_message() for m in body.messages],
+                             **(body.chat_template_kwargs or {}))
+    reasoning = is_reasoning_model(tokenizer)
+    opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
+    top = body.top_logprobs or 0
+    defaults = engine.engine.loaded.generation_config
+    params = [sampling_params(body, defaults, body.max_completion_tokens or body.max_tokens,
+                              top if body.logprobs else None, i) for i in range(body.n)]
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    gens = await start_generations(request, engine, [prompt_ids] * body.n, params, request_id)
+    tokens = token_text(request, engine)
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": request.app.state.model_name, "system_fingerprint": None}
+
+    if body.stream:
+        parsers = [ReasoningParser(opened) if reasoning else None for _ in gens]
+        started = [False] * len(gens)
+        pending: list[list[TokenLogprob]] = [[] for _ in gens]
+
+        def make_chunk(i: int, out: RequestOutput, last: bool) -> Optional[dict]:
+            if last:
+                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(out)}
+            pending[i].extend(out.logprobs or [])
+            text = out.text
+            delta: dict = {}
+            if not started[i]:
+                started[i] = True
+                delta["role"] = "assistant"
+            if parsers[i] is not None:
+                thought, text = parsers[i].feed(text)
+                if out.finished:
+                    more_thought, more_text = parsers[i].flush()
+                    thought, text = thought + more_thought, text + more_text
+                if thought:
+                    delta["reasoning_content"] = thought
+            if text or "role" in delta:
+                delta["content"] = text
+            # Logprobs ride with the next chunk that carries text (or the last one).
+            if not (text or delta.get("reasoning_content") or "role" in delta or (out.finished and pending[i])):
+                return None
+            lp = chat_logprobs(tokens, pending[i], top) if body.logprobs and pending[i] else None
+            pending[i] = []
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(gens, stream_chunks(gens, make_chunk, base, include_usage, [0]))
+
+    choices = await collect(request, gens)
+    if choices is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    if (error := failed(choices)) is not None:
+        return error
+    answers = []
+    for c in choices:
+        text = "".join(c.text)
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            parser = ReasoningParser(opened)
+            thought, content = parser.feed(text)
+            more_thought, more_content = parser.flush()
+            message = {"role": "assistant", "content": content + more_content,
+                       "reasoning_content": (thought + more_thought) if parser.thought else None}
+        answers.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
+                        "logprobs": chat_logprobs(tokens, c.logprobs, top) if body.logprobs else None})
+    return JSONResponse({**base, "object": "chat.completion", "choices": answers, "usage": usage(gens, [0])})
+
+
+# -- /v1/completions ----------------------------------------------------------------------------
+
+def completion_prompts(body: CompletionRequest, engine: AsyncEngine) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    try:
+        prompts = [engine.engine.tokenize_prompt(p) for p in prompt]
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from None
+    limit = engine.engine.max_model_len
+    for p in prompts:
+        if len(p) >= limit:
+            raise APIError(400, f"a prompt has {len(p)} tokens; this model's context holds at most {limit} "
+                                "(prompt and output together): shorten it", param="prompt")
+    return prompts
+
+
+class LegacyLogprobs:
+    """The completions API's logprobs: parallel lists of tokens, their logprobs, the top
+    alternatives as {token: logprob}, and each token's character offset in the choice's text."""
+
+    def __init__(self, tokens: TokenText, offset: int):
+        self.tokens, self.offset = tokens, offset
+
+    def __call__(self, entries: list[TokenLogprob]) -> dict:
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self.tokens(e.token_id)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self.tokens(t)[0]: lp for t, lp in e.top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request,
+                      engine: AsyncEngine = Depends(get_engine)) -> Response:
+    check_model(request, body.model)
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of is not supported unless it equals n", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo together with logprobs is not supported (prompt logprobs are not computed)",
+                       param="echo")
+    prompts = completion_prompts(body, engine)
+    defaults = engine.engine.loaded.generation_config
+    # Choice index = prompt index * n + choice within the prompt, as OpenAI numbers them.
+    params = [sampling_params(body, defaults, body.max_tokens, body.logprobs, j)
+              for _ in prompts for j in range(body.n)]
+    all_prompts = [p for p in prompts for _ in range(body.n)]
+    prompts_once = list(range(0, len(all_prompts), body.n))
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    gens = await start_generations(request, engine, all_prompts, params, request_id)
+    tokens = token_text(request, engine)
+    echoes = [engine.engine.tokenizer.decode(p) if body.echo else "" for p in all_prompts]
+    base = {"id": request_id, "object": "text_completion", "created": created,
+            "model": request.app.state.model_name, "system_fingerprint": None}
+
+    if body.stream:
+        logprobs = [LegacyLogprobs(tokens, len(e)) for e in echoes]
+        pending: list[list[TokenLogprob]] = [[] for _ in gens]
+
+        def make_chunk(i: int, out: RequestOutput, last: bool) -> Optional[dict]:
+            if last:
+                return {"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(out)}
+            pending[i].extend(out.logprobs or [])
+            text, echoes[i] = echoes[i] + out.text, ""
+            if not text and not (out.finished and pending[i]):
+                return None
+            lp = logprobs[i](pending[i]) if body.logprobs is not None else None
+            pending[i] = []
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": None}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(gens, stream_chunks(gens, make_chunk, base, include_usage, prompts_once))
+
+    choices = await collect(request, gens)
+    if choices is None:
+        return Response(status_code=499)
+    if (error := failed(choices)) is not None:
+        return error
+    answers = [{"index": c.index, "text": echoes[c.index] + "".join(c.text), "finish_reason": c.finish_reason,
+                "logprobs": LegacyLogprobs(tokens, len(echoes[c.index]))(c.logprobs)
+                if body.logprobs is not None else None} for c in choices]
+    return JSONResponse({**base, "choices": answers, "usage": usage(gens, prompts_once)})

@@ -1,0 +1,219 @@
+"""The conversation store: SQLite (stdlib sqlite3), one file per server (or ":memory:").
+
+Conversations hold a tree of messages. Every write is one transaction, so a crash or a
+disconnect mid-answer leaves the last saved state, never half of one; answers still marked
+"generating" when the store opens were cut off by a crash and become "stopped".
+
+Used from the event loop thread only: each call is a few small statements, so it blocks the
+loop for far less than a generation step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("chatserve.server")
+
+DEFAULT_TITLE = "New chat"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    system_prompt TEXT,
+    params TEXT NOT NULL,                -- JSON {"temperature", "top_p", "max_tokens"}
+    current_message_id TEXT
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,             -- creation order (siblings are listed in it)
+    id TEXT NOT NULL UNIQUE,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    parent_id TEXT,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    reasoning_content TEXT,
+    created REAL NOT NULL,
+    status TEXT NOT NULL,
+    finish_reason TEXT,
+    stats TEXT,                          -- JSON, once an answer is finished
+    -- Assistant messages: the exact token ids the answer was prompted with and generated (JSON
+    -- lists), and a digest of the rendered history they were prompted with, so the next turn
+    -- can extend the ids only when that history is unchanged.
+    prompt_token_ids TEXT,
+    output_token_ids TEXT,
+    prompt_key TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
+"""
+
+# Every column but the token ids, which only the prompt builder and the cache check need.
+MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, reasoning_content, created, status, "
+                   "finish_reason, stats")
+
+
+def default_db_path() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "chatserve" / "conversations.sqlite3"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _conversation(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["params"] = json.loads(out["params"])
+    return out
+
+
+def _message(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["stats"] = json.loads(out["stats"]) if out["stats"] else None
+    return out
+
+
+class Store:
+    def __init__(self, path: str):
+        self.path = path
+        # check_same_thread=False: the app is built on one thread and served on another; every
+        # call still comes from the event loop, one at a time.
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA foreign_keys = ON")
+        if path != ":memory:":
+            # WAL: a crash mid-write rolls back cleanly, and readers never wait for the writer.
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+        with self.db:
+            self.db.executescript(SCHEMA)
+            cut = self.db.execute("UPDATE messages SET status = 'stopped', finish_reason = 'abort' "
+                                  "WHERE status = 'generating'").rowcount
+        if cut:
+            log.info("%d answer(s) cut off by the last shutdown marked stopped", cut)
+
+    @classmethod
+    def open(cls, path: Optional[str] = None) -> "Store":
+        """path None: the default file, its directory created."""
+        if path is None:
+            path = str(default_db_path())
+        try:
+            if path != ":memory:":
+                path = str(Path(path).expanduser())
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            store = cls(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise RuntimeError(f"cannot open the conversation store {path}: {exc}") from None
+        log.info("conversations stored in %s", path)
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- conversations ------------------------------------------------------------------------
+
+    def create_conversation(self, title: Optional[str], system_prompt: Optional[str], params: dict) -> dict:
+        now = time.time()
+        conv_id = new_id("conv")
+        with self.db:
+            self.db.execute("INSERT INTO conversations (id, title, created, updated, system_prompt, params) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (conv_id, title or DEFAULT_TITLE, now, now, system_prompt, json.dumps(params)))
+        return self.conversation(conv_id)
+
+    def conversation(self, conv_id: str) -> Optional[dict]:
+        row = self.db.execute("SELECT * FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        return _conversation(row) if row else None
+
+    def conversations(self) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM conversations ORDER BY updated DESC, rowid DESC")
+        return [_conversation(row) for row in rows]
+
+    def update_conversation(self, conv_id: str, touch: bool = True, **values) -> None:
+        """Set columns (params as a dict); touch: also mark it updated now."""
+        if "params" in values:
+            values["params"] = json.dumps(values["params"])
+        if touch:
+            values["updated"] = time.time()
+        if not values:
+            return
+        assignments = ", ".join(f"{name} = ?" for name in values)  # names come from our code only
+        with self.db:
+            self.db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*values.values(), conv_id))
+
+    def delete_conversation(self, conv_id: str) -> bool:
+        with self.db:
+            return self.db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,)).rowcount > 0
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def messages(self, conv_id: str) -> list[dict]:
+        """Every message of the conversation, in creation order, without token ids."""
+        rows = self.db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                               (conv_id,))
+        return [_message(row) for row in rows]
+
+    def message(self, conv_id: str, message_id: str) -> Optional[dict]:
+        row = self.db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND id = ?",
+                              (conv_id, message_id)).fetchone()
+        return _message(row) if row else None
+
+    def token_ids(self, message_id: str) -> tuple[Optional[list[int]], Optional[list[int]], Optional[str]]:
+        """(prompt ids, output ids, prompt key) of an assistant message; Nones when unknown."""
+        row = self.db.execute("SELECT prompt_token_ids, output_token_ids, prompt_key FROM messages WHERE id = ?",
+                              (message_id,)).fetchone()
+        if row is None or row[0] is None or row[1] is None:
+            return None, None, None
+        return json.loads(row[0]), json.loads(row[1]), row[2]
+
+    def answer_token_ids(self, message_id: Optional[str]) -> Optional[list[int]]:
+        """Prompt + output ids of the last answer on the branch ending at message_id."""
+        while message_id is not None:
+            row = self.db.execute("SELECT role, parent_id, prompt_token_ids, output_token_ids FROM messages "
+                                  "WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                return None
+            if row["role"] == "assistant":
+                if row["prompt_token_ids"] is None:
+                    return None
+                return json.loads(row["prompt_token_ids"]) + json.loads(row["output_token_ids"] or "[]")
+            message_id = row["parent_id"]
+        return None
+
+    def start_answer(self, conv_id: str, user: Optional[dict], assistant: dict, prompt_token_ids: list[int],
+                     prompt_key: str, title: Optional[str]) -> None:
+        """Add the new user message (if any) and the generating answer, and show their branch:
+        one transaction, so a conversation never holds a question without its answer row."""
+        now = time.time()
+        with self.db:
+            for msg in ([user] if user else []) + [assistant]:
+                self.db.execute(
+                    "INSERT INTO messages (id, conversation_id, parent_id, role, content, created, status) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (msg["id"], conv_id, msg["parent_id"], msg["role"], msg["content"], now, msg["status"]))
+            self.db.execute("UPDATE messages SET prompt_token_ids = ?, output_token_ids = '[]', prompt_key = ? "
+                            "WHERE id = ?", (json.dumps(prompt_token_ids), prompt_key, assistant["id"]))
+            values = {"current_message_id": assistant["id"], "updated": now}
+            if title:
+                values["title"] = title
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            self.db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*values.values(), conv_id))
+
+    def save_answer(self, conv_id: str, message_id: str, content: str, reasoning_content: Optional[str],
+                    output_token_ids: list[int], status: str = "generating", finish_reason: Optional[str] = None,
+                    stats: Optional[dict] = None) -> None:
+        """Save an answer so far (while generating) or for good; the text and the ids together."""
+        with self.db:
+            self.db.execute("UPDATE messages SET content = ?, reasoning_content = ?, output_token_ids = ?, "
+                            "status = ?, finish_reason = ?, stats = ? WHERE id = ?",
+                            (content, reasoning_content, json.dumps(output_token_ids), status, finish_reason,
+                             json.dumps(stats) if stats else None, message_id))
+            if status != "generating":
+                self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))

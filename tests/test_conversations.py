@@ -1,0 +1,495 @@
+"""/v1/conversations (docs/conversations-api.md) against a real uvicorn server, with dummy_model."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+
+import pytest
+import requests
+from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
+from starlette.testclient import TestClient
+
+from chatserve.config import EngineConfig, ServerConfig
+from chatserve.engine.request import RequestOutput
+from chatserve.models.dummy import IM_END, build_dummy_tokenizer
+from chatserve.server.app import create_app
+from chatserve.server.conversations import Answer, build_prompt
+from chatserve.server.reasoning import ReasoningParser
+
+BS = 16  # tiny_engine_config's block size
+LONG = 400  # max_tokens of an answer that is stopped long before it ends
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(server_config=ServerConfig(db_path=":memory:")) as srv:
+        yield srv
+
+
+def call(server, method: str, path: str, **kwargs) -> requests.Response:
+    return requests.request(method, f"{server.url}/v1/conversations{path}", timeout=WAIT_S, **kwargs)
+
+
+def ok(response: requests.Response, status: int = 200) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def create(server, **body) -> dict:
+    return ok(call(server, "POST", "", json=body), 201)
+
+
+def get(server, conv_id: str) -> dict:
+    return ok(call(server, "GET", f"/{conv_id}"))
+
+
+def events(response: requests.Response):
+    """The SSE events of a response: dicts, then "[DONE]"."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    for line in response.iter_lines(decode_unicode=True):
+        if line:
+            assert line.startswith("data: "), line
+            data = line[len("data: "):]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def answer(server, path: str, **body) -> list:
+    """Post to an answering route and read its whole stream."""
+    with call(server, "POST", path, json=body, stream=True) as r:
+        return list(events(r))
+
+
+def done(evts: list) -> dict:
+    assert evts[-1] == "[DONE]" and evts[-2]["type"] == "done", evts[-3:]
+    return evts[-2]
+
+
+def assert_error(response: requests.Response, status: int, param=None, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    assert all(w in error["message"] for w in words), error["message"]
+    return error
+
+
+@contextmanager
+def slow_engine(server, delay: float = 0.02):
+    """Each engine step takes at least `delay`: a long answer is still running when the test acts."""
+    step = server.engine.step
+
+    def slow_step():
+        time.sleep(delay)
+        return step()
+
+    server.engine.step = slow_step
+    try:
+        yield
+    finally:
+        del server.engine.step
+
+
+def settled(server) -> None:
+    wait_until(lambda: not server.app.state.answers and idle(server.engine), "no answer in flight, every block free")
+
+
+# -- conversations --------------------------------------------------------------------------------
+
+
+def test_create_list_get_rename_delete(server):
+    a = create(server)
+    assert a["id"].startswith("conv_") and a["object"] == "conversation" and a["title"] == "New chat"
+    assert a["messages"] == [] and a["current_message_id"] is None and a["system_prompt"] is None
+    assert a["params"] == {"temperature": None, "top_p": None, "max_tokens": None}
+    assert a["cache"] == {"warm": False, "cached_tokens": 0}
+    assert isinstance(a["created"], int) and isinstance(a["updated"], int)
+    b = create(server, title="Trip", system_prompt="Be brief.", params={"temperature": 0})
+    assert b["title"] == "Trip" and b["system_prompt"] == "Be brief."
+    assert b["params"] == {"temperature": 0, "top_p": None, "max_tokens": None}
+
+    listed = ok(call(server, "GET", ""))
+    assert listed["object"] == "list"
+    ids = [c["id"] for c in listed["data"]]
+    assert ids.index(b["id"]) < ids.index(a["id"])  # most recently updated first
+    assert all("messages" not in c for c in listed["data"])
+
+    renamed = ok(call(server, "PATCH", f"/{a['id']}", json={"title": "Renamed"}))
+    assert renamed["title"] == "Renamed" and renamed["messages"] == []
+    ids = [c["id"] for c in ok(call(server, "GET", ""))["data"]]
+    assert ids.index(a["id"]) < ids.index(b["id"])
+    # In params only the keys sent change; null unsets one.
+    patched = ok(call(server, "PATCH", f"/{b['id']}", json={"params": {"max_tokens": 5}, "system_prompt": None}))
+    assert patched["params"] == {"temperature": 0, "top_p": None, "max_tokens": 5}
+    assert patched["system_prompt"] is None and patched["title"] == "Trip"
+    patched = ok(call(server, "PATCH", f"/{b['id']}", json={"params": {"temperature": None}}))
+    assert patched["params"] == {"temperature": None, "top_p": None, "max_tokens": 5}
+    assert get(server, b["id"])["params"] == patched["params"]
+
+    assert ok(call(server, "DELETE", f"/{a['id']}")) == {"id": a["id"], "object": "conversation.deleted",
+                                                           "deleted": True}
+    assert_error(call(server, "GET", f"/{a['id']}"), 404, "id", a["id"])
+    assert_error(call(server, "DELETE", f"/{a['id']}"), 404, "id")
+    assert a["id"] not in [c["id"] for c in ok(call(server, "GET", ""))["data"]]
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+
+def test_a_message_streams_its_answer_and_is_stored(server):
+    conv = create(server)
+    evts = answer(server, f"/{conv['id']}/messages", content="Hello there\nand more", max_tokens=8, temperature=0)
+    user, assistant = evts[0]["message"], evts[1]["message"]
+    assert [e["type"] for e in evts[:2]] == ["message", "message"]
+    assert user["role"] == "user" and user["content"] == "Hello there\nand more" and user["parent_id"] is None
+    assert user["status"] == "complete" and user["siblings"] == [user["id"]] and user["sibling_index"] == 0
+    assert user["object"] == "conversation.message" and user["id"].startswith("msg_")
+    assert assistant["role"] == "assistant" and assistant["parent_id"] == user["id"]
+    assert assistant["status"] == "generating" and assistant["finish_reason"] is None and assistant["content"] == ""
+    deltas = evts[2:-2]
+    assert deltas and all(d["type"] == "delta" and d["message_id"] == assistant["id"] for d in deltas)
+    assert all(set(d) - {"type", "message_id"} <= {"content", "reasoning_content"} for d in deltas)
+
+    final = done(evts)
+    message, conversation = final["message"], final["conversation"]
+    assert message["id"] == assistant["id"] and message["status"] == "complete"
+    assert message["finish_reason"] == "length"
+    assert message["content"] == "".join(d.get("content", "") for d in deltas)
+    stats = message["stats"]
+    assert set(stats) == {"prompt_tokens", "cached_tokens", "completion_tokens", "time_to_first_token",
+                          "tokens_per_second"}
+    assert stats["completion_tokens"] == 8 and stats["prompt_tokens"] > 0 and stats["time_to_first_token"] > 0
+    # The first user message names the conversation; the answer is the branch shown.
+    assert conversation["title"] == "Hello there" and conversation["current_message_id"] == assistant["id"]
+    assert "messages" not in conversation
+    assert conversation["cache"] == {"warm": True, "cached_tokens": BS * ((stats["prompt_tokens"] + 7) // BS)}
+
+    stored = get(server, conv["id"])
+    assert stored["messages"] == [user, message] and stored["title"] == "Hello there"
+    settled(server)
+
+
+def test_edit_makes_a_sibling_branch_and_switch_goes_back(server):
+    conv_id = create(server)["id"]
+    first = done(answer(server, f"/{conv_id}/messages", content="first", max_tokens=4))["message"]
+    evts = answer(server, f"/{conv_id}/messages", content="second", max_tokens=4)
+    u2, a2 = evts[0]["message"], done(evts)["message"]
+    assert u2["parent_id"] == first["id"]
+
+    evts = answer(server, f"/{conv_id}/messages/{u2['id']}/edit", content="second, edited", max_tokens=4)
+    u2b, a2b = evts[0]["message"], done(evts)["message"]
+    assert u2b["parent_id"] == first["id"] and u2b["content"] == "second, edited"
+    assert u2b["siblings"] == [u2["id"], u2b["id"]] and u2b["sibling_index"] == 1
+    branch = get(server, conv_id)["messages"]
+    assert [m["id"] for m in branch] == [first["parent_id"], first["id"], u2b["id"], a2b["id"]]
+
+    back = ok(call(server, "POST", f"/{conv_id}/switch", json={"message_id": u2["id"]}))
+    assert back["current_message_id"] == a2["id"]
+    assert [m["id"] for m in back["messages"]] == [first["parent_id"], first["id"], u2["id"], a2["id"]]
+    assert back["messages"][2]["siblings"] == [u2["id"], u2b["id"]] and back["messages"][2]["sibling_index"] == 0
+    assert get(server, conv_id)["current_message_id"] == a2["id"]
+    # Switching to a message above the fork follows the most recently created child down.
+    assert ok(call(server, "POST", f"/{conv_id}/switch", json={"message_id": first["id"]}))["current_message_id"] \
+        == a2b["id"]
+
+    # Editing the first message starts a second root.
+    evts = answer(server, f"/{conv_id}/messages/{first['parent_id']}/edit", content="again", max_tokens=4)
+    root = evts[0]["message"]
+    assert root["parent_id"] is None and root["siblings"] == [first["parent_id"], root["id"]]
+    assert [m["id"] for m in get(server, conv_id)["messages"]] == [root["id"], done(evts)["message"]["id"]]
+    settled(server)
+
+
+def test_regenerate_adds_a_sibling_answer(server):
+    conv_id = create(server)["id"]
+    first = done(answer(server, f"/{conv_id}/messages", content="Hi", max_tokens=4))["message"]
+    evts = answer(server, f"/{conv_id}/messages/{first['id']}/regenerate", temperature=1.0, max_tokens=5)
+    assert evts[0]["type"] == "message" and evts[0]["message"]["role"] == "assistant"  # no user message
+    again = done(evts)["message"]
+    assert again["parent_id"] == first["parent_id"] and again["stats"]["completion_tokens"] == 5
+    assert again["siblings"] == [first["id"], again["id"]] and again["sibling_index"] == 1
+    # The body is optional.
+    with requests.post(f"{server.url}/v1/conversations/{conv_id}/messages/{first['id']}/regenerate",
+                       stream=True, timeout=WAIT_S) as r:
+        third = done(list(events(r)))["message"]
+    assert third["siblings"] == [first["id"], again["id"], third["id"]]
+    assert [m["id"] for m in get(server, conv_id)["messages"]] == [first["parent_id"], third["id"]]
+
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['parent_id']}/regenerate", json={}), 400,
+                 "message_id", "user message")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['id']}/edit", json={"content": "x"}), 400,
+                 "message_id", "answer")
+    settled(server)
+
+
+def test_the_next_turn_extends_the_previous_token_ids(server):
+    store, engine = server.app.state.store, server.engine
+    conv_id = create(server, system_prompt="You are a helpful assistant.")["id"]
+    turn1 = done(answer(server, f"/{conv_id}/messages", content="Tell me a story", max_tokens=30,
+                        temperature=0))["message"]
+    prompt1, output1, _ = store.token_ids(turn1["id"])
+    p1, c1 = turn1["stats"]["prompt_tokens"], turn1["stats"]["completion_tokens"]
+    assert (len(prompt1), len(output1)) == (p1, c1) == (p1, 30)
+
+    turn2 = done(answer(server, f"/{conv_id}/messages", content="And then?", max_tokens=8, temperature=0))["message"]
+    prompt2, _, _ = store.token_ids(turn2["id"])
+    assert prompt2[:p1 + c1] == prompt1 + output1
+    assert turn2["stats"]["cached_tokens"] >= BS * ((p1 + c1 - 1) // BS) > 0
+
+    # A changed system prompt breaks the history's ids: the next prompt is rendered afresh.
+    call(server, "PATCH", f"/{conv_id}", json={"system_prompt": "Answer in French."})
+    turn3 = done(answer(server, f"/{conv_id}/messages", content="Merci", max_tokens=4, temperature=0))["message"]
+    branch = get(server, conv_id)["messages"]
+    chat = [{"role": "system", "content": "Answer in French."}] + [
+        {"role": m["role"], "content": m["content"]} for m in branch[:-1]]
+    assert store.token_ids(turn3["id"])[0] == engine.apply_chat_template(chat)
+    settled(server)
+
+
+# Like Qwen3's template: the answer after the last user message is rendered with an (empty)
+# thinking block, every earlier answer without one.
+THINKING_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["chatml", "thinking"])
+def test_build_prompt_extends_ids_only_while_the_history_holds(template):
+    tok = build_dummy_tokenizer()
+    if template == "thinking":
+        tok.chat_template = THINKING_TEMPLATE
+    im_end = tok.convert_tokens_to_ids(IM_END)
+
+    def full(messages):
+        return tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    ids1, key1 = build_prompt(tok, "m", chat, None)
+    assert ids1 == full(chat)
+
+    def turn2(content, output_ids, finish_reason, system="Be brief.", model="m"):
+        messages = [{"role": "system", "content": system}, chat[1], {"role": "assistant", "content": content},
+                    {"role": "user", "content": "More"}]
+        previous = {"prompt_token_ids": ids1, "output_token_ids": output_ids, "prompt_key": key1,
+                    "finish_reason": finish_reason}
+        return build_prompt(tok, model, messages, previous)[0], full(messages)
+
+    # Ids that tokenize the answer's text as a fresh render would give the same prompt either way,
+    # whether the answer ended on the end-of-turn token or at max_tokens, or was empty.
+    hi = tok.encode("Hi there", add_special_tokens=False)
+    for content, output_ids, reason in (("Hi there", hi + [im_end], "stop"), ("Hi there", hi, "length"),
+                                        ("", [im_end], "stop")):
+        ids, rendered = turn2(content, output_ids, reason)
+        assert ids == rendered
+    # Generated ids that a fresh render would tokenize differently are kept as they are.
+    odd = [tok.convert_tokens_to_ids("ew")] * 3
+    ids, rendered = turn2("ewewew", odd, "length")
+    assert ids[:len(ids1) + 3] == ids1 + odd and tok.decode(ids) == tok.decode(rendered)
+    # A changed system prompt or model: rendered afresh.
+    for kwargs in ({"system": "Be long."}, {"model": "other"}):
+        ids, rendered = turn2("ewewew", odd, "length", **kwargs)
+        assert ids == rendered
+
+
+def test_reasoning_is_split_from_the_answer_and_the_raw_ids_kept():
+    ans = Answer(None, None, "conv_x", "msg_x", None, ReasoningParser())
+    outs = [RequestOutput("r", "<think>Let me", [1, 2]), RequestOutput("r", " see</thi", [3]),
+            RequestOutput("r", "nk>\n\nHi", [4, 5]), RequestOutput("r", "!", [6], finished=True, finish_reason="stop")]
+    deltas = [ans.feed(out) for out in outs]
+    assert deltas[0] == {"type": "delta", "message_id": "msg_x", "reasoning_content": "Let me"}
+    assert "".join(d.get("reasoning_content", "") for d in deltas if d) == "Let me see"
+    assert "".join(d.get("content", "") for d in deltas if d) == "Hi!"
+    assert ans.output_ids == [1, 2, 3, 4, 5, 6] and ans.finish_reason == "stop" and ans.status == "complete"
+
+
+# -- stopping -------------------------------------------------------------------------------------
+
+
+def test_dropping_the_stream_keeps_the_partial_answer_stopped(server):
+    settled(server)
+    conv_id = create(server)["id"]
+    with slow_engine(server), requests.Session() as session:
+        r = session.post(f"{server.url}/v1/conversations/{conv_id}/messages", stream=True, timeout=WAIT_S,
+                         json={"content": "Hello", "max_tokens": LONG, "temperature": 0})
+        stream = events(r)
+        assistant = [next(stream), next(stream)][1]["message"]
+        seen = "".join(next(stream).get("content", "") for _ in range(3))
+        assert assistant["id"] in server.engine.requests
+        r.close()
+        settled(server)  # the engine request aborted and its blocks freed
+    message = get(server, conv_id)["messages"][-1]
+    assert message["id"] == assistant["id"] and message["status"] == "stopped"
+    assert message["finish_reason"] == "abort" and message["content"].startswith(seen) and seen
+    assert 3 <= message["stats"]["completion_tokens"] < LONG
+    # The conversation goes on from the partial answer.
+    assert done(answer(server, f"/{conv_id}/messages", content="Go on", max_tokens=4))["message"]["status"] \
+        == "complete"
+    settled(server)
+
+
+def test_stop_ends_the_answer_and_a_second_message_meanwhile_is_a_409(server):
+    settled(server)
+    conv_id = create(server)["id"]
+    with slow_engine(server), requests.post(f"{server.url}/v1/conversations/{conv_id}/messages", stream=True,
+                                            timeout=WAIT_S, json={"content": "Hi", "max_tokens": LONG}) as r:
+        stream = events(r)
+        user, assistant = next(stream)["message"], next(stream)["message"]
+        first_delta = next(stream)
+        busy = assert_error(call(server, "POST", f"/{conv_id}/messages", json={"content": "and?"}), 409, None,
+                            "already generating")
+        assert busy["code"] == "conversation_busy"
+        assert_error(call(server, "POST", f"/{conv_id}/messages/{user['id']}/edit", json={"content": "x"}), 409)
+        assert_error(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/regenerate"), 409)
+        # Reading the conversation meanwhile shows the answer generating, its text saved as it grows.
+        assert get(server, conv_id)["messages"][-1]["status"] == "generating"
+        wait_until(lambda: get(server, conv_id)["messages"][-1]["content"], "the partial answer to be saved")
+
+        stopped = ok(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/stop"))
+        assert stopped["id"] == assistant["id"] and stopped["status"] == "stopped"
+        assert stopped["finish_reason"] == "abort" and stopped["stats"]["completion_tokens"] < LONG
+        rest = list(stream)
+    final = done(rest)["message"]
+    assert final["status"] == "stopped" and final["content"] == stopped["content"]
+    assert final["content"] == "".join(e.get("content", "") for e in [first_delta, *rest[:-2]])
+    assert ok(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/stop")) == final  # already stopped
+    settled(server)
+    assert done(answer(server, f"/{conv_id}/messages", content="ok", max_tokens=3))["message"]["status"] == "complete"
+
+
+def test_deleting_a_conversation_stops_its_answer(server):
+    settled(server)
+    conv_id = create(server)["id"]
+    with slow_engine(server), requests.post(f"{server.url}/v1/conversations/{conv_id}/messages", stream=True,
+                                            timeout=WAIT_S, json={"content": "Hi", "max_tokens": LONG}) as r:
+        stream = events(r)
+        next(stream), next(stream), next(stream)
+        ok(call(server, "DELETE", f"/{conv_id}"))
+        assert list(stream)[-1] == "[DONE]"
+    settled(server)
+    assert_error(call(server, "GET", f"/{conv_id}"), 404, "id")
+
+
+def test_an_engine_failure_mid_answer_is_an_error_event(server):
+    settled(server)
+    conv_id = create(server)["id"]
+    step, steps = server.engine.step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) == 4:
+            raise RuntimeError("boom")
+        return step()
+
+    server.engine.step = failing_step
+    try:
+        evts = answer(server, f"/{conv_id}/messages", content="Hi", max_tokens=LONG)
+    finally:
+        del server.engine.step
+    assert evts[-1] == "[DONE]" and evts[-2]["type"] == "error" and "done" not in [e["type"] for e in evts[:-1]]
+    assert "boom" in evts[-2]["error"]["message"] and evts[-2]["error"]["type"] == "server_error"
+    message = get(server, conv_id)["messages"][-1]
+    assert message["status"] == "error" and message["finish_reason"] == "error"
+    assert message["content"] == "".join(e.get("content", "") for e in evts[2:-2])
+    settled(server)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_errors_use_the_openai_shape(server):
+    conv_id = create(server)["id"]
+    first = done(answer(server, f"/{conv_id}/messages", content="Hi", max_tokens=2))["message"]
+    nope = "conv_nope"
+    for method, path, body in (("GET", f"/{nope}", None), ("PATCH", f"/{nope}", {"title": "x"}),
+                               ("POST", f"/{nope}/messages", {"content": "x"}),
+                               ("POST", f"/{nope}/switch", {"message_id": first["id"]})):
+        error = assert_error(call(server, method, path, json=body), 404, "id", nope)
+        assert error["type"] == "not_found_error" and error["code"] == "conversation_not_found"
+    for path, body in ((f"/{conv_id}/messages/msg_nope/edit", {"content": "x"}),
+                       (f"/{conv_id}/messages/msg_nope/regenerate", {}), (f"/{conv_id}/messages/msg_nope/stop", None),
+                       (f"/{conv_id}/switch", {"message_id": "msg_nope"})):
+        assert assert_error(call(server, "POST", path, json=body), 404, "message_id")["code"] == "message_not_found"
+    assert_error(call(server, "POST", f"/{conv_id}/messages", json={"content": "x", "parent_id": "msg_nope"}), 404,
+                 "parent_id")
+    assert_error(call(server, "POST", f"/{conv_id}/messages", json={"content": "x", "parent_id": first["parent_id"]}),
+                 400, "parent_id", "user message")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['parent_id']}/stop"), 400, "message_id")
+
+    messages = f"/{conv_id}/messages"
+    assert_error(call(server, "POST", messages, json={}), 400, "content", "required")
+    assert_error(call(server, "POST", messages, json={"content": "x", "temperature": -1}), 400, "temperature")
+    assert_error(call(server, "POST", messages, json={"content": "x", "max_tokens": 0}), 400, "max_tokens")
+    assert_error(call(server, "POST", messages, json={"content": "x", "max_tokens": 100_000}), 400, "max_tokens",
+                 "at most")
+    assert_error(call(server, "POST", messages, json={"content": "hello " * 600}), 400, "content", "shorten it")
+    assert_error(call(server, "POST", messages, data=b'{"content": ', headers={"content-type": "application/json"}),
+                 400, None, "not valid JSON")
+    assert_error(call(server, "POST", "", json={"params": {"top_p": 2}}), 400, "params.top_p")
+    assert_error(call(server, "PATCH", f"/{conv_id}", json={"title": None}), 400, "title")
+    assert_error(call(server, "PATCH", f"/{conv_id}", json={"title": ""}), 400, "title")
+    assert_error(call(server, "POST", f"/{conv_id}/switch", json={}), 400, "message_id", "required")
+    # None of them stored anything or left the conversation busy.
+    assert [m["id"] for m in get(server, conv_id)["messages"]] == [first["parent_id"], first["id"]]
+    settled(server)
+
+
+def test_a_bad_request_between_good_ones(server):
+    conv_id = create(server)["id"]
+    path = f"/{conv_id}/messages"
+    assert done(answer(server, path, content="one", max_tokens=3))["message"]["status"] == "complete"
+    assert_error(call(server, "POST", path, json={"content": "two", "max_tokens": 100_000}), 400, "max_tokens")
+    assert done(answer(server, path, content="three", max_tokens=3))["message"]["status"] == "complete"
+    assert [m["content"] for m in get(server, conv_id)["messages"][::2]] == ["one", "three"]
+    settled(server)
+
+
+def test_the_api_key_guards_the_routes_and_openapi_documents_them():
+    client = TestClient(create_app(EngineConfig(), ServerConfig(api_key="secret", db_path=":memory:")))
+    assert_error(client.get("/v1/conversations"), 401, None, "API key")
+    assert_error(client.post("/v1/conversations", json={}), 401, None, "API key")
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/conversations", "/v1/conversations/{conv_id}", "/v1/conversations/{conv_id}/messages",
+            "/v1/conversations/{conv_id}/messages/{message_id}/edit",
+            "/v1/conversations/{conv_id}/messages/{message_id}/regenerate",
+            "/v1/conversations/{conv_id}/messages/{message_id}/stop",
+            "/v1/conversations/{conv_id}/switch"} <= set(spec["paths"])
+    assert {"PostMessage", "EditMessage", "CreateConversation", "UpdateConversation", "Switch"} <= set(
+        spec["components"]["schemas"])
+
+
+# -- persistence ----------------------------------------------------------------------------------
+
+
+def test_conversations_survive_a_restart(tmp_path):
+    db = tmp_path / "data" / "conversations.sqlite3"  # its directory is created
+    config = ServerConfig(db_path=str(db))
+    with live_server(tiny_engine_config(), config) as srv:
+        conv_id = create(srv, title="Kept", system_prompt="Be brief.")["id"]
+        evts = answer(srv, f"/{conv_id}/messages", content="Remember me", max_tokens=5, temperature=0)
+        before = get(srv, conv_id)
+    # A crash mid-answer leaves it "generating": the next start marks it stopped.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE messages SET status = 'generating', finish_reason = NULL WHERE id = ?",
+                     (done(evts)["message"]["id"],))
+    conn.close()
+    with live_server(tiny_engine_config(), config) as srv:
+        after = get(srv, conv_id)
+        assert [c["id"] for c in ok(call(srv, "GET", ""))["data"]] == [conv_id]
+        assert after["title"] == "Kept" and after["system_prompt"] == "Be brief."
+        assert after["messages"][0] == before["messages"][0]
+        assert after["messages"][1] == {**before["messages"][1], "status": "stopped", "finish_reason": "abort"}
+        # The conversation goes on, extending the stored ids in the new process.
+        turn2 = done(answer(srv, f"/{conv_id}/messages", content="Again", max_tokens=3))["message"]
+        prompt1, output1, _ = srv.app.state.store.token_ids(before["messages"][1]["id"])
+        assert srv.app.state.store.token_ids(turn2["id"])[0][:len(prompt1) + 5] == prompt1 + output1

@@ -1,0 +1,336 @@
+"""The OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) through the official
+`openai` package, sync and async, streamed and not, against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import torch
+from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
+from safetensors.torch import load_file, save_file
+
+from chatserve.config import ServerConfig
+from chatserve.models.dummy import CHATML_TEMPLATE, IM_END, THINK_END, THINK_START, write_hf_model_dir
+
+HI = [{"role": "user", "content": "Hi there. How are you?"}]
+# The greedy dummy_model answers this one with readable text.
+HELLO = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+         {"role": "user", "content": "Hello"}]
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(server_config=ServerConfig(model_aliases=["gpt-4o-mini"])) as srv:
+        srv.client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
+        yield srv
+
+
+def chat(server, **kwargs):
+    return server.client.chat.completions.create(**{"model": "dummy_model", "messages": HI, **kwargs})
+
+
+def test_models(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["dummy_model", "gpt-4o-mini"]
+    assert all(m.object == "model" and m.owned_by == "chatserve" for m in models.data)
+    assert server.client.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gpt-5")
+
+
+def test_chat_completion(server):
+    r = chat(server, max_tokens=12, **GREEDY)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "dummy_model"
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    # An alias names the same model; max_completion_tokens is max_tokens' newer name.
+    again = chat(server, model="gpt-4o-mini", max_completion_tokens=12, **GREEDY)
+    assert again.choices[0].message.content == choice.message.content
+
+
+def test_chat_stream_matches_the_whole_answer(server):
+    whole = chat(server, max_tokens=40, **GREEDY)
+    chunks = list(chat(server, max_tokens=40, stream=True, stream_options={"include_usage": True}, **GREEDY))
+    assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:-1])
+    body, last, usage = chunks[:-2], chunks[-2], chunks[-1]
+    assert all(c.choices[0].finish_reason is None and c.usage is None for c in body)
+    assert last.choices[0].finish_reason == "length" and not last.choices[0].delta.content
+    assert usage.choices == [] and usage.usage.completion_tokens == 40
+    # The prompt was just computed by the unstreamed request: its KV blocks come from the prefix cache.
+    assert usage.usage.prompt_tokens_details.cached_tokens > 0
+    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+
+
+def test_stream_without_usage_has_no_usage_chunk(server):
+    chunks = list(chat(server, max_tokens=5, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)
+
+
+def test_async_client_requests_run_together(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
+
+        async def streamed(i: int) -> str:
+            text = []
+            async for chunk in await client.chat.completions.create(
+                    model="dummy_model", messages=[{"role": "user", "content": f"Question {i}?"}],
+                    max_tokens=24, stream=True, **GREEDY):
+                text.append(chunk.choices[0].delta.content or "")
+            return "".join(text)
+
+        async def whole(i: int) -> str:
+            r = await client.chat.completions.create(model="dummy_model", max_tokens=24, **GREEDY,
+                                                     messages=[{"role": "user", "content": f"Question {i}?"}])
+            return r.choices[0].message.content
+
+        batched = await asyncio.gather(*(streamed(i) for i in range(3)), *(whole(i) for i in range(3)))
+        alone = [await whole(i) for i in range(3)]
+        await client.close()
+        return batched, alone
+
+    batched, alone = asyncio.run(main())
+    # Greedy answers are the same whether a request ran alone or batched with others.
+    assert batched == alone + alone
+    wait_until(lambda: idle(server.engine), "every block to be free")
+
+
+def test_n_choices_and_seed(server):
+    r = chat(server, max_tokens=10, n=3, seed=7, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) > 1  # each choice draws its own answer
+    assert r.usage.completion_tokens == 30 and r.usage.prompt_tokens < 30
+    assert [c.message.content for c in chat(server, max_tokens=10, n=3, seed=7, temperature=1.0).choices] == texts
+    streamed = [""] * 3
+    finished = set()
+    for chunk in chat(server, max_tokens=10, n=3, seed=7, temperature=1.0, stream=True):
+        (c,) = chunk.choices
+        streamed[c.index] += c.delta.content or ""
+        if c.finish_reason:
+            finished.add(c.index)
+    assert streamed == texts and finished == {0, 1, 2}
+
+
+def test_stop_string(server):
+    text = chat(server, messages=HELLO, max_tokens=30, **GREEDY).choices[0].message.content
+    stop = text[10:14]
+    assert stop.strip() and "\ufffd" not in stop
+    r = chat(server, messages=HELLO, max_tokens=30, stop=[stop, "@@never@@"], **GREEDY)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == text[:text.index(stop)]
+
+
+def test_logprobs(server):
+    r = chat(server, max_tokens=6, logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token or entry.token.startswith("bytes:")
+    streamed = [e for c in chat(server, max_tokens=6, logprobs=True, top_logprobs=3, stream=True, **GREEDY)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    assert chat(server, max_tokens=2).choices[0].logprobs is None
+
+
+def test_extra_sampling_fields(server):
+    r = chat(server, max_tokens=8, extra_body={"top_k": 1, "min_p": 0.1, "repetition_penalty": 1.3,
+                                               "ignore_eos": True})
+    assert r.usage.completion_tokens == 8
+    # top_k=1 is greedy whatever the temperature.
+    greedy = chat(server, max_tokens=8, temperature=0, extra_body={"repetition_penalty": 1.3})
+    assert r.choices[0].message.content == greedy.choices[0].message.content
+    penalized = chat(server, max_tokens=8, presence_penalty=2.0, frequency_penalty=2.0, **GREEDY)
+    assert penalized.usage.completion_tokens == 8
+
+
+def test_completions(server):
+    c = server.client.completions
+    r = c.create(model="dummy_model", prompt="The capital of France is", max_tokens=8, **GREEDY)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.choices[0].finish_reason == "length"
+    text = r.choices[0].text
+    ids = server.engine.tokenizer.encode("The capital of France is")
+    assert c.create(model="dummy_model", prompt=ids, max_tokens=8, **GREEDY).choices[0].text == text
+    echoed = c.create(model="dummy_model", prompt="The capital of France is", max_tokens=8, echo=True, **GREEDY)
+    assert echoed.choices[0].text == "The capital of France is" + text
+    # Two prompts with n=2: choices are numbered prompt * n + choice, prompt tokens counted once per prompt.
+    many = c.create(model="dummy_model", prompt=["The capital of France is", "Hello"], n=2, max_tokens=8, **GREEDY)
+    assert [ch.index for ch in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == text
+    assert many.usage.prompt_tokens == len(ids) + len(server.engine.tokenizer.encode("Hello"))
+    assert many.usage.completion_tokens == 32
+    streamed = "".join(ch.choices[0].text for ch in c.create(model="dummy_model", prompt=ids, max_tokens=8,
+                                                            stream=True, **GREEDY) if ch.choices)
+    assert streamed == text
+    lp = c.create(model="dummy_model", prompt=ids, max_tokens=5, logprobs=2, **GREEDY).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == c.create(model="dummy_model", prompt=ids, max_tokens=5, **GREEDY).choices[0].text \
+        or any(t.startswith("bytes:") for t in lp.tokens)
+    assert all(len(top) == 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("kwargs, status, param, words", [
+    ({"max_tokens": 0}, 400, "max_tokens", ["greater than 0"]),
+    ({"messages": []}, 400, "messages", ["at least one message"]),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", ["robot"]),
+    ({"messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages", ["shorten it"]),
+    ({"temperature": 3}, 400, "temperature", ["less than or equal to 2"]),
+    ({"max_tokens": 100_000}, 400, "max_tokens", ["at most"]),
+    ({"top_logprobs": 2}, 400, "top_logprobs", ["logprobs: true"]),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["at most 4"]),
+    ({"n": 0}, 400, "n", ["greater than or equal to 1"]),
+    ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, 400, "tools", ["not supported"]),
+    ({"model": "gpt-5"}, 404, "model", ["gpt-5", "dummy_model"]),
+], ids=["max_tokens", "empty", "role", "too_long", "temperature", "over_context", "top_logprobs", "stop", "n",
+        "tools", "unknown_model"])
+def test_bad_requests_get_openai_errors(server, kwargs, status, param, words):
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(server, **kwargs)
+    err = caught.value
+    assert err.status_code == status
+    body = err.response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["param"] == param
+    assert all(w in body["message"] for w in words), body["message"]
+    assert chat(server, max_tokens=1).usage.completion_tokens == 1  # and the server keeps serving
+
+
+def test_bad_completion_requests(server):
+    c = server.client.completions
+    for kwargs, param in [({"prompt": []}, "prompt"), ({"prompt": [10**6]}, "prompt"),
+                          ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+                          ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            c.create(model="dummy_model", max_tokens=2, **kwargs)
+        assert caught.value.response.json()["error"]["param"] == param, kwargs
+    r = requests.post(f"{server.url}/v1/chat/completions", data=b"{not json", timeout=WAIT_S,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_closing_a_stream_aborts_the_request(server):
+    wait_until(lambda: idle(server.engine), "an idle engine")
+    stream = chat(server, max_tokens=400, stream=True, **GREEDY)
+    first = next(iter(stream))
+    request_id = f"{first.id}-0"
+    assert request_id in server.engine.requests
+    stream.close()
+    wait_until(lambda: request_id not in server.engine.requests, "the abort")
+    wait_until(lambda: idle(server.engine), "the blocks to be free")
+
+
+def test_shutdown_ends_streams_with_a_final_chunk():
+    from chatserve.server.app import drain
+
+    with live_server() as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
+        stream = client.chat.completions.create(model="dummy_model", messages=HI, max_tokens=400, stream=True,
+                                                stream_options={"include_usage": True}, **GREEDY)
+        chunks = [next(iter(stream))]
+        drain(srv.app)  # what SIGTERM and Ctrl-C do
+        chunks += list(stream)  # ends: the client saw [DONE]
+        assert chunks[-2].choices[0].finish_reason == "abort" and chunks[-1].usage.completion_tokens < 400
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="dummy_model", messages=HI, max_tokens=2)
+        assert caught.value.status_code == 503
+
+
+def test_api_key():
+    with live_server(server_config=ServerConfig(api_key="sesame")) as srv:
+        bad = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model="dummy_model", messages=HI, max_tokens=1)
+        good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sesame", max_retries=0)
+        assert good.chat.completions.create(model="dummy_model", messages=HI, max_tokens=1).choices
+
+
+# -- reasoning models -------------------------------------------------------------------------------
+
+# The template opens the thinking itself when asked (as DeepSeek-R1's newer templates always do).
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{{- '<|im_start|>assistant\\n' }}",
+    "{{- '<|im_start|>assistant\\n' }}{%- if open_think %}{{- '<think>' }}{%- endif %}")
+REASONING, ANSWER = "Let me think", "The capital of France is Paris."
+
+
+def write_scripted_model(path: Path) -> tuple[Path, list[int]]:
+    """A tiny llama whose greedy answer is known: every layer's weights are zero, so the logits
+    depend on the last token alone, and the output head maps each token of a script to the next.
+    The script: (end of the generation prompt) <think> REASONING </think> ANSWER <|im_end|>."""
+    write_hf_model_dir(path, "llama")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(path)
+    prompt_end = tokenizer.apply_chat_template(HI, add_generation_prompt=True)
+    prompt_end = (prompt_end["input_ids"] if hasattr(prompt_end, "keys") else prompt_end)[-1]
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    script = [prompt_end, *ids(THINK_START), *ids(REASONING), *ids(THINK_END), *ids(ANSWER), *ids(IM_END)]
+    assert len(set(script)) == len(script), "each scripted token must be unique"
+
+    weights = load_file(path / "model.safetensors")
+    for name, w in weights.items():
+        if name.startswith("model.layers."):
+            w.zero_()
+    weights["model.norm.weight"].fill_(1.0)
+    embed = torch.randn_like(weights["model.embed_tokens.weight"])
+    weights["model.embed_tokens.weight"] = embed
+    normed = embed / embed.pow(2).mean(-1, keepdim=True).sqrt()
+    head = torch.zeros_like(weights["lm_head.weight"])
+    for a, b in zip(script, script[1:]):
+        head[b] += normed[a]  # logit of b after a: |normed[a]|^2 = hidden size; others ~ its square root
+    weights["lm_head.weight"] = head
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path, script
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(tmp_path_factory):
+    model_dir, _ = write_scripted_model(tmp_path_factory.mktemp("scripted"))
+    with live_server(tiny_engine_config(model=str(model_dir))) as srv:
+        srv.client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
+        yield srv
+
+
+@pytest.mark.parametrize("opened", [False, True], ids=["model_opens_think", "template_opens_think"])
+def test_reasoning_content(reasoning_server, opened):
+    kwargs = dict(model=reasoning_server.app.state.model_name, messages=HI, max_tokens=40, temperature=0,
+                  extra_body={"chat_template_kwargs": {"open_think": opened}})
+    r = reasoning_server.client.chat.completions.create(**kwargs)
+    message = r.choices[0].message
+    assert (message.reasoning_content, message.content) == (REASONING, ANSWER)
+    assert r.choices[0].finish_reason == "stop"
+    thought, answer = [], []
+    for chunk in reasoning_server.client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        thought.append(getattr(delta, "reasoning_content", None) or "")
+        answer.append(delta.content or "")
+        assert "<think>" not in answer[-1] + thought[-1] and "</think>" not in answer[-1] + thought[-1]
+    assert "".join(thought) == REASONING and "".join(answer) == ANSWER
+    # The reasoning streams before the answer, token by token.
+    assert sum(1 for t in thought if t) > 1 and thought.index(next(t for t in thought if t)) < \
+        answer.index(next(a for a in answer if a))
+
+
+def test_raw_completions_keep_the_think_tags(reasoning_server):
+    r = requests.post(f"{reasoning_server.url}/infer", timeout=WAIT_S, json={
+        "model": reasoning_server.app.state.model_name, "messages": HI, "temperature": 0, "max_tokens": 40})
+    assert r.json()["choices"][0]["message"]["content"] == f"{THINK_START}{REASONING}{THINK_END}{ANSWER}"
+    assert json.loads(r.text)["choices"][0]["finish_reason"] == "stop"
