@@ -45,9 +45,10 @@ def tiny_engine_config(**overrides) -> EngineConfig:
 
 
 @contextmanager
-def live_server(engine_config: Optional[EngineConfig] = None,
-                server_config: Optional[ServerConfig] = None) -> Iterator[SimpleNamespace]:
-    """Yields (url, app, engine, port) once /health is 200; stops the server and checks it ended.
+def live_server(engine_config: Optional[EngineConfig] = None, server_config: Optional[ServerConfig] = None,
+                wait_for_model: bool = True) -> Iterator[SimpleNamespace]:
+    """Yields (url, app, engine, port) once /health is 200 (or, without wait_for_model, once the
+    server listens, engine None); stops the server and checks it ended.
     Conversations live in memory unless server_config names a db_path: tests never touch the
     user's own store."""
     threads = torch.get_num_threads()
@@ -62,8 +63,12 @@ def live_server(engine_config: Optional[EngineConfig] = None,
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: healthy(url), "the server to load the model", timeout=60)
-        yield SimpleNamespace(url=url, app=app, engine=app.state.engine.engine, port=sock.getsockname()[1])
+        if wait_for_model:
+            wait_until(lambda: healthy(url), "the server to load the model", timeout=60)
+        else:
+            wait_until(lambda: srv.started, "the server to start")
+        engine = app.state.engine.engine if wait_for_model else None
+        yield SimpleNamespace(url=url, app=app, engine=engine, port=sock.getsockname()[1])
     finally:
         srv.should_exit = True
         thread.join(WAIT_S)

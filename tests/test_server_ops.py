@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import uvicorn
 from live_server import WAIT_S, healthy, idle, live_server, tiny_engine_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -125,28 +124,17 @@ def test_metrics_answer_while_the_model_loads(monkeypatch):
         raise RuntimeError("no model in this test")
 
     monkeypatch.setattr(app_module, "Engine", held_engine)
-    app = app_module.create_app(tiny_engine_config(), ServerConfig(api_key="secret", **NO_STORE))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        wait_until(lambda: srv.started, "the server to start")
-        assert requests.get(f"{url}/health", timeout=WAIT_S).json()["status"] == "loading"
-        metrics = scrape(url)
-        assert metrics["chatserve_requests_running"] == 0 and metrics["chatserve_kv_cache_blocks_total"] == 0
-        assert metrics["chatserve_output_tokens_total"] == 0
-        assert metrics["chatserve_tokens_generated_after_disconnect_total"] == 0
-        r = requests.post(f"{url}/infer", json={"model": "dummy_model", "messages": HELLO}, timeout=WAIT_S)
-        assert r.status_code == 401  # the API key still guards generation
+        with live_server(server_config=ServerConfig(api_key="secret", **NO_STORE), wait_for_model=False) as srv:
+            assert requests.get(f"{srv.url}/health", timeout=WAIT_S).json()["status"] == "loading"
+            metrics = scrape(srv.url)
+            assert metrics["chatserve_requests_running"] == 0 and metrics["chatserve_kv_cache_blocks_total"] == 0
+            assert metrics["chatserve_output_tokens_total"] == 0
+            assert metrics["chatserve_tokens_generated_after_disconnect_total"] == 0
+            r = requests.post(f"{srv.url}/infer", json={"model": "dummy_model", "messages": HELLO}, timeout=WAIT_S)
+            assert r.status_code == 401  # the API key still guards generation
     finally:
         release.set()
-        srv.should_exit = True
-        thread.join(WAIT_S)
-        sock.close()
-    assert not thread.is_alive()
 
 
 def test_tokens_after_disconnect_counts_only_real_waste(monkeypatch):

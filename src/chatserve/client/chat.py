@@ -488,7 +488,7 @@ class Chat:
             state["content"] = True
             self.out.write(printable(content))
         if reasoning or content:
-            state["at_line_start"] = (content or reasoning).endswith("\n") and not (reasoning and not content)
+            state["at_line_start"] = (content or reasoning).endswith("\n")  # content is written last
         self.out.flush()
 
     def attach(self, message: dict) -> None:
@@ -592,7 +592,7 @@ class Chat:
             target = self.conv
         else:
             raise ChatError("this conversation is not stored yet; nothing to delete")
-        title = target.get("title") or "New chat"
+        title = printable(target.get("title") or "New chat")
         try:
             answer = input(f"Delete {title!r} ({target['id']})? [y/N] ")
             if readline is not None and answer and readline.get_current_history_length():

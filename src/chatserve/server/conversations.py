@@ -25,10 +25,11 @@ from pydantic import BaseModel, Field
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
-from .protocol import APIError, engine_error
+from .protocol import APIError
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, Store, new_id
-from .streaming import ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine
+from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine,
+                        sampling_params)
 
 log = logging.getLogger("chatserve.server")
 
@@ -230,19 +231,11 @@ def _extend(tokenizer, model: str, messages: list[dict], text: str, previous: di
     return previous["prompt_token_ids"] + output_ids + tokenizer.encode(after, add_special_tokens=False)
 
 
-def sampling_params(body: Params, conv_params: dict, defaults: dict) -> SamplingParams:
+def answer_params(body: Params, conv_params: dict, defaults: dict) -> SamplingParams:
     """The message's values, else the conversation's, else the model's generation_config."""
-    values = {}
-    for name in ("temperature", "top_p", "max_tokens", "top_k"):
-        value = getattr(body, name, None)
-        value = conv_params.get(name) if value is None else value
-        value = defaults.get(name) if value is None and name != "max_tokens" else value
-        if value is not None:
-            values[name] = value
-    try:
-        return SamplingParams(**values)
-    except ValueError as exc:
-        raise engine_error(exc) from None
+    values = {name: getattr(body, name, None) for name in Params.model_fields}
+    return sampling_params({name: conv_params.get(name) if value is None else value
+                            for name, value in values.items()}, defaults)
 
 
 def title_from(content: str) -> Optional[str]:
@@ -398,7 +391,7 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
     tokenizer = engine.engine.tokenizer
     prompt_ids, key = build_prompt(tokenizer, app.state.model_name, chat_messages(conv["system_prompt"], branch),
                                    previous)
-    params = sampling_params(body, conv["params"], engine.engine.loaded.generation_config)
+    params = answer_params(body, conv["params"], engine.engine.loaded.generation_config)
     check_capacity(request)
 
     message_id = new_id("msg")  # also the engine's request id, for /stop

@@ -16,33 +16,19 @@ from fastapi.responses import JSONResponse, Response
 
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
-from ..engine.sampling import SamplingParams
-from .protocol import InferRequest, engine_error, error_response
+from .protocol import InferRequest, error_response
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, wait_for_disconnect)
+                        get_engine, render_chat, sampling_params, wait_for_disconnect)
 
 router = APIRouter()
-
-
-def sampling_params(body: InferRequest, defaults: dict) -> SamplingParams:
-    values = {"max_tokens": body.max_tokens, "seed": body.seed, "stop": body.stop or []}
-    # Unset sampling values take the model's generation_config, as `chatserve generate` does.
-    for name in ("temperature", "top_p", "top_k"):
-        value = getattr(body, name)
-        value = defaults.get(name) if value is None else value
-        if value is not None:
-            values[name] = value
-    try:
-        return SamplingParams(**values)
-    except ValueError as exc:
-        raise engine_error(exc) from None
 
 
 @router.post("/infer", dependencies=[Depends(check_api_key)])
 async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depends(get_engine)) -> Response:
     state = request.app.state
     check_model(request, body.model)
-    params = sampling_params(body, engine.engine.loaded.generation_config)
+    params = sampling_params(body.model_dump(include={"max_tokens", "seed", "stop", "temperature", "top_p", "top_k"}),
+                             engine.engine.loaded.generation_config)
     prompt_ids = render_chat(engine, [m.model_dump() for m in body.messages])
     check_capacity(request)
 

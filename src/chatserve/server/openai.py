@@ -20,11 +20,10 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams, TokenLogprob
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, engine_error,
-                       error_response)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, wait_for_disconnect)
+                        get_engine, render_chat, sampling_params, wait_for_disconnect)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -51,23 +50,13 @@ async def get_model(model_id: str, request: Request) -> dict:
 
 # -- shared by both completion routes ------------------------------------------------------------
 
-def sampling_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int], logprobs: Optional[int],
-                    choice: int) -> SamplingParams:
-    values = dict(max_tokens=max_tokens, presence_penalty=body.presence_penalty,
-                  frequency_penalty=body.frequency_penalty, stop=body.stop or [], ignore_eos=body.ignore_eos,
-                  logprobs=logprobs,
-                  # Each of n choices draws differently, yet the same seed still gives the same answers.
-                  seed=None if body.seed is None else body.seed + choice)
-    # Unset sampling values take the model's generation_config, as vLLM and `chatserve generate` do.
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-        value = getattr(body, name)
-        value = defaults.get(name) if value is None else value
-        if value is not None:
-            values[name] = value
-    try:
-        return SamplingParams(**values)
-    except ValueError as exc:
-        raise engine_error(exc) from None
+def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int], logprobs: Optional[int],
+                  choice: int) -> SamplingParams:
+    values = body.model_dump(include={"presence_penalty", "frequency_penalty", "stop", "ignore_eos", "temperature",
+                                      "top_p", "top_k", "min_p", "repetition_penalty"})
+    # Each of n choices draws differently, yet the same seed still gives the same answers.
+    seed = None if body.seed is None else body.seed + choice
+    return sampling_params({**values, "max_tokens": max_tokens, "logprobs": logprobs, "seed": seed}, defaults)
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -303,8 +292,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
     top = body.top_logprobs or 0
     defaults = engine.engine.loaded.generation_config
-    params = [sampling_params(body, defaults, body.max_completion_tokens or body.max_tokens,
-                              top if body.logprobs else None, i) for i in range(body.n)]
+    params = [choice_params(body, defaults, body.max_completion_tokens or body.max_tokens,
+                            top if body.logprobs else None, i) for i in range(body.n)]
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     gens = await start_generations(request, engine, [prompt_ids] * body.n, params, request_id)
     tokens = token_text(request, engine)
@@ -415,7 +404,7 @@ async def completions(body: CompletionRequest, request: Request,
     prompts = completion_prompts(body, engine)
     defaults = engine.engine.loaded.generation_config
     # Choice index = prompt index * n + choice within the prompt, as OpenAI numbers them.
-    params = [sampling_params(body, defaults, body.max_tokens, body.logprobs, j)
+    params = [choice_params(body, defaults, body.max_tokens, body.logprobs, j)
               for _ in prompts for j in range(body.n)]
     all_prompts = [p for p in prompts for _ in range(body.n)]
     prompts_once = list(range(0, len(all_prompts), body.n))
