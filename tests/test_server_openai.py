@@ -222,6 +222,19 @@ def test_bad_completion_requests(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
+def test_a_slow_reader_does_not_slow_the_others(server):
+    unread = chat(server, messages=HELLO, max_tokens=300, stream=True, extra_body={"ignore_eos": True}, **GREEDY)
+    chunks = iter(unread)
+    request_id = f"{next(chunks).id}-0"
+    # While nobody reads that stream, another request is answered in full...
+    assert chat(server, max_tokens=20, **GREEDY).usage.completion_tokens == 20
+    # ...and the engine finishes the unread one too: its tokens wait in the server, not in the engine.
+    wait_until(lambda: request_id not in server.engine.requests, "the unread request to finish")
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert sum(1 for c in rest if c.choices[0].delta.content) > 250
+
+
 def test_closing_a_stream_aborts_the_request(server):
     wait_until(lambda: idle(server.engine), "an idle engine")
     stream = chat(server, max_tokens=400, stream=True, **GREEDY)

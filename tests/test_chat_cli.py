@@ -1,0 +1,371 @@
+"""`chatserve chat` through a pseudo-terminal (pexpect), against a real server on loopback with
+dummy_model, checking what it stored through the conversations REST API."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import requests
+from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
+
+from chatserve.cli import build_parser
+from chatserve.config import ServerConfig
+
+API_KEY = "chat-test-key"
+PROMPT = "you> "
+STATS = r"\[\d+ tokens"  # the dim line after each answer
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    db = tmp_path_factory.mktemp("chat-db") / "conversations.sqlite3"
+    # 256 blocks x 16 tokens: room for the long answer the Ctrl-C test interrupts.
+    config = ServerConfig(db_path=str(db), api_key=API_KEY)
+    with live_server(tiny_engine_config(num_kv_blocks=256), config) as srv:
+        yield srv
+
+
+class API:
+    """The conversations REST API, as the tests check it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def call(self, method: str, path: str, **kwargs) -> dict:
+        r = requests.request(method, f"{self.url}/v1/conversations{path}", headers=self.headers,
+                             timeout=WAIT_S, **kwargs)
+        assert r.status_code < 300, r.text
+        return r.json()
+
+    def list(self) -> list[dict]:
+        return self.call("GET", "")["data"]
+
+    def get(self, conv_id: str) -> dict:
+        return self.call("GET", f"/{conv_id}")
+
+    def create(self, **body) -> dict:
+        return self.call("POST", "", json=body)
+
+    def only(self) -> dict:
+        conversations = self.list()
+        assert len(conversations) == 1, conversations
+        return self.get(conversations[0]["id"])
+
+
+@pytest.fixture
+def api(server):
+    """The API, with the store emptied, so each test sees only its own conversations."""
+    api = API(server.url)
+    for conv in api.list():
+        api.call("DELETE", f"/{conv['id']}")
+    return api
+
+
+@pytest.fixture
+def spawn(server, tmp_path):
+    children = []
+
+    def spawn(*args: str, url: str | None = None, colour: bool = False, env: dict | None = None) -> pexpect.spawn:
+        environ = {**os.environ, "TERM": "dumb", "XDG_DATA_HOME": str(tmp_path), "CHATSERVE_API_KEY": API_KEY}
+        environ.pop("NO_COLOR", None)
+        if not colour:
+            environ["NO_COLOR"] = "1"
+        environ.update(env or {})
+        environ = {k: v for k, v in environ.items() if v is not None}
+        argv = ["-m", "chatserve.cli", "chat", *(["--url", url or server.url] if "--model" not in args else []), *args]
+        child = pexpect.spawn(sys.executable, argv, env=environ, encoding="utf-8", timeout=WAIT_S,
+                              dimensions=(50, 200), cwd=str(REPO))
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def say(child: pexpect.spawn, text: str) -> None:
+    """Send a message at the prompt and wait for its answer, its stats line and the next prompt."""
+    child.sendline(text)
+    child.expect("assistant[^>]*> ")
+    child.expect(STATS)
+    child.expect_exact(PROMPT)
+
+
+def command(child: pexpect.spawn, text: str, *expected: str) -> None:
+    child.sendline(text)
+    for pattern in expected:
+        child.expect_exact(pattern)
+    child.expect_exact(PROMPT)
+
+
+def quit_with_ctrl_d(child: pexpect.spawn) -> None:
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_chat_help_explains_every_flag():
+    chat = build_parser()._subparsers._group_actions[0].choices["chat"]
+    for action in chat._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help"
+    out = subprocess.run([sys.executable, "-m", "chatserve.cli", "chat", "--help"], capture_output=True,
+                         text=True, timeout=WAIT_S, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--url", "--api-key", "--model", "--db", "--new", "--device", "--num-kv-blocks"):
+        assert flag in out.stdout
+    assert '"""' in out.stdout and "/edit" in out.stdout
+
+
+def test_banner_message_answer_and_stats(api, spawn):
+    conv = api.create(params={"max_tokens": 8, "temperature": 0})
+    child = spawn()
+    child.expect_exact("chatserve chat: dummy_model at ")
+    child.expect_exact('end a line with \\ to continue')
+    child.expect_exact('"""')
+    child.expect_exact("/help")
+    child.expect_exact("Resumed 'New chat'")  # the most recently updated conversation
+    child.expect_exact(PROMPT)
+    child.sendline("Hello there")
+    child.expect_exact("assistant> ")
+    child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s, first token \d+ ms, (\d+)/(\d+) prompt tokens cached")
+    shown_tokens, shown_prompt = int(child.match.group(1)), int(child.match.group(3))
+    child.expect_exact(PROMPT)
+    quit_with_ctrl_d(child)
+
+    stored = api.get(conv["id"])
+    user, answer = stored["messages"]
+    assert user["content"] == "Hello there" and user["role"] == "user"
+    assert answer["role"] == "assistant" and answer["status"] == "complete"
+    assert answer["finish_reason"] in ("stop", "length")
+    assert 1 <= answer["stats"]["completion_tokens"] <= 8
+    assert (shown_tokens, shown_prompt) == (answer["stats"]["completion_tokens"], answer["stats"]["prompt_tokens"])
+    assert stored["title"] == "Hello there"
+
+
+def test_colour_only_on_a_terminal_without_no_color(api, spawn):
+    child = spawn(colour=True)
+    child.expect_exact("\x1b[1mchatserve chat: ")
+    child.expect_exact(PROMPT)
+    quit_with_ctrl_d(child)
+    child = spawn()
+    child.expect_exact(PROMPT)
+    assert "\x1b[" not in child.before
+    quit_with_ctrl_d(child)
+
+
+def test_multiline_input(api, spawn):
+    api.create(params={"max_tokens": 4})
+    child = spawn()
+    child.expect_exact(PROMPT)
+    child.sendline("alpha \\")
+    child.expect_exact("...> ")
+    say(child, "beta")
+    child.sendline('"""')
+    child.expect_exact("...> ")
+    child.sendline("gamma")
+    child.expect_exact("...> ")
+    child.sendline("")
+    child.expect_exact("...> ")
+    say(child, 'delta"""')
+    # An unfinished block is discarded by Ctrl-C, and the program keeps running.
+    child.sendline('"""never sent')
+    child.expect_exact("...> ")
+    child.sendintr()
+    child.expect_exact("discarded")
+    child.expect_exact(PROMPT)
+    quit_with_ctrl_d(child)
+
+    users = [m["content"] for m in api.only()["messages"] if m["role"] == "user"]
+    assert users == ["alpha \nbeta", "gamma\n\ndelta"]
+
+
+def test_conversation_commands(api, spawn):
+    child = spawn("--new")
+    child.expect_exact("New conversation.")
+    child.expect_exact(PROMPT)
+    command(child, "/params max_tokens=6", "max_tokens=6")
+    say(child, "first topic")
+    command(child, "/new", "New conversation")
+    command(child, "/params max_tokens=6", "max_tokens=6")
+    say(child, "second topic")
+    assert [c["title"] for c in api.list()] == ["second topic", "first topic"]
+
+    child.sendline("/list")
+    child.expect(r"\* ?1\. second topic")
+    child.expect(r"2\. first topic")
+    child.expect_exact(PROMPT)
+    command(child, "/switch 2", "Switched to 'first topic'", "you #1> first topic")
+    command(child, "/rename Renamed one", "Renamed to 'Renamed one'")
+    titles = {c["id"]: c["title"] for c in api.list()}
+    assert sorted(titles.values()) == ["Renamed one", "second topic"]
+
+    # By number (as /list showed it), after confirming.
+    child.sendline("/delete 1")
+    child.expect_exact("Delete 'second topic'")
+    child.expect_exact("[y/N] ")
+    command(child, "y", "Deleted 'second topic'")
+    assert [c["title"] for c in api.list()] == ["Renamed one"]
+    # The current one; saying no keeps it.
+    child.sendline("/delete")
+    child.expect_exact("[y/N] ")
+    command(child, "n", "Not deleted")
+    child.sendline("/delete")
+    child.expect_exact("[y/N] ")
+    command(child, "y", "Deleted 'Renamed one'", "New conversation")
+    assert api.list() == []
+    command(child, "/switch 7", "error: no conversation #7")
+    command(child, "/frobnicate", "unknown command /frobnicate")
+    # Ctrl-C at the prompt exits.
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def branch_siblings(conv: dict) -> list[int]:
+    return [len(m["siblings"]) for m in conv["messages"]]
+
+
+def test_edit_and_regen_make_branches(api, spawn):
+    conv = api.create(params={"max_tokens": 5})
+    child = spawn()
+    child.expect_exact(PROMPT)
+    say(child, "one")
+    say(child, "two")
+
+    child.sendline("/regen")
+    child.expect_exact("assistant (2/2)> ")
+    child.expect(STATS)
+    child.expect_exact(PROMPT)
+    stored = api.get(conv["id"])
+    assert branch_siblings(stored) == [1, 1, 1, 2]
+    first_answer = stored["messages"][3]["siblings"][0]
+    assert stored["messages"][3]["sibling_index"] == 1 and stored["messages"][3]["id"] != first_answer
+
+    # Default: the last message of yours; the new text after the command.
+    child.sendline("/edit two, edited")
+    child.expect_exact("you #2 (2/2)> two, edited")
+    child.expect_exact("assistant> ")
+    child.expect(STATS)
+    child.expect_exact(PROMPT)
+    stored = api.get(conv["id"])
+    assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == ["one", "two, edited"]
+    assert branch_siblings(stored) == [1, 1, 2, 1]
+
+    # By number: the first message, which drops the rest of the branch.
+    child.sendline("/edit 1 uno")
+    child.expect_exact("you #1 (2/2)> uno")
+    child.expect(STATS)
+    child.expect_exact(PROMPT)
+    stored = api.get(conv["id"])
+    assert [m["content"] for m in stored["messages"]][0] == "uno"
+    assert branch_siblings(stored) == [2, 1]
+    # The old branches are all kept: 2 roots, and "two" has its edit beside it.
+    command(child, "/history", "you #1 (2/2)> uno", "assistant> ")
+    command(child, "/edit 5 nope", "error: no message #5")
+    quit_with_ctrl_d(child)
+
+
+def test_system_prompt_and_params(api, spawn):
+    conv = api.create()
+    child = spawn()
+    child.expect_exact(PROMPT)
+    command(child, "/system", "(no system prompt)")
+    command(child, "/system You are terse.", "System prompt set.")
+    command(child, "/system", "You are terse.")
+    command(child, "/params", "temperature=default top_p=default max_tokens=default")
+    command(child, "/params temperature=0.5 top_p=0.9 max_tokens=3", "temperature=0.5 top_p=0.9 max_tokens=3")
+    stored = api.get(conv["id"])
+    assert stored["system_prompt"] == "You are terse."
+    assert stored["params"] == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 3}
+    command(child, "/params temperature=default", "temperature=default top_p=0.9 max_tokens=3")
+    assert api.get(conv["id"])["params"] == {"temperature": None, "top_p": 0.9, "max_tokens": 3}
+    # Bad values: a clear message, no traceback, the chat goes on.
+    command(child, "/params temperature=warm", "error: temperature must be a number")
+    command(child, "/params colour=blue", "error: cannot read 'colour=blue'")
+    command(child, "/params top_p=7", "error: ")
+    assert "Traceback" not in child.before
+    say(child, "hi")
+    assert api.get(conv["id"])["messages"][1]["stats"]["completion_tokens"] <= 3
+    command(child, "/system none", "System prompt cleared.")
+    assert api.get(conv["id"])["system_prompt"] is None
+    quit_with_ctrl_d(child)
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(api, spawn, server):
+    # Greedy: dummy_model then answers this with 3000 tokens, never a stop token; sampled, it
+    # may stop after a few, before the Ctrl-C.
+    conv = api.create(params={"max_tokens": 3000, "temperature": 0})
+    child = spawn()
+    child.expect_exact(PROMPT)
+    child.sendline("Tell me a very long story")
+    child.expect_exact("assistant> ")
+    # Some text has streamed: the answer is under way.
+    child.expect(r"\S{3}")
+    child.sendintr()
+    child.expect_exact("[stopped")
+    child.expect_exact(PROMPT)
+    answer = api.get(conv["id"])["messages"][1]
+    assert answer["status"] == "stopped" and answer["finish_reason"] == "abort"
+    assert answer["content"]
+    wait_until(lambda: idle(server.engine), "the engine to free the stopped request")
+
+    # The program is still running and the conversation goes on.
+    command(child, "/params max_tokens=4", "max_tokens=4")
+    say(child, "shorter, please")
+    command(child, "/history", "[stopped]", "you #2> shorter, please")
+    quit_with_ctrl_d(child)
+    assert [m["status"] for m in api.get(conv["id"])["messages"]] == ["complete", "stopped", "complete", "complete"]
+
+
+def test_unreachable_server_is_a_clear_error(spawn):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()  # nothing listens there now
+    child = spawn(url=url)
+    child.expect_exact(f"cannot reach the server at {url}")
+    child.expect_exact("chatserve serve")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert "Traceback" not in child.before
+
+
+def test_missing_api_key_says_how_to_give_one(api, spawn):
+    child = spawn(env={"CHATSERVE_API_KEY": None})
+    child.expect_exact("--api-key")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert "Traceback" not in child.before
+    child = spawn("--api-key", "wrong")
+    child.expect_exact("CHATSERVE_API_KEY")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+
+
+def test_in_process_model_answers(spawn, tmp_path):
+    db = tmp_path / "local.sqlite3"
+    child = spawn("--model", "dummy_model", "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "32",
+                  "--num-threads", "1", "--db", str(db), env={"CHATSERVE_API_KEY": None})
+    child.expect_exact(f"loading dummy_model in-process (conversations in {db})")
+    child.expect_exact("chatserve chat: dummy_model at http://127.0.0.1:", timeout=120)
+    child.expect_exact("New conversation.")
+    child.expect_exact(PROMPT)
+    command(child, "/params max_tokens=5", "max_tokens=5")
+    say(child, "Hello, model in this process")
+    command(child, "/list", "1. Hello, model in this process")
+    quit_with_ctrl_d(child)
+    assert db.stat().st_size > 0
