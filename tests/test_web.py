@@ -1,0 +1,489 @@
+"""The chat page at /, driven in headless Chromium (Playwright) against a real server on loopback
+with the dummy model (random weights: its answers are random text) and a conversation store in a
+temporary SQLite file, so a page reload finds everything again.
+
+Needs Debian's chromium at /usr/bin/chromium; without it these tests fail, unless
+CHATSERVE_SKIP_BROWSER is set, which skips them. Screenshots go to tests/artifacts/ (web.png: a
+stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import requests
+
+from chatserve.config import ServerConfig
+from live_server import live_server, tiny_engine_config
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).parent / "artifacts"
+TIMEOUT_MS = 30_000  # generous: a 2-core machine shared with other work
+LONG_ANSWER = 1000  # max_tokens of the answers the tests stop: a few seconds of the dummy model
+
+INJECTION = ('Look: <script>window.__pwned = "script"</script> and '
+             '<img src=x onerror="window.__pwned = \'img\'"> and [a link](javascript:window.__pwned=1) '
+             'and <a href="javascript:alert(1)">click</a>.\n\n**still bold** <b>not bold</b>')
+
+
+@pytest.fixture(scope="module")
+def db_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web") / "conversations.sqlite3"
+
+
+@pytest.fixture(scope="module")
+def server(db_path):
+    # 256 blocks of 16 tokens: room for the long answer the stop test interrupts.
+    with live_server(tiny_engine_config(num_kv_blocks=256), ServerConfig(db_path=str(db_path))) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if os.environ.get("CHATSERVE_SKIP_BROWSER"):
+        pytest.skip("CHATSERVE_SKIP_BROWSER is set")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run the "
+                    "web page tests, or set CHATSERVE_SKIP_BROWSER=1 to skip them", pytrace=False)
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: pip install -e '.[test]'", pytrace=False)
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """One browser context (its own localStorage) on the page, with the actions the tests repeat."""
+
+    def __init__(self, browser, url: str, **context_options):
+        from playwright.sync_api import expect
+
+        self.expect = expect
+        self.context = browser.new_context(base_url=url, viewport={"width": 1280, "height": 820},
+                                           **context_options)
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.open()
+
+    def open(self) -> None:
+        self.page.goto("/")
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def reload(self) -> None:
+        self.page.reload()
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.errors, f"JavaScript errors on the page: {self.errors}"
+
+    def new_chat(self) -> None:
+        self.page.click("#new-chat")
+        self.expect(self.page.locator("#empty-state")).to_be_visible()
+        self.expect(self.page.locator("#conversation-list .conversation.active")).to_have_text("New chat")
+
+    def settings(self, **fields) -> None:
+        self.page.click("#chat-settings")
+        for name, value in fields.items():
+            self.page.fill(f"#setting-{name.replace('_', '-')}", str(value))
+        self.page.click("#settings-save")
+        self.expect(self.page.locator("#settings-dialog")).to_be_hidden()
+
+    def send(self, text: str) -> None:
+        self.page.fill("#input", text)
+        self.page.press("#input", "Enter")
+
+    def messages(self, role: str):
+        return self.page.locator(f"#messages article.message.{role}")
+
+    def questions(self):
+        """The text bubbles of the user messages on show."""
+        return self.messages("user").locator(".bubble")
+
+    def last_answer(self):
+        return self.messages("assistant").last
+
+    def wait_answer(self, status: str = "complete") -> str:
+        """Waits for the last answer to finish; returns its id."""
+        answer = self.last_answer()
+        self.expect(answer).to_have_attribute("data-status", status)
+        self.expect(self.page.locator("#send")).to_be_visible()
+        return answer.get_attribute("data-id")
+
+    def sidebar_item(self, title: str):
+        return self.page.locator("#conversation-list .conversation", has_text=title)
+
+
+@pytest.fixture
+def page(browser, server):
+    page = Page(browser, server.url)
+    yield page
+    page.close()
+
+
+def screenshot(p, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / name))
+
+
+def stop_long_answer(page: Page) -> None:
+    """Asks for a long answer and clicks Stop once its text streams in; checks it ends stopped with
+    its partial text. The random model may end an answer by itself with its stop token before the
+    click lands: then it asks again."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    p = page.page
+    for attempt in range(5):
+        answers = page.messages("assistant").count()
+        page.send(f"Tell me a long story, take {attempt + 1}")
+        # The new answer streaming in: its text shown, the Stop button up, the conversation marked
+        # busy in the sidebar (or it ended already).
+        p.wait_for_function("""(count) => {
+            const answers = document.querySelectorAll("#messages article.assistant");
+            if (answers.length <= count) return false;
+            const answer = answers[answers.length - 1];
+            if (answer.dataset.status !== "generating") return true;
+            return answer.querySelector(".content").textContent.length > 0 && !document.querySelector("#stop").hidden
+                && document.querySelector("#conversation-list .conversation.active.streaming") !== null;
+        }""", arg=answers)
+        if page.last_answer().get_attribute("data-status") == "generating":
+            try:  # force: no waiting for the button to hold still while the page re-renders each frame
+                p.click("#stop", timeout=2000, force=True)
+            except PlaywrightError:  # the answer ended meanwhile, and the button went away
+                pass
+        page.expect(page.last_answer()).to_have_attribute("data-status", re.compile("stopped|complete"))
+        page.expect(p.locator("#send")).to_be_visible()
+        if page.last_answer().get_attribute("data-status") == "stopped":
+            break
+    else:
+        pytest.fail("every long answer ended by itself before the stop button was clicked")
+    answer = page.last_answer()
+    page.expect(answer.locator(".badge")).to_have_text("stopped")
+    assert answer.locator(".content").inner_text().strip()
+    page.expect(p.locator("#conversation-list .conversation.streaming")).to_have_count(0)
+    stats = answer.locator(".stats")
+    if stats.count():  # it must not have run to max_tokens
+        assert int(re.match(r"(\d+) tokens", stats.inner_text()).group(1)) < LONG_ANSWER
+
+
+def test_page_and_static_files_are_served(server):
+    index = requests.get(f"{server.url}/", timeout=10)
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="/static/app.js">' in index.text
+    for name, kind in [("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css")]:
+        response = requests.get(f"{server.url}/static/{name}", timeout=10)
+        assert response.status_code == 200 and kind in response.headers["content-type"], name
+    assert requests.get(f"{server.url}/static/nothing.js", timeout=10).status_code == 404
+
+
+def test_markdown_renderer(page):
+    text = "\n".join([
+        "# Title", "Some **bold**, *italic*, `code <b>x</b>` and a [link](https://example.com/a?b=1).",
+        "Second line of the paragraph", "", "- one", "- two", "  - nested", "", "1. first", "2. second", "",
+        "```python", "print('<script>')", "```", "", "Bare https://example.org/x, snake_case_name stays.",
+        "", INJECTION,
+    ])
+    html = page.page.evaluate("""async (text) => {
+        const { renderMarkdown } = await import("/static/markdown.js");
+        const root = document.createElement("div");
+        root.id = "rendered";
+        root.append(renderMarkdown(text));
+        document.body.append(root);
+        return root.innerHTML;
+    }""", text)
+    root = page.page.locator("#rendered")
+    assert root.locator("h1").inner_text() == "Title"
+    paragraph = root.locator("p").first
+    assert paragraph.locator("strong").inner_text() == "bold"
+    assert paragraph.locator("em").inner_text() == "italic"
+    assert paragraph.locator("code").inner_text() == "code <b>x</b>"
+    assert paragraph.locator("a").get_attribute("href") == "https://example.com/a?b=1"
+    assert paragraph.locator("br").count() == 1
+    assert root.locator("ul > li").count() == 3 and root.locator("ul > li > ul > li").inner_text() == "nested"
+    assert root.locator("ol > li").all_inner_texts() == ["first", "second"]
+    assert root.locator("pre > code.language-python").inner_text() == "print('<script>')"
+    assert root.locator("a[href='https://example.org/x']").inner_text() == "https://example.org/x"
+    assert "snake_case_name" in root.inner_text()
+    # The injection attempts are text, nothing else.
+    assert root.locator("script, img, b, a[href^='javascript']").count() == 0
+    assert "<script>" not in html and "<img" not in html and "<b>" not in html
+    shown = root.inner_text()
+    assert '<script>window.__pwned = "script"</script>' in shown
+    assert "<img src=x onerror=" in shown and "[a link](javascript:window.__pwned=1)" in shown
+    assert root.locator("strong", has_text="still bold").count() == 1
+    assert page.page.evaluate("window.__pwned") is None
+
+
+def test_answer_streams_in_and_stops(page):
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=200)
+    # Record the answer's length on every change, to see it grow while it is still generating.
+    p.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const answer = [...document.querySelectorAll("#messages article.assistant")].pop();
+            if (answer) window.__lengths.push([answer.dataset.status,
+                                               answer.querySelector(".content").textContent.length]);
+        }).observe(document.querySelector("#messages"), {childList: true, subtree: true, characterData: true});
+    }""")
+    page.send("Hello there")
+    page.expect(page.questions()).to_have_text(["Hello there"])
+    page.wait_answer()
+    growing = {length for status, length in p.evaluate("window.__lengths") if status == "generating" and length}
+    assert len(growing) >= 2, f"the answer did not stream in: {p.evaluate('window.__lengths')}"
+    assert page.last_answer().locator(".content").inner_text().strip()
+    page.expect(page.last_answer().locator(".stats")).to_have_text(
+        re.compile(r"\d+ tokens · [\d.]+ tok/s · \d+ (ms|\.\d+ s) to first token · \d+/\d+ prompt tokens cached"))
+    # The first message names the conversation; its KV blocks are still cached.
+    page.expect(p.locator("#chat-title")).to_have_text("Hello there")
+    page.expect(p.locator("#conversation-list .conversation.active .title")).to_have_text("Hello there")
+    page.expect(p.locator("#conversation-list .conversation.active .warm-dot")).to_have_class(re.compile("warm"))
+
+    # Shift+Enter is a new line, not a send.
+    p.fill("#input", "one")
+    p.press("#input", "Shift+Enter")
+    p.type("#input", "two")
+    assert p.input_value("#input") == "one\ntwo"
+    page.expect(page.messages("user")).to_have_count(1)
+
+    # A long answer, stopped mid-stream: the partial text stays, marked stopped; by the stop route
+    # first, then by closing the connection (the page's fallback when the route fails).
+    page.settings(max_tokens=LONG_ANSWER)
+    stop_long_answer(page)
+    screenshot(p, "web-stopped.png")
+    p.route("**/stop", lambda route: route.abort())
+    try:
+        stop_long_answer(page)
+    finally:
+        p.unroute("**/stop")
+    partial = page.last_answer().locator(".content").inner_text()
+
+    page.reload()  # the page reopens the last conversation, as stored
+    page.expect(page.questions().first).to_have_text("Hello there")
+    page.expect(page.questions().last).to_have_text(re.compile("Tell me a long story"))
+    page.expect(page.last_answer()).to_have_attribute("data-status", "stopped")
+    assert page.last_answer().locator(".content").inner_text() == partial
+
+
+def test_edit_regenerate_and_branch_arrows(page):
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=12)
+    page.send("First question")
+    first_answer = page.wait_answer()
+
+    page.last_answer().locator("button.regenerate").click()
+    page.expect(page.last_answer()).not_to_have_attribute("data-id", first_answer)
+    second_answer = page.wait_answer()
+    nav = page.last_answer().locator(".branch-nav")
+    page.expect(nav.locator(".branch-index")).to_have_text("2/2")
+    page.expect(page.messages("user")).to_have_count(1)
+
+    nav.locator("button.prev").click()
+    page.expect(page.last_answer()).to_have_attribute("data-id", first_answer)
+    page.expect(page.last_answer().locator(".branch-index")).to_have_text("1/2")
+    page.expect(page.last_answer().locator("button.prev")).to_be_disabled()
+    page.last_answer().locator("button.next").click()
+    page.expect(page.last_answer()).to_have_attribute("data-id", second_answer)
+
+    # Edit the question: a new branch beside the old one, answered afresh.
+    user = page.messages("user").first
+    user.locator("button.edit").click()
+    p.fill("#messages .edit-box textarea", "Second question")
+    p.press("#messages .edit-box textarea", "Enter")
+    page.expect(page.questions()).to_have_text([re.compile("Second question")])
+    edited_answer = page.wait_answer()
+    assert edited_answer not in (first_answer, second_answer)
+    user = page.messages("user").first
+    page.expect(user.locator(".branch-index")).to_have_text("2/2")
+    page.expect(page.last_answer().locator(".branch-nav")).to_have_count(0)  # its only answer
+
+    user.locator("button.prev").click()
+    page.expect(page.messages("user").first.locator(".bubble")).to_have_text("First question")
+    page.expect(page.messages("user").first.locator(".branch-index")).to_have_text("1/2")
+    assert page.last_answer().get_attribute("data-id") in (first_answer, second_answer)
+    page.expect(page.last_answer().locator(".branch-index")).to_have_text(re.compile("[12]/2"))
+    page.messages("user").first.locator("button.next").click()
+    page.expect(page.messages("user").first.locator(".bubble")).to_have_text("Second question")
+    page.expect(page.last_answer()).to_have_attribute("data-id", edited_answer)
+
+    # The branch on show is stored: a reload shows the same one.
+    page.reload()
+    page.expect(page.messages("user").first.locator(".bubble")).to_have_text("Second question")
+    page.expect(page.last_answer()).to_have_attribute("data-id", edited_answer)
+
+    page.messages("user").first.locator("button.prev").click()  # a richer page for the screenshot
+    page.expect(page.messages("user").first.locator(".branch-index")).to_have_text("1/2")
+    screenshot(p, "web-branches.png")
+
+
+def test_conversations_switch_rename_delete_and_reload(page):
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=8)
+    page.send("alpha message")
+    page.wait_answer()
+    page.new_chat()
+    page.settings(max_tokens=8, system_prompt="Be brief.", temperature=0.5)
+    page.send("beta message")
+    page.wait_answer()
+
+    page.sidebar_item("alpha message").click()
+    page.expect(page.questions()).to_have_text(["alpha message"])
+    page.expect(p.locator("#chat-title")).to_have_text("alpha message")
+    page.sidebar_item("beta message").click()
+    page.expect(page.questions()).to_have_text(["beta message"])
+
+    p.click("#rename-chat")
+    p.fill("#rename-input", "Renamed chat")
+    p.press("#rename-input", "Enter")
+    page.expect(p.locator("#chat-title")).to_have_text("Renamed chat")
+    page.expect(page.sidebar_item("Renamed chat")).to_have_count(1)
+
+    page.sidebar_item("alpha message").click()
+    page.expect(page.questions()).to_have_text(["alpha message"])
+    p.once("dialog", lambda dialog: dialog.accept())
+    p.click("#delete-chat")
+    page.expect(page.sidebar_item("alpha message")).to_have_count(0)
+    page.expect(p.locator("#chat-title")).not_to_have_text("alpha message")
+
+    page.sidebar_item("Renamed chat").click()
+    page.expect(page.questions()).to_have_text(["beta message"])
+    page.reload()
+    page.expect(p.locator("#chat-title")).to_have_text("Renamed chat")
+    page.expect(page.questions()).to_have_text(["beta message"])
+    page.expect(page.sidebar_item("alpha message")).to_have_count(0)
+    p.click("#chat-settings")
+    page.expect(p.locator("#setting-system-prompt")).to_have_value("Be brief.")
+    page.expect(p.locator("#setting-temperature")).to_have_value("0.5")
+    page.expect(p.locator("#setting-max-tokens")).to_have_value("8")
+    p.click("#settings-cancel")
+
+    # A browser that never saw the page lists the stored conversations and opens the latest.
+    fresh = Page(page.context.browser, p.url.rstrip("/"))
+    try:
+        page.expect(fresh.sidebar_item("Renamed chat")).to_have_count(1)
+        page.expect(fresh.page.locator("#conversation-list .conversation.active")).to_have_count(1)
+        page.expect(fresh.page.locator("#chat-title")).not_to_have_text("chatserve")
+    finally:
+        fresh.close()
+
+
+def store_exchange(store, title: str, question: str, answer: str, reasoning=None) -> None:
+    """A conversation with one question and its finished answer, written straight into the store."""
+    from chatserve.server.store import new_id
+
+    conversation = store.create_conversation(title, None, {"temperature": None, "top_p": None, "max_tokens": None})
+    user = {"id": new_id("msg"), "parent_id": None, "role": "user", "status": "complete", "content": question}
+    reply = {"id": new_id("msg"), "parent_id": user["id"], "role": "assistant", "status": "generating",
+             "content": ""}
+    store.start_answer(conversation["id"], user, reply, [], "", None)
+    stats = {"prompt_tokens": 31, "cached_tokens": 16, "completion_tokens": 118, "time_to_first_token": 0.042,
+             "tokens_per_second": 57.3}
+    store.save_answer(conversation["id"], reply["id"], answer, reasoning, [], status="complete",
+                      finish_reason="stop", stats=stats)
+
+
+SHOWCASE = """## Reversing a list in Python
+
+There are **two** common ways, and both keep the *original* list intact:
+
+1. Slicing: `items[::-1]` returns a new list.
+2. The built-in `reversed()`, which returns an iterator:
+   - cheap: no copy until you ask for one
+   - works on any sequence
+
+```python
+items = [1, 2, 3]
+print(items[::-1])          # [3, 2, 1]
+print(list(reversed(items)))
+```
+
+> `items.reverse()` reverses *in place* and returns `None`.
+
+See the [Python tutorial](https://docs.python.org/3/tutorial/datastructures.html) for more."""
+
+
+def test_model_output_cannot_inject_html(browser, server, db_path):
+    """Model output reaches the page only as text: stored answers (whatever the model wrote) are
+    put in the store directly, since the random model cannot be made to write them."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "Reverse a list", "How do I reverse a list in Python?", SHOWCASE,
+                       reasoning="The user wants the idiomatic ways: slicing and `reversed()`.")
+        store_exchange(store, "Injection <img src=x onerror=\"window.__pwned='title'\">",
+                       "<script>window.__pwned = 'user'</script>", INJECTION,
+                       reasoning="<img src=x onerror=\"window.__pwned='reasoning'\">")
+    finally:
+        store.close()
+
+    # Without the page's Content-Security-Policy: the renderer alone must keep the text inert.
+    page = Page(browser, server.url, bypass_csp=True)
+    try:
+        p = page.page
+        page.sidebar_item("Reverse a list").click()
+        answer = page.last_answer()
+        page.expect(answer.locator(".content h2")).to_have_text("Reversing a list in Python")
+        page.expect(answer.locator(".content pre code.language-python")).to_contain_text("print(items[::-1])")
+        page.expect(answer.locator(".content ol > li > ul > li")).to_have_count(2)
+        page.expect(answer.locator(".content a")).to_have_attribute(
+            "href", "https://docs.python.org/3/tutorial/datastructures.html")
+        page.expect(answer.locator("details.reasoning")).not_to_have_attribute("open", "")
+        answer.locator("details.reasoning summary").click()
+        page.expect(answer.locator(".reasoning-body")).to_be_visible()
+        page.expect(answer.locator(".stats")).to_have_text(
+            "118 tokens · 57.3 tok/s · 42 ms to first token · 16/31 prompt tokens cached")
+        screenshot(p, "web.png")
+
+        page.sidebar_item("Injection").click()
+        answer = page.last_answer()
+        page.expect(answer.locator(".content")).to_contain_text('<script>window.__pwned = "script"</script>')
+        answer.locator("details.reasoning summary").click()
+        page.expect(answer.locator(".reasoning-body")).to_have_text(
+            "<img src=x onerror=\"window.__pwned='reasoning'\">")
+        page.expect(page.questions()).to_have_text(["<script>window.__pwned = 'user'</script>"])
+        page.expect(p.locator("#chat-title")).to_contain_text("<img src=x onerror=")
+        assert p.locator("#messages script, #messages img, #app img, #messages a[href^='javascript']").count() == 0
+        assert answer.locator("strong", has_text="still bold").count() == 1
+        p.wait_for_timeout(200)  # an onerror handler would have run by now
+        assert p.evaluate("window.__pwned") is None
+        screenshot(p, "web-injection.png")
+    finally:
+        page.close()
+
+
+def test_api_key_from_settings(browser, server):
+    config = server.app.state.server_config
+    config.api_key = "web-secret"
+    try:
+        created = requests.post(f"{server.url}/v1/conversations", json={"title": "Behind a key"},
+                                headers={"Authorization": "Bearer web-secret"}, timeout=10)
+        assert created.status_code == 201, created.text
+        page = Page(browser, server.url)
+        try:
+            p = page.page
+            page.expect(p.locator("#settings-dialog")).to_be_visible()
+            page.expect(p.locator("#banner")).to_contain_text("API key")
+            page.expect(p.locator("#conversation-list .conversation")).to_have_count(0)
+            p.fill("#setting-api-key", "web-secret")
+            p.click("#settings-save")
+            page.expect(p.locator("#settings-dialog")).to_be_hidden()
+            page.expect(page.sidebar_item("Behind a key")).to_have_count(1)
+            assert p.evaluate("localStorage.getItem('chatserve.apiKey')") == "web-secret"
+        finally:
+            page.close()
+    finally:
+        config.api_key = None
