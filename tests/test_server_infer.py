@@ -235,3 +235,18 @@ def test_main_module_builds_the_app_from_env(monkeypatch):
 
     assert main.app.state.model_name == "dummy_model"
     sys.modules.pop("main", None)
+
+
+def test_cors_is_off_unless_an_origin_is_given():
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    closed = TestClient(create_app(EngineConfig(), ServerConfig(db_path=":memory:")))
+    r = closed.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-origin" not in closed.get("/health", headers={"Origin": "http://evil.example"}).headers
+    opened = TestClient(create_app(EngineConfig(), ServerConfig(db_path=":memory:",
+                                                                cors_origins=["http://localhost:3000"])))
+    r = opened.options("/v1/chat/completions", headers={**preflight, "Origin": "http://localhost:3000"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = opened.options("/v1/chat/completions", headers=preflight)
+    assert r.headers.get("access-control-allow-origin") != "http://evil.example"
