@@ -131,13 +131,14 @@ def run_rss_script(path: Path, dtype: str, tiny_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_fp32_weights_stay_memory_mapped(big_model_dir, qwen2_dir):
+def test_fp32_weights_load_at_one_copy_of_memory(big_model_dir, qwen2_dir):
     weight_bytes = (big_model_dir / "model.safetensors").stat().st_size
     assert 40e6 < weight_bytes < 80e6
     result = run_rss_script(big_model_dir, "float32", qwen2_dir)
     assert result["dtypes"] == ["torch.float32"] and result["finite"]
-    # Every parameter is a view of the mapped file, not a copy.
-    assert result["mapped"] == result["params"]
+    # Copied out of the file mapping (aligned memory decodes faster), whose pages were released
+    # as each tensor was copied: the peak is one copy of the weights, not two.
+    assert result["mapped"] == 0
     assert result["growth"] <= 1.3 * weight_bytes, f"peak RSS grew {result['growth'] / weight_bytes:.2f}x the weights"
 
 
