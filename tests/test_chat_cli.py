@@ -15,6 +15,7 @@ import requests
 from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
 
 from chatserve.cli import build_parser
+from chatserve.client.chat import printable
 from chatserve.config import ServerConfig
 
 API_KEY = "chat-test-key"
@@ -123,7 +124,7 @@ def test_chat_help_explains_every_flag():
     assert out.returncode == 0, out.stderr
     for flag in ("--url", "--api-key", "--model", "--db", "--new", "--device", "--num-kv-blocks"):
         assert flag in out.stdout
-    assert '"""' in out.stdout and "/edit" in out.stdout
+    assert '"""' in out.stdout and "/edit" in out.stdout and "/branch" in out.stdout
 
 
 def test_banner_message_answer_and_stats(api, spawn):
@@ -271,8 +272,88 @@ def test_edit_and_regen_make_branches(api, spawn):
     assert [m["content"] for m in stored["messages"]][0] == "uno"
     assert branch_siblings(stored) == [2, 1]
     # The old branches are all kept: 2 roots, and "two" has its edit beside it.
-    command(child, "/history", "you #1 (2/2)> uno", "assistant> ")
+    command(child, "/history", "you #1 (2/2)> uno", "assistant #1a> ")
     command(child, "/edit 5 nope", "error: no message #5")
+    quit_with_ctrl_d(child)
+
+
+def first_line(text: str) -> str:
+    """What the terminal shows of an answer's text, in one piece (the pty turns newlines into \\r\\n)."""
+    lines = printable(text).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def test_branch_switches_between_versions(api, spawn):
+    conv = api.create(params={"max_tokens": 4})
+    child = spawn()
+    child.expect_exact(PROMPT)
+    command(child, "/help", "/branch N [next|prev|K]")
+    say(child, "one")
+    say(child, "two")
+    command(child, "/branch", "No message on this branch has other versions")
+    command(child, "/branch 2a", "error: message #2a has no other versions")
+
+    # A second answer to #2; a dim line says the first one is kept and how to go back to it.
+    child.sendline("/regen")
+    child.expect_exact("assistant (2/2)> ")
+    child.expect(STATS)
+    child.expect_exact("(the old version is kept as 1/2: /branch 2a 1 goes back to it)")
+    child.expect_exact(PROMPT)
+    stored = api.get(conv["id"])
+    old_answer, new_answer = stored["messages"][3]["siblings"]
+    assert stored["current_message_id"] == new_answer
+    command(child, "/branch", "#2a (2/2)")
+
+    # prev: the first answer, and the branch is reprinted with it, numbered as /history numbers it.
+    command(child, "/branch 2a prev", "Message #2a: version 1/2.", "you #1> one", "assistant #1a> ",
+            "you #2> two", "assistant #2a (1/2)> ")
+    stored = api.get(conv["id"])
+    assert stored["current_message_id"] == old_answer == stored["messages"][3]["id"]
+    old_text = stored["messages"][3]["content"]
+    assert first_line(old_text) in child.before
+    # next (the default), wrapping around after the last; or a version by number.
+    command(child, "/branch 2a", "Message #2a: version 2/2.", "assistant #2a (2/2)> ")
+    assert api.get(conv["id"])["current_message_id"] == new_answer
+    command(child, "/branch #2A next", "Message #2a: version 1/2.", "assistant #2a (1/2)> ")
+    assert api.get(conv["id"])["current_message_id"] == old_answer
+    command(child, "/branch 2a 2", "Message #2a: version 2/2.", "assistant #2a (2/2)> ")
+    assert api.get(conv["id"])["current_message_id"] == new_answer
+
+    # A second version of the user message #2.
+    child.sendline("/edit 2 two, edited")
+    child.expect_exact("you #2 (2/2)> two, edited")
+    child.expect(STATS)
+    child.expect_exact("(the old version is kept as 1/2: /branch 2 1 goes back to it)")
+    child.expect_exact(PROMPT)
+    stored = api.get(conv["id"])
+    old_user, new_user = stored["messages"][2]["siblings"]
+    assert stored["messages"][2]["id"] == new_user and stored["messages"][2]["content"] == "two, edited"
+    edited_answer = stored["messages"][3]["id"]
+    assert stored["current_message_id"] == edited_answer
+
+    # Back to the old "two": its branch goes down to its newest answer, the regenerated one.
+    command(child, "/branch 2 prev", "Message #2: version 1/2.", "you #1> one", "you #2 (1/2)> two\r\n",
+            "assistant #2a (2/2)> ")
+    stored = api.get(conv["id"])
+    assert stored["current_message_id"] == new_answer
+    assert [m["id"] for m in stored["messages"]][2:] == [old_user, new_answer]
+    assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == ["one", "two"]
+    command(child, "/branch 2", "you #2 (2/2)> two, edited", "assistant #2a> ")
+    assert api.get(conv["id"])["current_message_id"] == edited_answer
+    command(child, "/branch 2 1", "you #2 (1/2)> two\r\n", "assistant #2a (2/2)> ")
+    assert api.get(conv["id"])["current_message_id"] == new_answer
+    # The next message continues the branch on show.
+    say(child, "three")
+    stored = api.get(conv["id"])
+    assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == ["one", "two", "three"]
+    assert [m["id"] for m in stored["messages"]][2:4] == [old_user, new_answer]
+    assert branch_siblings(stored) == [1, 1, 2, 2, 1, 1]
+
+    command(child, "/branch 9", "error: no message #9")
+    command(child, "/branch 2 5", "error: no version 5 of message #2: it has 2")
+    command(child, "/branch 2 sideways", "error: cannot read '2 sideways'")
+    command(child, "/edit 2a hello", "error: only your messages can be edited")
+    assert "Traceback" not in child.before
     quit_with_ctrl_d(child)
 
 

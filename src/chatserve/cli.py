@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="Enter sends a message. End a line with \\ to continue on the next one, or put "
                                  '""" on a line\nto start a block and again to end it. Ctrl-C stops an answer; '
                                  "Ctrl-C or Ctrl-D at the prompt exits.\n\n"
-                                 "Commands: /new /list /switch /rename /delete /history /edit /regen /system "
-                                 "/params /help /quit\n(/help in the chat explains each).")
+                                 "Commands: /new /list /switch /rename /delete /history /edit /regen /branch "
+                                 "/system /params /help /quit\n(/help in the chat explains each).")
     chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                       help="how much to log on stderr (default %(default)s: the chat stays readable)")
     where = chat.add_argument_group("server")

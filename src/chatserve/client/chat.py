@@ -36,11 +36,16 @@ Commands:
   /switch N|ID            resume conversation N of /list (or its id, or a unique start of it)
   /rename TITLE           rename this conversation
   /delete [N|ID]          delete a conversation (default: this one), after asking
-  /history                reprint the current branch of this conversation
+  /history                reprint the current branch of this conversation: your messages are
+                          #1, #2, ..., the answer to #N is #Na; "(K/M)": version K of M
   /edit [N] [TEXT]        rewrite your message #N (default: the last one) as TEXT and answer it
                           again; the old version stays as a branch ("(1/2)"). Without TEXT you
                           are asked for it.
   /regen                  answer your last message again, as a new branch
+  /branch N [next|prev|K] show another version of message N (#N or #Na as /history numbers
+                          them): the next one (the default; after the last, the first), the
+                          previous one, or version K; then the branch through it. /branch
+                          alone lists the messages on this branch that have other versions.
   /system [TEXT|none]     show or set (none: clear) this conversation's system prompt
   /params [K=V ...]       show or set temperature, top_p, max_tokens (V = default to unset),
                           e.g. /params temperature=0.7 top_p=0.9 max_tokens=256
@@ -119,6 +124,10 @@ class ChatAPI:
 
     def delete(self, conv_id: str) -> dict:
         return self.request("DELETE", f"/v1/conversations/{conv_id}")
+
+    def switch(self, conv_id: str, message_id: str) -> dict:
+        """Show the branch through message_id (down to a leaf by the newest child at each level)."""
+        return self.request("POST", f"/v1/conversations/{conv_id}/switch", json={"message_id": message_id})
 
     def stop(self, conv_id: str, message_id: str) -> dict:
         return self.request("POST", f"/v1/conversations/{conv_id}/messages/{message_id}/stop")
@@ -229,7 +238,8 @@ class Chat:
         self.commands: dict[str, Callable[[str], None]] = {
             "new": self.cmd_new, "list": self.cmd_list, "ls": self.cmd_list, "switch": self.cmd_switch,
             "rename": self.cmd_rename, "delete": self.cmd_delete, "history": self.cmd_history,
-            "edit": self.cmd_edit, "regen": self.cmd_regen, "system": self.cmd_system, "params": self.cmd_params,
+            "edit": self.cmd_edit, "regen": self.cmd_regen, "branch": self.cmd_branch, "system": self.cmd_system,
+            "params": self.cmd_params,
             "help": self.cmd_help, "?": self.cmd_help,
         }
 
@@ -504,23 +514,39 @@ class Chat:
     # -- showing messages ----------------------------------------------------------------------
 
     def label(self, message: dict, number: Optional[int] = None) -> str:
+        """"you #2 (2/3)> ", "assistant #2a (1/2)> "; without a number (a streaming answer), none shown."""
         tag = sibling_tag(message)
         if message["role"] == "user":
             return self.style(f"you #{number}{tag}> " if number else f"you{tag}> ", "bold", "green")
-        return self.style(f"assistant{tag}> ", "bold", "cyan")
+        return self.style(f"assistant #{number}a{tag}> " if number else f"assistant{tag}> ", "bold", "cyan")
 
     @staticmethod
     def user_count(messages: list[dict]) -> int:
         return sum(1 for m in messages if m["role"] == "user")
 
+    @staticmethod
+    def numbered(messages: list[dict]) -> list[tuple[str, dict]]:
+        """The branch's messages with the names /history shows and /branch takes: your messages
+        "1", "2", ...; the answer to your message #N "Na"."""
+        names, number = [], 0
+        for message in messages:
+            if message["role"] == "user":
+                number += 1
+                names.append((str(number), message))
+            else:
+                names.append((f"{number}a", message))
+        return names
+
     def print_messages(self, messages: list[dict], first_number: int = 1) -> None:
+        """first_number: the number of the first user message in `messages` (an answer before it
+        is the answer to #first_number-1)."""
         number = first_number
         for message in messages:
             if message["role"] == "user":
                 self.say(self.label(message, number) + printable(message.get("content", "")))
                 number += 1
                 continue
-            text = self.label(message)
+            text = self.label(message, number - 1 if number > 1 else None)
             if message.get("reasoning_content"):
                 text += self.style("(thinking) " + printable(message["reasoning_content"]), "dim", "italic") + "\n"
             text += printable(message.get("content") or "")
@@ -626,6 +652,9 @@ class Chat:
         if not users:
             raise ChatError("no message of yours to edit yet")
         # "/edit 2 text" or "/edit 2": message #2; anything else is the new text of the last one.
+        if re.match(r"#?\d+a(\s|$)", rest, re.I):
+            raise ChatError("only your messages can be edited (#1, #2, ...); /regen answers your last one again, "
+                            "/branch Na shows another version of answer #Na")
         match = re.match(r"#?(\d+)(?:\s+(.*))?$", rest, re.S)
         number, text = (int(match.group(1)), (match.group(2) or "").strip()) if match else (len(users), rest)
         if not 1 <= number <= len(users):
@@ -638,6 +667,7 @@ class Chat:
                 return
         self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/edit", {"content": text},
                     show_user=True)
+        self.hint_versions(str(number), target)
 
     def ask_edit(self, old: str) -> Optional[str]:
         """Read the new text, pre-filled with the old one where readline can (one-line messages)."""
@@ -660,7 +690,59 @@ class Chat:
         answers = [m for m in self.branch if m["role"] == "assistant"]
         if not answers:
             raise ChatError("no answer to regenerate yet")
-        self.answer(f"/v1/conversations/{self.conv['id']}/messages/{answers[-1]['id']}/regenerate", {})
+        target = answers[-1]
+        name = next(name for name, message in self.numbered(self.branch) if message is target)
+        self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/regenerate", {})
+        self.hint_versions(name, target)
+
+    def hint_versions(self, name: str, old: dict) -> None:
+        """After /edit or /regen: one dim line on how to go back to the version they replaced."""
+        new = dict(self.numbered(self.branch)).get(name)
+        siblings = (new or {}).get("siblings") or []
+        if new is None or new["id"] == old["id"] or old["id"] not in siblings:
+            return  # nothing new came (the answer failed before it started)
+        k = siblings.index(old["id"]) + 1
+        self.note(f"(the old version is kept as {k}/{len(siblings)}: /branch {name} {k} goes back to it)")
+
+    def cmd_branch(self, rest: str) -> None:
+        named = self.numbered(self.branch)
+        if not rest:
+            versions = [f"#{name}{sibling_tag(message)}" for name, message in named
+                        if len(message.get("siblings") or []) > 1]
+            if versions:
+                self.note("Messages with other versions on this branch: " + ", ".join(versions))
+            else:
+                self.note("No message on this branch has other versions (/edit and /regen make them).")
+            self.note("usage: /branch N [next|prev|K], N as /history numbers them (#2: your message, #2a: its answer)")
+            return
+        match = re.match(r"#?(\d+a?)(?:\s+(next|prev|previous|\d+))?$", rest.lower())
+        if not match:
+            raise ChatError(f"cannot read {rest!r}: use /branch N [next|prev|K], e.g. /branch 2 prev or /branch 2a 1 "
+                            "(N as /history numbers them: #2 your message, #2a its answer)")
+        name, which = match.group(1), match.group(2) or "next"
+        message = dict(named).get(name)
+        if message is None:
+            users = self.user_count(self.branch)
+            raise ChatError(f"no message #{name} on this branch: it has #1 to #{users} of yours and their answers "
+                            "#1a, ... (/history numbers them)" if users else "no messages on this branch yet")
+        siblings = message.get("siblings") or [message["id"]]
+        index = siblings.index(message["id"]) if message["id"] in siblings else 0
+        if len(siblings) < 2:
+            raise ChatError(f"message #{name} has no other versions (/edit and /regen make them)")
+        if which == "next":
+            index = (index + 1) % len(siblings)
+        elif which.startswith("prev"):
+            index = (index - 1) % len(siblings)
+        else:
+            k = int(which)
+            if not 1 <= k <= len(siblings):
+                raise ChatError(f"no version {k} of message #{name}: it has {len(siblings)}")
+            index = k - 1
+        conv = self.api.switch(self.conv["id"], siblings[index])
+        self.branch = conv.pop("messages", None) or []
+        self.conv = conv
+        self.note(f"Message #{name}: version {index + 1}/{len(siblings)}.")
+        self.cmd_history("")
 
     def cmd_system(self, rest: str) -> None:
         if not rest:
