@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -15,8 +16,10 @@ from starlette.testclient import TestClient
 from chatserve.config import EngineConfig, ServerConfig
 from chatserve.engine.request import RequestOutput
 from chatserve.models.dummy import IM_END, build_dummy_tokenizer
+from chatserve.server import app as app_module
 from chatserve.server.app import create_app
-from chatserve.server.conversations import Answer, build_prompt
+from chatserve.server.conversations import (Answer, DeltaEvent, DoneEvent, MessageEvent, Tree, build_prompt,
+                                            conversation_json)
 from chatserve.server.reasoning import ReasoningParser
 
 BS = 16  # tiny_engine_config's block size
@@ -134,6 +137,22 @@ def test_create_list_get_rename_delete(server):
     assert_error(call(server, "GET", f"/{a['id']}"), 404, "id", a["id"])
     assert_error(call(server, "DELETE", f"/{a['id']}"), 404, "id")
     assert a["id"] not in [c["id"] for c in ok(call(server, "GET", ""))["data"]]
+
+
+def test_parent_id_null_starts_a_new_root_and_only_a_default_title_is_replaced(server):
+    conv_id = create(server)["id"]
+    first = done(answer(server, f"/{conv_id}/messages", content="Named by me", max_tokens=2))
+    assert first["conversation"]["title"] == "Named by me"
+    evts = answer(server, f"/{conv_id}/messages", content="Another start", parent_id=None, max_tokens=2)
+    root, again = evts[0]["message"], done(evts)
+    assert root["parent_id"] is None and root["siblings"] == [first["message"]["parent_id"], root["id"]]
+    assert again["conversation"]["title"] == "Named by me"  # named once, by the first root
+    assert [m["id"] for m in get(server, conv_id)["messages"]] == [root["id"], again["message"]["id"]]
+    # A title given (or PATCHed) is kept; "params": null changes no params.
+    kept = create(server, title="Mine", params={"max_tokens": 2})
+    assert done(answer(server, f"/{kept['id']}/messages", content="Hi"))["conversation"]["title"] == "Mine"
+    assert ok(call(server, "PATCH", f"/{kept['id']}", json={"params": None}))["params"] == kept["params"]
+    settled(server)
 
 
 # -- answers --------------------------------------------------------------------------------------
@@ -404,6 +423,24 @@ def test_an_engine_failure_mid_answer_is_an_error_event(server):
     settled(server)
 
 
+def test_a_shutdown_ends_the_answer_with_a_stopped_done_event():
+    with live_server() as srv:  # draining is for good: a server of its own
+        conv_id = create(srv)["id"]
+        with slow_engine(srv), requests.post(f"{srv.url}/v1/conversations/{conv_id}/messages", stream=True,
+                                             timeout=WAIT_S, json={"content": "Hi", "max_tokens": LONG}) as r:
+            stream = events(r)
+            next(stream), next(stream), next(stream)
+            # Only a new answer is refused while one streams (409); a PATCH goes through.
+            assert ok(call(srv, "PATCH", f"/{conv_id}", json={"title": "Busy"}))["title"] == "Busy"
+            app_module.drain(srv.app)  # what SIGTERM and Ctrl-C do
+            final = done(list(stream))["message"]
+        assert final["status"] == "stopped" and final["finish_reason"] == "abort"
+        assert 0 < final["stats"]["completion_tokens"] < LONG
+        assert get(srv, conv_id)["messages"][-1] == final
+        busy = assert_error(call(srv, "POST", f"/{conv_id}/messages", json={"content": "x"}), 503)
+        assert busy["code"] == "shutting_down"
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 
@@ -466,6 +503,98 @@ def test_the_api_key_guards_the_routes_and_openapi_documents_them():
             "/v1/conversations/{conv_id}/switch"} <= set(spec["paths"])
     assert {"PostMessage", "EditMessage", "CreateConversation", "UpdateConversation", "Switch"} <= set(
         spec["components"]["schemas"])
+
+
+# What a success returns, per JSON route.
+JSON_ROUTES = {("/v1/conversations", "post"): ("201", "ConversationWithMessages"),
+               ("/v1/conversations", "get"): ("200", "ConversationList"),
+               ("/v1/conversations/{conv_id}", "get"): ("200", "ConversationWithMessages"),
+               ("/v1/conversations/{conv_id}", "patch"): ("200", "ConversationWithMessages"),
+               ("/v1/conversations/{conv_id}", "delete"): ("200", "DeletedConversation"),
+               ("/v1/conversations/{conv_id}/messages/{message_id}/stop", "post"): ("200", "Message"),
+               ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages")}
+ANSWERING_ROUTES = ("/v1/conversations/{conv_id}/messages", "/v1/conversations/{conv_id}/messages/{message_id}/edit",
+                    "/v1/conversations/{conv_id}/messages/{message_id}/regenerate")
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def test_openapi_declares_the_responses_and_the_error_shape(server):
+    spec = ok(requests.get(f"{server.url}/openapi.json", timeout=WAIT_S))
+    schemas = spec["components"]["schemas"]
+    for (path, method), (status, model) in JSON_ROUTES.items():
+        content = spec["paths"][path][method]["responses"][status]["content"]
+        assert content == {"application/json": {"schema": ref(model)}}, (path, method)
+    for path in ANSWERING_ROUTES:
+        responses = spec["paths"][path]["post"]["responses"]
+        assert list(responses["200"]["content"]) == ["text/event-stream"]
+        assert '"type": "done"' in responses["200"]["description"]
+        data = responses["200"]["content"]["text/event-stream"]["itemSchema"]["properties"]["data"]
+        assert [e["title"] for e in data["anyOf"][0]["contentSchema"]["oneOf"]] == [
+            "MessageEvent", "DeltaEvent", "DoneEvent", "ErrorEvent"]
+        assert responses["409"]["content"]["application/json"]["schema"] == ref("ErrorResponse")
+        assert "conversation_busy" in responses["409"]["description"]
+    # Every route's errors have the OpenAI shape; none lists a 422 (validation errors are 400s here).
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items() if path.startswith("/v1/conversations") else ():
+            assert "422" not in op["responses"], (path, method)
+            for status in ("401", "default", *(["404"] if "{conv_id}" in path else [])):
+                assert op["responses"][status]["content"]["application/json"]["schema"] == ref("ErrorResponse")
+    not_found = spec["paths"]["/v1/conversations/{conv_id}"]["get"]["responses"]["404"]
+    assert "conversation_not_found" in not_found["description"]
+    assert schemas["ErrorResponse"]["properties"] == {"error": ref("ErrorDetail")}
+    assert set(schemas["ErrorDetail"]["properties"]) == set(schemas["ErrorDetail"]["required"]) == {
+        "message", "type", "param", "code"}
+    assert set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec))) <= set(schemas)  # none dangles
+    props = {name: schemas[name]["properties"] for name in schemas}
+    assert props["ConversationWithMessages"]["messages"]["items"] == ref("Message")
+    assert props["Conversation"]["cache"] == ref("Cache") and "messages" not in props["Conversation"]
+    assert {"siblings", "sibling_index", "stats"} <= set(props["Message"])
+
+    # The schemas name exactly the keys the routes send, every one always there.
+    conv_id = create(server)["id"]
+    done(answer(server, f"/{conv_id}/messages", content="Hi", max_tokens=3))
+    got, listed = get(server, conv_id), ok(call(server, "GET", ""))
+    deleted = ok(call(server, "DELETE", f"/{create(server)['id']}"))
+    reply = got["messages"][1]
+    for name, obj in (("ConversationWithMessages", got), ("ConversationList", listed),
+                      ("Conversation", listed["data"][0]), ("Message", reply), ("Stats", reply["stats"]),
+                      ("Cache", got["cache"]), ("DeletedConversation", deleted)):
+        assert set(props[name]) == set(schemas[name]["required"]) == set(obj), name
+    assert set(props["Params"]) == set(got["params"])
+    settled(server)
+
+
+def test_the_response_models_keep_the_json_as_built(server):
+    """The routes return conversation_json() and Tree.json() through their response models: the
+    same keys, in the same order, with the same values and types; the events are the documented ones."""
+    app, store = server.app, server.app.state.store
+
+    def same(response: requests.Response, expected: dict) -> None:
+        assert response.status_code in (200, 201), response.text
+        assert json.dumps(response.json()) == json.dumps(expected)
+
+    created = call(server, "POST", "", json={"params": {"temperature": 0.5, "max_tokens": 3}})
+    conv_id = created.json()["id"]
+    same(created, {**conversation_json(app, store, store.conversation(conv_id)), "messages": []})
+    evts = answer(server, f"/{conv_id}/messages", content="Hi")
+    kinds = {"message": MessageEvent, "delta": DeltaEvent, "done": DoneEvent}
+    for event in evts[:-1]:
+        assert kinds[event["type"]].model_validate(event).model_dump(exclude_unset=True) == event
+    settled(server)
+    with_messages = conversation_json(app, store, store.conversation(conv_id), with_messages=True)
+    same(call(server, "GET", f"/{conv_id}"), with_messages)
+    same(call(server, "GET", ""), {"object": "list", "data": [conversation_json(app, store, c)
+                                                              for c in store.conversations()]})
+    answer_id = with_messages["current_message_id"]
+    same(call(server, "POST", f"/{conv_id}/messages/{answer_id}/stop"),
+         Tree(store.messages(conv_id)).json(store.message(conv_id, answer_id)))
+    same(call(server, "POST", f"/{conv_id}/switch", json={"message_id": answer_id}), with_messages)
+    patched = call(server, "PATCH", f"/{conv_id}", json={"system_prompt": "Be brief."})
+    same(patched, conversation_json(app, store, store.conversation(conv_id), with_messages=True))
+    same(call(server, "DELETE", f"/{conv_id}"), {"id": conv_id, "object": "conversation.deleted", "deleted": True})
 
 
 # -- persistence ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections import defaultdict
 from contextlib import suppress
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Literal, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
-from .protocol import APIError
+from .protocol import APIError, ErrorDetail, ErrorResponse
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine,
@@ -38,17 +38,16 @@ router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependenc
 SAVE_INTERVAL_S = 0.5  # how often a streaming answer's text so far is saved
 STOP_WAIT_S = 10.0  # how long /stop waits for the answer to record its end
 TITLE_CHARS = 60
-# What /openapi.json says the answering routes return.
-SSE_RESPONSE = {200: {"description": "the answer as server-sent events", "content": {"text/event-stream": {}}}}
 
 # -- request bodies -------------------------------------------------------------------------------
 
 
 class Params(BaseModel):
     """Sampling values; null: the model's defaults (max_tokens: until a stop token or the context is full)."""
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: Optional[float] = Field(None, ge=0, description="0: greedy; null: the model's default")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling; null: the model's default")
+    max_tokens: Optional[int] = Field(None, gt=0, description="most tokens an answer may have; null: no limit "
+                                                              "but a stop token or the context length")
 
 
 class CreateConversation(BaseModel):
@@ -73,12 +72,172 @@ class EditMessage(Regenerate):
 
 
 class PostMessage(EditMessage):
-    # Absent: under the conversation's current message; null: a new first message (a new root).
-    parent_id: Optional[str] = None
+    parent_id: Optional[str] = Field(None, description="the answer this message follows. Absent: the "
+                                     "conversation's current message; null: a new first message (a new root)")
 
 
 class Switch(BaseModel):
+    message_id: str = Field(description="any message of the branch to show")
+
+
+# -- response bodies: what conversation_json() and Tree.json() build, for /openapi.json -------------
+# The routes return those dicts through these models (response_model), so each field must be here,
+# in the dicts' order; a value outside a Literal would be a 500, not silently documented wrong.
+
+
+class Cache(BaseModel):
+    """How much of the current branch the prefix cache still holds: a hint that the next answer starts fast."""
+    warm: bool = Field(description="cached_tokens > 0")
+    cached_tokens: int = Field(description="tokens of the current branch (its last answer's prompt + output) "
+                                           "whose KV blocks are still in the prefix cache; whole blocks only")
+
+
+class Stats(BaseModel):
+    prompt_tokens: int = Field(description="tokens in the answer's prompt")
+    cached_tokens: int = Field(description="of the prompt tokens, those served from the prefix cache")
+    completion_tokens: int = Field(description="tokens generated")
+    time_to_first_token: Optional[float] = Field(description="seconds from the engine taking the request to the "
+                                                             "first token; null when none came")
+    tokens_per_second: float = Field(description="(completion_tokens - 1) / seconds from the first token to the "
+                                                 "end, rounded to 0.01; 0 with fewer than 2 tokens")
+
+
+class Message(BaseModel):
+    id: str = Field(description="msg_...")
+    object: Literal["conversation.message"]
+    parent_id: Optional[str] = Field(description="the message this one follows; null for a first message (a root)")
+    role: Literal["user", "assistant"]
+    content: str = Field(description="the text (for an answer, without its reasoning); so far, while generating")
+    reasoning_content: Optional[str] = Field(description="a reasoning model's <think> part of an answer, else null")
+    created: int = Field(description="Unix time, seconds")
+    status: Literal["complete", "generating", "stopped", "error"] = Field(
+        description="stopped: the answer was cut short (stop, client gone, shutdown, crash), its text kept")
+    finish_reason: Optional[Literal["stop", "length", "abort", "error"]] = Field(
+        description="why an answer ended; null for a user message and while generating")
+    siblings: list[str] = Field(description="ids of the messages with the same parent, this one included, "
+                                            "in creation order")
+    sibling_index: int = Field(description="this message's place in siblings")
+    stats: Optional[Stats] = Field(description="an answer's numbers once it ended; else null")
+
+
+class Conversation(BaseModel):
+    id: str = Field(description="conv_...")
+    object: Literal["conversation"]
+    title: str = Field(description="'New chat' until a user message that starts a root names it (its first "
+                                   "line, at most 60 characters)")
+    created: int = Field(description="Unix time, seconds")
+    updated: int = Field(description="Unix time, seconds: last PATCH, message or answer's end (lists sort by it)")
+    system_prompt: Optional[str]
+    params: Params = Field(description="sampling values for every answer; a message's own values override them")
+    current_message_id: Optional[str] = Field(description="the leaf of the branch on show (an answer); null "
+                                                          "before the first message")
+    cache: Cache
+
+
+class ConversationWithMessages(Conversation):
+    messages: list[Message] = Field(description="the branch on show, root first, down to current_message_id")
+
+
+class ConversationList(BaseModel):
+    object: Literal["list"]
+    data: list[Conversation] = Field(description="most recently updated first; without messages")
+
+
+class DeletedConversation(BaseModel):
+    id: str
+    object: Literal["conversation.deleted"]
+    deleted: Literal[True]
+
+
+# The answer stream's events (the data of each SSE event but the last, "[DONE]").
+
+
+class MessageEvent(BaseModel):
+    """A message just stored: the new user message (not for regenerate), then the answer, generating."""
+    type: Literal["message"]
+    message: Message
+
+
+class DeltaEvent(BaseModel):
+    """New text of the answer: only the keys that have some."""
+    type: Literal["delta"]
     message_id: str
+    content: str = Field("", description="absent when none")
+    reasoning_content: str = Field("", description="absent when none")
+
+
+class DoneEvent(BaseModel):
+    """The answer as saved (status complete, or stopped: by .../stop or a server shutdown), with its stats."""
+    type: Literal["done"]
+    message: Message
+    conversation: Conversation = Field(description="without messages")
+
+
+class ErrorEvent(BaseModel):
+    """The engine failed mid-answer; the answer is saved with status error."""
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+ANSWER_EVENTS = (MessageEvent, DeltaEvent, DoneEvent, ErrorEvent)
+
+
+# -- what /openapi.json says the routes return besides their response_model ----------------------
+
+ERRORS = {
+    400: "Bad input (type invalid_request_error; param names the field, e.g. 'content' or 'params.top_p'): a "
+         "body that fails validation or is not JSON, a request that does not fit the tree (e.g. a parent_id "
+         "that is a user message), or a prompt the model cannot take (too long, max_tokens over the context)",
+    401: "Without 'Authorization: Bearer <key>' when the server runs with --api-key (code invalid_api_key)",
+    404: "No such conversation (type not_found_error, param id, code conversation_not_found), or no such "
+         "message in it (param message_id, or parent_id for POST .../messages; code message_not_found)",
+    409: "The conversation is already answering (code conversation_busy, param null): wait for the stream's "
+         "end, or stop the answer (POST .../messages/{message_id}/stop)",
+    429: "--max-queue requests are in flight (type rate_limit_exceeded, code server_busy): retry after "
+         "Retry-After seconds",
+    503: "The model is still loading (code model_not_ready), or the server is shutting down (code "
+         "shutting_down, with Retry-After)",
+    "default": "Any other error, in the same shape (e.g. 413 request_too_large, 500 server_error)",
+}
+
+
+def errors(*statuses: int) -> dict:
+    """The route's error responses: these, 401, and the rest as "default" (which also keeps FastAPI
+    from listing a 422 that this server never sends: its validation errors are 400s)."""
+    return {status: {"model": ErrorResponse, "description": ERRORS[status]}
+            for status in [*sorted({*statuses, 401}), "default"]}
+
+
+def _event_schema(model: type[BaseModel]) -> dict:
+    """model's JSON schema, the models in it referred to in /openapi.json's components (which the
+    JSON routes' response models put there)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    schema.pop("$defs", None)
+    return schema
+
+
+SSE_DESCRIPTION = """The answer as server-sent events: each is one `data: <JSON>` line and a blank line.
+
+1. `{"type": "message", "message": Message}`: the new user message (not for regenerate), then the
+   new answer (status generating), both already stored.
+2. `{"type": "delta", "message_id", "content"?, "reasoning_content"?}`: new text of the answer; only
+   the keys that have some.
+3. `{"type": "done", "message": Message, "conversation": Conversation}`: the answer as saved, with its
+   stats (status complete; stopped after .../stop or when the server shuts down); the conversation
+   without messages. Left out when the conversation was deleted meanwhile.
+   Or, when the engine failed: `{"type": "error", "error": {message, type, param, code}}` (the
+   answer is saved with status error).
+4. `data: [DONE]`.
+
+Closing the connection stops the answer: its text so far is kept, status stopped."""
+
+SSE_RESPONSE = {200: {"description": SSE_DESCRIPTION, "content": {"text/event-stream": {
+    "schema": {"type": "string"},
+    # How FastAPI's own SSE routes describe each event (OpenAPI 3.2's itemSchema).
+    "itemSchema": {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"oneOf": [_event_schema(model) for model in ANSWER_EVENTS]}},
+        {"const": "[DONE]"}]}}}}}}}
 
 
 # -- lookups --------------------------------------------------------------------------------------
@@ -425,25 +584,30 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
 # -- routes ---------------------------------------------------------------------------------------
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=ConversationWithMessages, responses=errors(400))
 async def create_conversation(body: CreateConversation, request: Request, store: Store = Depends(get_store)) -> dict:
+    """A new conversation, with "messages": []."""
     conv = store.create_conversation(body.title, body.system_prompt, (body.params or Params()).model_dump())
     return {**conversation_json(request.app, store, conv), "messages": []}
 
 
-@router.get("")
+@router.get("", response_model=ConversationList, responses=errors())
 async def list_conversations(request: Request, store: Store = Depends(get_store)) -> dict:
+    """Every conversation, most recently updated first, without messages."""
     return {"object": "list", "data": [conversation_json(request.app, store, c) for c in store.conversations()]}
 
 
-@router.get("/{conv_id}")
+@router.get("/{conv_id}", response_model=ConversationWithMessages, responses=errors(404))
 async def get_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    """A conversation with the branch on show."""
     return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
 
 
-@router.patch("/{conv_id}")
+@router.patch("/{conv_id}", response_model=ConversationWithMessages, responses=errors(400, 404))
 async def update_conversation(conv_id: str, body: UpdateConversation, request: Request,
                               store: Store = Depends(get_store)) -> dict:
+    """Change the fields sent (rename: send title); in params, only the keys sent (null unsets one).
+    Allowed while an answer streams: a new system prompt or params apply from the next answer."""
     conv = find_conversation(store, conv_id)
     sent = body.model_fields_set
     if "title" in sent and body.title is None:
@@ -455,8 +619,9 @@ async def update_conversation(conv_id: str, body: UpdateConversation, request: R
     return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
 
 
-@router.delete("/{conv_id}")
+@router.delete("/{conv_id}", response_model=DeletedConversation, responses=errors(404))
 async def delete_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    """Delete a conversation and all its messages; an answer it is generating is stopped."""
     find_conversation(store, conv_id)
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
     if answer is not None and request.app.state.engine is not None:
@@ -465,9 +630,11 @@ async def delete_conversation(conv_id: str, request: Request, store: Store = Dep
     return {"id": conv_id, "object": "conversation.deleted", "deleted": True}
 
 
-@router.post("/{conv_id}/messages", responses=SSE_RESPONSE)
+@router.post("/{conv_id}/messages", status_code=200, response_class=AnswerResponse,
+             responses={**SSE_RESPONSE, **errors(400, 404, 409, 429, 503)})
 async def post_message(conv_id: str, body: PostMessage, request: Request, store: Store = Depends(get_store),
                        engine: AsyncEngine = Depends(get_engine)) -> Response:
+    """A new user message under parent_id, then its answer, streamed."""
     conv = find_conversation(store, conv_id)
     parent_id = body.parent_id if "parent_id" in body.model_fields_set else conv["current_message_id"]
     if parent_id is not None:
@@ -478,9 +645,11 @@ async def post_message(conv_id: str, body: PostMessage, request: Request, store:
     return await start_answer(request, engine, store, conv, parent_id, body.content, body)
 
 
-@router.post("/{conv_id}/messages/{message_id}/edit", responses=SSE_RESPONSE)
+@router.post("/{conv_id}/messages/{message_id}/edit", status_code=200, response_class=AnswerResponse,
+             responses={**SSE_RESPONSE, **errors(400, 404, 409, 429, 503)})
 async def edit_message(conv_id: str, message_id: str, body: EditMessage, request: Request,
                        store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
+    """A new user message beside the user message message_id (same parent), then its answer, streamed."""
     conv = find_conversation(store, conv_id)
     msg = find_message(store, conv_id, message_id)
     if msg["role"] != "user":
@@ -489,9 +658,11 @@ async def edit_message(conv_id: str, message_id: str, body: EditMessage, request
     return await start_answer(request, engine, store, conv, msg["parent_id"], body.content, body)
 
 
-@router.post("/{conv_id}/messages/{message_id}/regenerate", responses=SSE_RESPONSE)
+@router.post("/{conv_id}/messages/{message_id}/regenerate", status_code=200, response_class=AnswerResponse,
+             responses={**SSE_RESPONSE, **errors(400, 404, 409, 429, 503)})
 async def regenerate(conv_id: str, message_id: str, request: Request, body: Optional[Regenerate] = None,
                      store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
+    """A new answer beside the answer message_id (to the same user message), streamed. The body is optional."""
     conv = find_conversation(store, conv_id)
     msg = find_message(store, conv_id, message_id)
     if msg["role"] != "assistant":
@@ -500,8 +671,11 @@ async def regenerate(conv_id: str, message_id: str, request: Request, body: Opti
     return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
 
 
-@router.post("/{conv_id}/messages/{message_id}/stop")
+@router.post("/{conv_id}/messages/{message_id}/stop", response_model=Message, responses=errors(400, 404))
 async def stop(conv_id: str, message_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    """Stop the answer message_id if it is generating (its text so far is kept, status stopped), and
+    return it as saved; an answer already ended is returned as it is. (If its stream's reader stalls,
+    it may still say generating after 10 s: no more tokens come, and it is saved once the stream ends.)"""
     find_conversation(store, conv_id)
     msg = find_message(store, conv_id, message_id)
     if msg["role"] != "assistant":
@@ -518,8 +692,9 @@ async def stop(conv_id: str, message_id: str, request: Request, store: Store = D
     return Tree(store.messages(conv_id)).json(msg)
 
 
-@router.post("/{conv_id}/switch")
+@router.post("/{conv_id}/switch", response_model=ConversationWithMessages, responses=errors(400, 404))
 async def switch(conv_id: str, body: Switch, request: Request, store: Store = Depends(get_store)) -> dict:
+    """Show the branch through message_id, continued down by the most recently created child at each level."""
     find_conversation(store, conv_id)
     find_message(store, conv_id, body.message_id)
     leaf = Tree(store.messages(conv_id)).leaf_below(body.message_id)

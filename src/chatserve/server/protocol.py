@@ -59,6 +59,18 @@ def error_response(status_code: int, message: str, type: str = "invalid_request_
                         status_code=status_code)
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what went wrong, phrased so the client knows what to change")
+    type: str = Field(description="e.g. invalid_request_error, not_found_error, server_error")
+    param: Optional[str] = Field(description="the request field at fault (e.g. 'content', 'params.top_p'), or null")
+    code: Optional[str] = Field(description="a stable name for the error (e.g. 'conversation_not_found'), or null")
+
+
+class ErrorResponse(BaseModel):
+    """What every error returns (the OpenAI shape): what error_response() sends, for /openapi.json."""
+    error: ErrorDetail
+
+
 def _param(loc) -> Optional[str]:
     """("body", "messages", 0, "role") -> "messages[0].role"."""
     out = ""
