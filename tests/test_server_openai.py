@@ -347,3 +347,13 @@ def test_raw_completions_keep_the_think_tags(reasoning_server):
         "model": reasoning_server.app.state.model_name, "messages": HI, "temperature": 0, "max_tokens": 40})
     assert r.json()["choices"][0]["message"]["content"] == f"{THINK_START}{REASONING}{THINK_END}{ANSWER}"
     assert json.loads(r.text)["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openapi_schema_documents_400_not_422(server):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=WAIT_S).json()
+    operations = [op for path in schema["paths"].values() for op in path.values()]
+    assert all("422" not in op["responses"] for op in operations)
+    for path in ("/v1/chat/completions", "/v1/completions", "/infer"):
+        assert schema["paths"][path]["post"]["responses"]["400"]["content"]["application/json"]["schema"] == \
+            {"$ref": "#/components/schemas/ErrorResponse"}
+    assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}

@@ -109,7 +109,33 @@ def engine_error(exc: ValueError) -> APIError:
     return APIError(400, message, param=param)
 
 
+def document_errors_as_400(app: FastAPI) -> None:
+    """FastAPI's schema lists a 422 validation error on every route with a body; this server
+    answers bad input with 400 in the OpenAI error shape instead, so the schema says that."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            error = {"description": "bad input: the message says what to fix",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", error)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            schemas.setdefault("ErrorDetail", ErrorDetail.model_json_schema())
+            schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema(
+                ref_template="#/components/schemas/{model}"))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    document_errors_as_400(app)
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
