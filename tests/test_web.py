@@ -4,7 +4,8 @@ temporary SQLite file, so a page reload finds everything again.
 
 Needs Debian's chromium at /usr/bin/chromium; without it these tests fail, unless
 CHATSERVE_SKIP_BROWSER is set, which skips them. Screenshots go to tests/artifacts/ (web.png: a
-stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png)."""
+stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png, web-reasoning.png;
+the sidebar alone: web-sidebar-hover.png, web-sidebar-rename.png)."""
 
 from __future__ import annotations
 
@@ -330,6 +331,7 @@ def test_edit_regenerate_and_branch_arrows(page):
 
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
+    expect = page.expect
     page.new_chat()
     page.settings(max_tokens=8)
     page.send("alpha message")
@@ -340,30 +342,79 @@ def test_conversations_switch_rename_delete_and_reload(page):
     page.wait_answer()
 
     page.sidebar_item("alpha message").click()
-    page.expect(page.questions()).to_have_text(["alpha message"])
-    page.expect(p.locator("#chat-title")).to_have_text("alpha message")
+    expect(page.questions()).to_have_text(["alpha message"])
+    expect(p.locator("#chat-title")).to_have_text("alpha message")
     page.sidebar_item("beta message").click()
-    page.expect(page.questions()).to_have_text(["beta message"])
+    expect(page.questions()).to_have_text(["beta message"])
 
-    p.click("#rename-chat")
-    p.fill("#rename-input", "Renamed chat")
-    p.press("#rename-input", "Enter")
-    page.expect(p.locator("#chat-title")).to_have_text("Renamed chat")
-    page.expect(page.sidebar_item("Renamed chat")).to_have_count(1)
+    # Each item's rename and delete buttons: labelled icons, shown on hover and on keyboard focus.
+    alpha, beta = page.sidebar_item("alpha message"), page.sidebar_item("beta message")
+    expect(alpha.locator(".item-actions")).to_have_css("opacity", "0")
+    expect(alpha.locator("button.rename")).to_have_attribute("aria-label", "Rename “alpha message”")
+    expect(alpha.locator("button.delete")).to_have_attribute("aria-label", "Delete “alpha message”")
+    expect(alpha.locator("button.delete")).to_have_attribute("title", "Delete")
+    alpha.hover()
+    expect(alpha.locator(".item-actions")).to_have_css("opacity", "1")
+    alpha.locator("button.delete").hover()
+    screenshot(p.locator("#sidebar"), "web-sidebar-hover.png")
 
-    page.sidebar_item("alpha message").click()
-    page.expect(page.questions()).to_have_text(["alpha message"])
+    # Rename the open conversation in place; Enter saves.
+    beta.hover()
+    beta.locator("button.rename").click()
+    field = p.locator("#conversation-list .rename-field")
+    expect(field).to_be_focused()
+    expect(field).to_have_value("beta message")
+    field.fill("Renamed chat")
+    field.press("Enter")
+    expect(field).to_have_count(0)
+    expect(p.locator("#chat-title")).to_have_text("Renamed chat")
+    expect(page.sidebar_item("Renamed chat")).to_have_count(1)
+
+    # Rename one that is not open, from the keyboard: F2 starts, Escape cancels, Enter saves.
+    alpha.locator("button.open").focus()
+    expect(alpha.locator(".item-actions")).to_have_css("opacity", "1")
+    p.keyboard.press("F2")
+    expect(field).to_be_focused()
+    p.keyboard.type("never saved")
+    screenshot(p.locator("#sidebar"), "web-sidebar-rename.png")
+    p.keyboard.press("Escape")
+    expect(field).to_have_count(0)
+    expect(alpha.locator("button.open")).to_be_focused()
+    expect(alpha.locator(".title")).to_have_text("alpha message")
+    alpha.locator("button.rename").click()
+    field.fill("Alpha renamed")
+    field.press("Enter")
+    alpha = page.sidebar_item("Alpha renamed")
+    expect(p.locator("#conversation-list .conversation").first).to_have_text("Alpha renamed")  # updated now
+    expect(alpha.locator("button.open")).to_be_focused()
+    expect(p.locator("#chat-title")).to_have_text("Renamed chat")  # still the open one
+    expect(page.questions()).to_have_text(["beta message"])
+
+    # Delete one that is not open: asks first; the open conversation stays.
+    p.once("dialog", lambda dialog: dialog.dismiss())
+    alpha.hover()
+    alpha.locator("button.delete").click()
+    expect(alpha).to_have_count(1)
     p.once("dialog", lambda dialog: dialog.accept())
-    p.click("#delete-chat")
-    page.expect(page.sidebar_item("alpha message")).to_have_count(0)
-    page.expect(p.locator("#chat-title")).not_to_have_text("alpha message")
+    alpha.locator("button.delete").click()
+    expect(alpha).to_have_count(0)
+    expect(p.locator("#chat-title")).to_have_text("Renamed chat")
+    expect(page.questions()).to_have_text(["beta message"])
 
-    page.sidebar_item("Renamed chat").click()
-    page.expect(page.questions()).to_have_text(["beta message"])
+    # Delete the open one: the conversation that takes its place in the list opens.
+    page.new_chat()
+    new = p.locator("#conversation-list .conversation.active")
+    p.once("dialog", lambda dialog: dialog.accept())
+    new.hover()
+    new.locator("button.delete").click()
+    expect(p.locator("#chat-title")).to_have_text("Renamed chat")
+    expect(page.sidebar_item("Renamed chat")).to_have_class(re.compile("active"))
+
+    expect(page.questions()).to_have_text(["beta message"])
     page.reload()
     page.expect(p.locator("#chat-title")).to_have_text("Renamed chat")
     page.expect(page.questions()).to_have_text(["beta message"])
-    page.expect(page.sidebar_item("alpha message")).to_have_count(0)
+    page.expect(page.sidebar_item("Alpha renamed")).to_have_count(0)
     p.click("#chat-settings")
     page.expect(p.locator("#setting-system-prompt")).to_have_value("Be brief.")
     page.expect(p.locator("#setting-temperature")).to_have_value("0.5")
@@ -463,6 +514,104 @@ def test_model_output_cannot_inject_html(browser, server, db_path):
         screenshot(p, "web-injection.png")
     finally:
         page.close()
+
+
+# Replaces the page's fetch for POST .../messages: the answer stream then comes from the test, one
+# event per window.__emit(event), instead of from the server.
+SCRIPTED_ANSWERS = """() => {
+    const realFetch = window.fetch;
+    window.fetch = (resource, options) => {
+        if (!/\\/messages$/.test(String(resource))) return realFetch(resource, options);
+        const encoder = new TextEncoder();
+        const body = new ReadableStream({ start(controller) {
+            window.__emit = (event) => controller.enqueue(encoder.encode(
+                `data: ${typeof event === "string" ? event : JSON.stringify(event)}\\n\\n`));
+        } });
+        return Promise.resolve(new Response(body, { headers: { "Content-Type": "text/event-stream" } }));
+    };
+}"""
+
+
+def test_reasoning_starts_collapsed(page):
+    """Reasoning is a collapsed <details> while the answer thinks, while it answers and once it is
+    done; one the user opens stays open as the answer streams on. The random model does not think
+    out loud, so the answer streams are scripted in the page."""
+    p = page.page
+    expect = page.expect
+    page.new_chat()
+    p.evaluate(SCRIPTED_ANSWERS)
+    p.evaluate("""() => {
+        window.__everOpen = false;
+        new MutationObserver(() => {
+            if (document.querySelector("#messages details.reasoning[open]")) window.__everOpen = true;
+        }).observe(document.querySelector("#messages"),
+                   {subtree: true, childList: true, attributes: true, attributeFilter: ["open"]});
+    }""")
+
+    def emit(event) -> None:
+        p.evaluate("(event) => window.__emit(event)", event)
+
+    def ask(question: str, n: int) -> dict:
+        p.evaluate("() => { window.__emit = undefined; }")
+        page.send(question)
+        p.wait_for_function("() => window.__emit !== undefined")
+        user = {"id": f"msg_q{n}", "parent_id": f"msg_a{n - 1}" if n > 1 else None, "role": "user",
+                "content": question, "status": "complete"}
+        answer = {"id": f"msg_a{n}", "parent_id": user["id"], "role": "assistant", "content": "",
+                  "reasoning_content": None, "status": "generating", "finish_reason": None}
+        emit({"type": "message", "message": user})
+        emit({"type": "message", "message": answer})
+        return answer
+
+    def delta(answer: dict, **text) -> None:
+        for key, value in text.items():
+            answer[key] = (answer[key] or "") + value
+        emit({"type": "delta", "message_id": answer["id"], **text})
+
+    def done(answer: dict) -> None:
+        emit({"type": "done", "message": {**answer, "status": "complete", "finish_reason": "stop"}})
+        emit("[DONE]")
+        page.wait_answer()
+
+    answer = ask("Why is the sky blue?", 1)
+    delta(answer, reasoning_content="Rayleigh scattering <img src=x onerror=\"window.__pwned='reasoning'\">:")
+    reasoning = page.last_answer().locator("details.reasoning")
+    expect(reasoning.locator("summary")).to_have_text("Thinking…")
+    expect(reasoning.locator(".reasoning-body")).to_be_hidden()
+    delta(answer, reasoning_content=" short wavelengths scatter **more**.")
+    delta(answer, content="Because of **Rayleigh** scattering")
+    expect(reasoning.locator("summary")).to_have_text("Reasoning")
+    expect(page.last_answer().locator(".content strong")).to_have_text("Rayleigh")
+    expect(reasoning.locator(".reasoning-body")).to_be_hidden()
+    delta(answer, content=" <script>window.__pwned = 'content'</script>.")
+    done(answer)
+    expect(reasoning.locator(".reasoning-body")).to_be_hidden()
+    assert p.evaluate("window.__everOpen") is False
+    reasoning.locator("summary").click()
+    expect(reasoning.locator(".reasoning-body strong")).to_have_text("more")
+    expect(reasoning.locator(".reasoning-body")).to_contain_text("<img src=x onerror=")
+    expect(page.last_answer().locator(".content")).to_contain_text("<script>window.__pwned = 'content'</script>")
+
+    # Opened while the answer streams: it stays open through the deltas and the end.
+    answer = ask("And at sunset?", 2)
+    delta(answer, reasoning_content="The light crosses more air")
+    reasoning = page.last_answer().locator("details.reasoning")
+    expect(reasoning).to_have_js_property("open", False)
+    screenshot(p, "web-reasoning.png")  # thinking, collapsed; the answer above opened
+    reasoning.locator("summary").click()
+    expect(reasoning.locator(".reasoning-body")).to_be_visible()
+    for step in range(3):
+        delta(answer, reasoning_content=f", step {step}")
+    delta(answer, content="Red and orange light is left.")
+    expect(reasoning.locator("summary")).to_have_text("Reasoning")
+    expect(reasoning.locator(".reasoning-body")).to_contain_text("step 2")
+    expect(reasoning).to_have_js_property("open", True)
+    done(answer)
+    expect(reasoning).to_have_js_property("open", True)
+    expect(page.messages("assistant").first.locator("details.reasoning")).to_have_js_property("open", True)
+    assert p.locator("#messages script, #messages img").count() == 0
+    p.wait_for_timeout(100)  # an onerror handler would have run by now
+    assert p.evaluate("window.__pwned") is None
 
 
 def test_api_key_from_settings(browser, server):

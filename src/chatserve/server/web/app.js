@@ -15,6 +15,7 @@ const state = {
   streams: new Map(), // conversation id -> the answer streaming into it
   openReasoning: new Set(), // assistant message ids whose reasoning the user expanded
   editing: null, // id of the user message being edited in place
+  deleted: new Set(), // conversations deleted here: a late answer or list must not bring them back
 };
 
 class ApiError extends Error {
@@ -102,7 +103,7 @@ async function readEvents(body, onEvent) {
 async function refreshList() {
   try {
     const list = await api("GET", "/v1/conversations");
-    state.conversations = list.data;
+    state.conversations = list.data.filter((c) => !state.deleted.has(c.id));
     renderSidebar();
   } catch (error) {
     if (error.status !== 401) showBanner(`Could not list conversations: ${error.message}`);
@@ -110,11 +111,14 @@ async function refreshList() {
 }
 
 function remember(conversation) {
+  if (state.deleted.has(conversation.id)) return;
   const index = state.conversations.findIndex((c) => c.id === conversation.id);
   const summary = { ...conversation };
   delete summary.messages;
   if (index === -1) state.conversations.unshift(summary);
   else state.conversations[index] = summary;
+  // The server's order: most recently updated first (an answer or a rename moves one to the top).
+  state.conversations.sort((a, b) => (b.updated ?? 0) - (a.updated ?? 0));
 }
 
 async function openConversation(id) {
@@ -165,13 +169,21 @@ async function onNewChat() {
   }
 }
 
-async function renameConversation(title) {
-  const conversation = state.current;
-  if (!conversation || !title.trim() || title === conversation.title) return;
+/** Merge a conversation the server sent into every copy the page holds (the open one, the one an
+ * answer streams into, the sidebar's), keeping their messages. */
+function applyConversation(updated) {
+  for (const copy of new Set([state.current, state.streams.get(updated.id)?.conversation])) {
+    if (copy?.id === updated.id) Object.assign(copy, updated, { messages: copy.messages });
+  }
+  remember(updated);
+}
+
+async function renameConversation(id, title) {
+  const known = state.conversations.find((c) => c.id === id);
+  title = title.trim();
+  if (!known || !title || title === known.title) return;
   try {
-    const updated = await api("PATCH", conversationPath(conversation.id), { title: title.trim() });
-    Object.assign(conversation, updated, { messages: conversation.messages });
-    remember(conversation);
+    applyConversation(await api("PATCH", conversationPath(id), { title }));
     renderSidebar();
     renderHeader();
   } catch (error) {
@@ -179,27 +191,35 @@ async function renameConversation(title) {
   }
 }
 
-async function deleteConversation() {
-  const conversation = state.current;
+async function deleteConversation(id) {
+  const conversation = state.conversations.find((c) => c.id === id);
   if (!conversation || !confirm(`Delete "${conversation.title}"? This cannot be undone.`)) return;
-  state.streams.get(conversation.id)?.controller.abort();
+  const item = sidebarItemOf(id);
+  const hadFocus = Boolean(item?.contains(document.activeElement));
+  state.streams.get(id)?.controller.abort();
   try {
-    await api("DELETE", conversationPath(conversation.id));
+    await api("DELETE", conversationPath(id));
   } catch (error) {
     if (error.status !== 404) {
       showBanner(`Could not delete: ${error.message}`);
       return;
     }
   }
-  state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
-  state.current = null;
-  localStorage.removeItem(LAST_CONVERSATION);
-  const next = state.conversations[0];
-  if (next) await openConversation(next.id);
-  else {
-    renderSidebar();
-    renderConversation();
+  state.deleted.add(id);
+  const index = state.conversations.findIndex((c) => c.id === id);
+  state.conversations = state.conversations.filter((c) => c.id !== id);
+  // The one that takes its place in the list (or the one above, at the end) gets the focus, and
+  // is opened if the deleted one was.
+  const next = state.conversations[Math.min(index, state.conversations.length - 1)];
+  if (state.current?.id === id) {
+    state.current = null;
+    state.editing = null;
+    localStorage.removeItem(LAST_CONVERSATION);
+    if (next) await openConversation(next.id);
+    else renderConversation();
   }
+  renderSidebar();
+  if (hadFocus) (next ? sidebarItemOf(next.id)?.querySelector(".open") : $("new-chat"))?.focus();
 }
 
 async function switchBranch(messageId) {
@@ -420,37 +440,135 @@ function cacheText(conversation) {
   return cache.warm ? `KV cache warm: ${cache.cached_tokens} tokens cached` : "KV cache cold";
 }
 
+// Line icons (24x24, drawn with the text colour by style.css), built as DOM nodes: no markup strings.
+const SVG_NS = "http://www.w3.org/2000/svg";
+const ICONS = {
+  pencil: ["M4 20h4L18.5 9.5a2.1 2.1 0 0 0-4-4L4 16z", "M13.5 6.5l4 4"],
+  trash: ["M4 7h16", "M10 11v6", "M14 11v6", "M6 7l1 12a2 2 0 0 0 2 2h6a2 2 0 0 0 2-2l1-12", "M9 7V4h6v3"],
+};
+
+function icon(name) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("aria-hidden", "true");
+  svg.setAttribute("focusable", "false");
+  svg.classList.add("icon");
+  for (const d of ICONS[name]) {
+    const path = document.createElementNS(SVG_NS, "path");
+    path.setAttribute("d", d);
+    svg.append(path);
+  }
+  return svg;
+}
+
+function iconButton(name, className, title, onClick) {
+  const node = button("", `icon-button ${className}`, onClick, title);
+  node.append(icon(name));
+  node.setAttribute("aria-label", title);
+  return node;
+}
+
+const sidebarItemOf = (id) => [...$("conversation-list").children].find((item) => item.dataset.id === id);
+
+/** The sidebar, updated in place (items kept by conversation id), so that the periodic refresh
+ * keeps keyboard focus, hover and a rename in progress. */
 function renderSidebar() {
   const list = $("conversation-list");
-  list.replaceChildren();
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
+  const items = new Map([...list.children].map((item) => [item.dataset.id, item]));
+  let previous = null;
   for (const conversation of state.conversations) {
-    const item = el("li", "conversation");
-    item.dataset.id = conversation.id;
-    item.tabIndex = 0;
-    if (conversation.id === state.current?.id) {
-      item.classList.add("active");
-      item.setAttribute("aria-current", "true");
-    }
-    const dot = el("span", "warm-dot");
-    if (conversation.cache?.warm) dot.classList.add("warm");
-    dot.title = cacheText(conversation);
-    item.append(dot, el("span", "title", conversation.title || "New chat"));
-    if (state.streams.has(conversation.id)) item.classList.add("streaming");
-    item.title = `${conversation.title}\n${cacheText(conversation)}`;
-    item.addEventListener("click", () => openConversation(conversation.id));
-    item.addEventListener("keydown", (event) => {
-      if (event.key === "Enter") openConversation(conversation.id);
-    });
-    list.append(item);
+    const item = items.get(conversation.id) ?? sidebarItem(conversation.id);
+    items.delete(conversation.id);
+    updateSidebarItem(item, conversation);
+    const place = previous ? previous.nextSibling : list.firstChild;
+    if (place !== item) list.insertBefore(item, place);
+    previous = item;
   }
+  for (const gone of items.values()) gone.remove();
+  if (focused?.isConnected && document.activeElement !== focused) focused.focus(); // moving an item drops it
+}
+
+function sidebarItem(id) {
+  const item = el("li", "conversation");
+  item.dataset.id = id;
+  const open = el("button", "open");
+  open.type = "button";
+  open.append(el("span", "warm-dot"), el("span", "title"));
+  open.addEventListener("click", () => openConversation(id));
+  open.addEventListener("keydown", (event) => {
+    if (event.key === "F2") {
+      event.preventDefault();
+      startRename(item);
+    } else if (event.key === "Delete") {
+      event.preventDefault();
+      deleteConversation(id);
+    }
+  });
+  const actions = el("span", "item-actions");
+  actions.append(iconButton("pencil", "rename", "Rename", () => startRename(item)),
+                 iconButton("trash", "delete", "Delete", () => deleteConversation(id)));
+  item.append(open, actions);
+  return item;
+}
+
+function updateSidebarItem(item, conversation) {
+  const title = conversation.title || "New chat";
+  const active = conversation.id === state.current?.id;
+  item.classList.toggle("active", active);
+  item.classList.toggle("streaming", state.streams.has(conversation.id));
+  const open = item.querySelector(".open");
+  if (active) open.setAttribute("aria-current", "true");
+  else open.removeAttribute("aria-current");
+  open.title = `${title}\n${cacheText(conversation)}`;
+  const label = item.querySelector(".title");
+  if (label.textContent !== title) label.textContent = title;
+  item.querySelector(".warm-dot").classList.toggle("warm", Boolean(conversation.cache?.warm));
+  item.querySelector(".rename").setAttribute("aria-label", `Rename “${title}”`);
+  item.querySelector(".delete").setAttribute("aria-label", `Delete “${title}”`);
+}
+
+/** Rename in place: Enter (or leaving the field) saves, Escape cancels. */
+function startRename(item) {
+  if (item.classList.contains("renaming")) return;
+  const id = item.dataset.id;
+  const conversation = state.conversations.find((c) => c.id === id);
+  if (!conversation) return;
+  const field = el("input", "rename-field");
+  field.type = "text";
+  field.maxLength = 200;
+  field.value = conversation.title;
+  field.setAttribute("aria-label", "Conversation title");
+  let finished = false;
+  const finish = (save) => {
+    if (finished) return;
+    finished = true;
+    const focused = document.activeElement === field;
+    item.classList.remove("renaming");
+    field.remove();
+    if (focused) item.querySelector(".open").focus();
+    if (save && item.isConnected) renameConversation(id, field.value);
+  };
+  field.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault();
+      finish(true);
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      finish(false);
+    }
+  });
+  field.addEventListener("blur", () => finish(true));
+  item.classList.add("renaming");
+  item.querySelector(".open").after(field);
+  field.focus();
+  field.select();
 }
 
 function renderHeader() {
   const conversation = state.current;
   $("chat-title").textContent = conversation ? conversation.title : "chatserve";
   document.title = conversation ? `${conversation.title} · chatserve` : "chatserve";
-  $("rename-chat").disabled = !conversation;
-  $("delete-chat").disabled = !conversation;
   const badge = $("cache-badge");
   badge.hidden = !conversation || !conversation.messages?.length;
   if (conversation) {
@@ -541,35 +659,59 @@ function messageNode(message) {
   return node;
 }
 
+const renderedReasoning = new WeakMap(); // reasoning <details> -> what its body shows
+
 function fillBubble(bubble, message) {
-  bubble.replaceChildren();
   if (message.role === "user") {
     bubble.textContent = message.content;
     return;
   }
+  // The reasoning stays one <details> while its answer streams in (the bubble is refilled every
+  // frame): a new one each frame would swallow clicks on its summary. Collapsed unless the user
+  // opened it.
+  let details = bubble.querySelector(":scope > details.reasoning");
+  const thinking = message.status === "generating" && !message.content && Boolean(message.reasoning_content);
   if (message.reasoning_content) {
-    const details = el("details", "reasoning");
-    details.open = state.openReasoning.has(message.id);
-    details.addEventListener("toggle", () => {
-      if (details.open) state.openReasoning.add(message.id);
-      else state.openReasoning.delete(message.id);
-    });
-    const thinking = message.status === "generating" && !message.content;
-    details.append(el("summary", "", thinking ? "Thinking…" : "Reasoning"));
-    const body = el("div", "reasoning-body markdown");
-    body.append(renderMarkdown(message.reasoning_content));
-    details.append(body);
-    bubble.append(details);
+    if (!details) {
+      details = el("details", "reasoning");
+      details.open = state.openReasoning.has(message.id);
+      details.addEventListener("toggle", () => {
+        if (details.open) state.openReasoning.add(message.id);
+        else state.openReasoning.delete(message.id);
+      });
+      details.append(el("summary"), el("div", "reasoning-body markdown"));
+      bubble.prepend(details);
+    }
+    const summary = details.querySelector("summary");
+    const label = thinking ? "Thinking…" : "Reasoning";
+    if (summary.textContent !== label) summary.textContent = label;
+    summary.classList.toggle("thinking", thinking);
+    const shown = `${thinking}:${message.reasoning_content}`;
+    if (renderedReasoning.get(details) !== shown) {
+      const body = details.querySelector(".reasoning-body");
+      body.replaceChildren(renderMarkdown(message.reasoning_content));
+      if (thinking) typingCursor(body);
+      renderedReasoning.set(details, shown);
+    }
+  } else {
+    details?.remove();
   }
-  const content = el("div", "content markdown");
-  content.append(renderMarkdown(message.content ?? ""));
-  if (message.status === "generating") {
-    const last = content.lastElementChild;
-    if (last && last.tagName === "P") last.classList.add("typing");
-    else content.append(el("p", "typing"));
+  let content = bubble.querySelector(":scope > .content");
+  if (!content) {
+    content = el("div", "content markdown");
+    bubble.append(content);
   }
-  bubble.append(content);
+  content.replaceChildren(renderMarkdown(message.content ?? ""));
+  if (message.status === "generating" && !thinking) typingCursor(content);
+  bubble.querySelector(":scope > .error-text")?.remove();
   if (message.error) bubble.append(el("p", "error-text", message.error));
+}
+
+/** The blinking cursor at the end of text still streaming in. */
+function typingCursor(container) {
+  const last = container.lastElementChild;
+  if (last && last.tagName === "P") last.classList.add("typing");
+  else container.append(el("p", "typing"));
 }
 
 function statusBadge(message) {
@@ -766,34 +908,6 @@ function bind() {
   $("chat-settings").addEventListener("click", openSettings);
   $("settings-form").addEventListener("submit", saveSettings);
   $("settings-cancel").addEventListener("click", () => $("settings-dialog").close());
-  $("delete-chat").addEventListener("click", deleteConversation);
-
-  const form = $("rename-form");
-  const field = $("rename-input");
-  const closeRename = () => {
-    form.hidden = true;
-    $("chat-title").hidden = false;
-  };
-  $("rename-chat").addEventListener("click", () => {
-    if (!state.current) return;
-    field.value = state.current.title;
-    $("chat-title").hidden = true;
-    form.hidden = false;
-    field.focus();
-    field.select();
-  });
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    closeRename();
-    await renameConversation(field.value);
-  });
-  field.addEventListener("keydown", (event) => {
-    if (event.key === "Escape") closeRename();
-  });
-  field.addEventListener("blur", () => {
-    if (!form.hidden) closeRename();
-  });
-
   setInterval(() => {
     if (document.visibilityState === "visible") refreshList();
   }, LIST_REFRESH_MS);
