@@ -65,6 +65,11 @@ def check_blocks(engine: Engine) -> None:
         assert block.ref_count == holders[block.block_id], f"block {block.block_id}"
     free = list(bm.free)
     assert len(free) == len(set(free)), "a block is in the free list twice"
+    # A tail (a kept partial block) is free, named once, and never also a full cached block.
+    for h, block_id in bm.tails.items():
+        block = bm.blocks[block_id]
+        assert block.ref_count == 0 and block.tail_hash == h and block.hash is None
+        assert 0 < len(block.token_ids) < bm.block_size
     assert set(free) == {b.block_id for b in bm.blocks if b.ref_count == 0}
     for h, block_id in bm.cached.items():
         assert bm.blocks[block_id].hash == h
@@ -373,11 +378,33 @@ def test_next_conversation_turn_reuses_the_answer_blocks(qwen2_model):
     turn2_prompt = history + random_prompt(10, 42)
     rid = engine.add_request({"prompt_token_ids": turn2_prompt}, greedy(8))
     turn2 = engine.run_to_completion([rid])[rid]
-    assert turn2.num_cached_tokens >= len(history) // BLOCK_SIZE * BLOCK_SIZE == 64
-    assert turn2.num_cached_tokens > len(prompt) // BLOCK_SIZE * BLOCK_SIZE  # answer blocks, not just the prompt
+    # Every token whose K/V turn 1 computed: its full blocks and its last, partial block (the
+    # last answer token was sampled, never fed back, so turn 2 computes it).
+    assert turn2.num_cached_tokens == len(history) - 1 == 74
     want, _ = run_alone(qwen2_model, turn2_prompt, greedy(8))
     assert turn2.token_ids == want
     check_all_free(engine)
+
+
+def test_a_partial_block_is_taken_over_by_one_request_only(qwen2_model):
+    engine = make_engine(qwen2_model)
+    prompt = random_prompt(40, 44)
+    rid = engine.add_request({"prompt_token_ids": prompt}, greedy(10))
+    turn1 = engine.run_to_completion([rid])[rid]
+    history = prompt + turn1.token_ids  # 50 tokens; 49 computed: 3 full blocks and a 1-token tail
+    assert len(engine.block_manager.tails) == 1
+    # Two continuations at once: one takes the tail over, the other recomputes those tokens.
+    prompts = [history + random_prompt(5, 45 + i) for i in range(2)]
+    ids = [engine.add_request({"prompt_token_ids": p}, greedy(6)) for p in prompts]
+    outs = drive(engine)
+    cached = sorted(engine_out[-1].num_cached_tokens for engine_out in outs.values())
+    assert cached == [48, 49]
+    for rid, p in zip(ids, prompts):
+        want, _ = run_alone(qwen2_model, p, greedy(6))
+        assert [t for o in outs[rid] for t in o.token_ids] == want
+    check_all_free(engine)
+    # Each finished request left its own tail; a chain is only ever named once.
+    assert len(engine.block_manager.tails) == 2
 
 
 def test_prefix_caching_disabled(qwen2_model):
@@ -393,7 +420,8 @@ def test_prefix_caching_disabled(qwen2_model):
 
 
 def test_prefix_cache_eviction_in_a_small_pool(qwen2_model):
-    # 12 blocks; each request (70 prompt + 10 output tokens) takes 5, leaving 4 full blocks hashed.
+    # 12 blocks; each request (70 prompt + 10 output tokens) takes 5, leaving 4 full blocks hashed
+    # and a tail (79 computed tokens: 15 in the fifth block).
     engine = make_engine(qwen2_model, num_kv_blocks=12)
     prompts = [random_prompt(70, 50 + i) for i in range(3)]
     first = {}
@@ -406,10 +434,10 @@ def test_prefix_cache_eviction_in_a_small_pool(qwen2_model):
     again = engine.run_to_completion([rid])[rid]
     assert again.num_cached_tokens == 64 and again.token_ids == first[2].token_ids
     # Least recently freed goes first, tail before head: the third request took the oldest
-    # prompt's fourth block, and its first three blocks are still there.
+    # prompt's tail, fourth and third blocks, the rerun above its second; its first is still there.
     rid = engine.add_request({"prompt_token_ids": prompts[0]}, greedy(10))
     again = engine.run_to_completion([rid])[rid]
-    assert again.num_cached_tokens == 48 and again.token_ids == first[0].token_ids
+    assert again.num_cached_tokens == 16 and again.token_ids == first[0].token_ids
     # Many requests at once through the same small, fully cached pool still come out right.
     ids = [engine.add_request({"prompt_token_ids": p}, greedy(10)) for p in prompts * 2]
     outs = drive(engine)

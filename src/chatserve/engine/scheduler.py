@@ -64,7 +64,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             cached = self.blocks.find_cached_prefix(req)
-            n = min(req.num_tokens - len(cached) * self.blocks.block_size, budget)
+            n = min(req.num_tokens - cached.num_tokens, budget)
             if not self.blocks.can_admit(req, cached, n):
                 break
             self.waiting.popleft()
