@@ -5,7 +5,6 @@ stream=false gives one object with the whole message."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -18,7 +17,7 @@ from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from .protocol import InferRequest, error_response
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, sampling_params, wait_for_disconnect)
+                        get_engine, render_chat, sampling_params, unless_disconnected)
 
 router = APIRouter()
 
@@ -68,20 +67,13 @@ async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depe
             if out.finished:
                 return "".join(text), out
 
-    # Nobody streams the answer, so watch the connection ourselves: a client that leaves aborts it.
-    collecting = asyncio.ensure_future(collect())
-    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        await asyncio.wait([collecting, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        collected = await unless_disconnected(request, collect())
     finally:
-        disconnected.cancel()
-        if not collecting.done():
-            collecting.cancel()
-            await asyncio.wait([collecting])  # the engine's iterator must be idle before it is closed
         await gen.close()
-    if collecting.cancelled():
+    if collected is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    text, out = collecting.result()
+    text, out = collected
     if out.error:
         status, kind = (500, "server_error") if out.finish_reason == "error" else (503, "service_unavailable_error")
         return error_response(status, out.error, kind)

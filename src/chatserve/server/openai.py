@@ -23,7 +23,7 @@ from ..engine.sampling import SamplingParams, TokenLogprob
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, sampling_params, wait_for_disconnect)
+                        get_engine, render_chat, sampling_params, unless_disconnected)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -195,29 +195,20 @@ async def collect(request: Request, gens: list[Generation]) -> Optional[list[Cho
     """Every choice's whole answer; None when the client went away first (the answers are aborted)."""
     choices = [ChoiceState(i) for i in range(len(gens))]
 
-    async def gather() -> None:
+    async def gather() -> bool:
         async for i, out in merged(gens):
             c = choices[i]
             c.text.append(out.text)
             c.logprobs.extend(out.logprobs or [])
             if out.finished:
                 c.finish_reason, c.error = finish_reason(out), out.error
+        return True
 
-    # Nobody streams the answer, so watch the connection ourselves: a client that leaves aborts it.
-    gathering = asyncio.ensure_future(gather())
-    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        await asyncio.wait([gathering, disconnected], return_when=asyncio.FIRST_COMPLETED)
+        finished = await unless_disconnected(request, gather())
     finally:
-        disconnected.cancel()
-        if not gathering.done():
-            gathering.cancel()
-            await asyncio.wait([gathering])
         await close_all(gens)
-    if gathering.cancelled():
-        return None
-    gathering.result()
-    return choices
+    return None if finished is None else choices
 
 
 def failed(choices: list[ChoiceState]) -> Optional[Response]:

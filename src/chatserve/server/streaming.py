@@ -3,9 +3,10 @@ one request's engine stream with its usage and log line, and responses that abor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Optional, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,6 +18,7 @@ from ..engine.sampling import SamplingParams
 from .protocol import APIError, engine_error
 
 log = logging.getLogger("chatserve.server")
+T = TypeVar("T")
 
 
 # Sampling values a request may leave unset to take the model's generation_config instead.
@@ -197,3 +199,20 @@ class ClosingStreamingResponse(StreamingResponse):
 async def wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[T]:
+    """Await `work` (collecting an unstreamed answer) while watching the connection, since
+    nobody reads a stream that would notice: None, with `work` cancelled, when the client leaves
+    first. Either way `work` has stopped when this returns, so the engine iterators it read are
+    idle and may be closed."""
+    task = asyncio.ensure_future(work)
+    disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait([task, disconnected], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    return None if task.cancelled() else task.result()
