@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 import requests
 from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
+from scripted_model import ANSWER, REASONING, write_scripted_model
 from starlette.testclient import TestClient
 
 from chatserve.config import EngineConfig, ServerConfig
@@ -332,6 +333,32 @@ def test_reasoning_is_split_from_the_answer_and_the_raw_ids_kept():
     assert "".join(d.get("reasoning_content", "") for d in deltas if d) == "Let me see"
     assert "".join(d.get("content", "") for d in deltas if d) == "Hi!"
     assert ans.output_ids == [1, 2, 3, 4, 5, 6] and ans.finish_reason == "stop" and ans.status == "complete"
+
+
+def test_a_reasoning_model_answer_is_stored_split_and_its_ids_extended(tmp_path):
+    """End to end on a real (scripted) model that thinks first: every turn is
+    <think>REASONING</think>ANSWER, stored split, streamed split, and turn 2 extends turn 1's ids."""
+    model_dir, script = write_scripted_model(tmp_path / "model")
+    with live_server(tiny_engine_config(model=str(model_dir))) as srv:
+        conv_id = create(srv, params={"temperature": 0})["id"]
+        turns = []
+        for content in ("Hi there. How are you?", "And you?"):
+            evts = answer(srv, f"/{conv_id}/messages", content=content, max_tokens=40)
+            deltas = [e for e in evts[:-1] if e["type"] == "delta"]
+            assert "".join(d.get("reasoning_content", "") for d in deltas) == REASONING
+            assert "".join(d.get("content", "") for d in deltas) == ANSWER
+            message = done(evts)["message"]
+            assert (message["reasoning_content"], message["content"]) == (REASONING, ANSWER)
+            assert message["finish_reason"] == "stop" and message["status"] == "complete"
+            turns.append(message)
+        prompt1, output1, _ = srv.app.state.store.token_ids(turns[0]["id"])
+        prompt2, _, _ = srv.app.state.store.token_ids(turns[1]["id"])
+        assert output1 == script[1:]  # the raw ids, think tags and end of turn included
+        assert prompt2[:len(prompt1) + len(output1)] == prompt1 + output1
+        assert turns[1]["stats"]["cached_tokens"] == len(prompt1) + len(output1) - 1
+        stored = get(srv, conv_id)["messages"]
+        assert [(m["role"], m["reasoning_content"]) for m in stored] == \
+            [("user", None), ("assistant", REASONING), ("user", None), ("assistant", REASONING)]
 
 
 # -- stopping -------------------------------------------------------------------------------------
