@@ -4,8 +4,8 @@ temporary SQLite file, so a page reload finds everything again.
 
 Needs Debian's chromium at /usr/bin/chromium; without it these tests fail, unless
 CHATSERVE_SKIP_BROWSER is set, which skips them. Screenshots go to tests/artifacts/ (web.png: a
-stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png, web-reasoning.png;
-the sidebar alone: web-sidebar-hover.png, web-sidebar-rename.png)."""
+stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png, web-reasoning.png,
+web-reasoning-real.png; the sidebar alone: web-sidebar-hover.png, web-sidebar-rename.png)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import requests
 
 from chatserve.config import ServerConfig
 from live_server import live_server, tiny_engine_config
+from scripted_model import ANSWER, REASONING, write_scripted_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -612,6 +613,56 @@ def test_reasoning_starts_collapsed(page):
     assert p.locator("#messages script, #messages img").count() == 0
     p.wait_for_timeout(100)  # an onerror handler would have run by now
     assert p.evaluate("window.__pwned") is None
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(tmp_path_factory):
+    """A second server, on the scripted model (tests/scripted_model.py): a real model whose greedy
+    answer thinks out loud, REASONING, then says ANSWER."""
+    model_dir, _ = write_scripted_model(tmp_path_factory.mktemp("scripted"))
+    db = tmp_path_factory.mktemp("web-reasoning") / "conversations.sqlite3"
+    with live_server(tiny_engine_config(model=str(model_dir)), ServerConfig(db_path=str(db))) as srv:
+        yield srv
+
+
+def test_reasoning_of_a_real_model(browser, reasoning_server):
+    """End to end: the model's <think> part reaches the page as collapsed reasoning, apart from the
+    answer, both while it streams and once stored (a reload)."""
+    page = Page(browser, reasoning_server.url)
+    try:
+        p = page.page
+        expect = page.expect
+        page.new_chat()
+        page.settings(temperature=0, max_tokens=40)  # greedy: the model's generation_config samples
+        page.send("Hi there. How are you?")
+        page.wait_answer()
+        # The zero reached the server (not dropped as falsy): the exact answer alone would not show
+        # it, since the scripted answer is likely at the model's default temperature too.
+        listed = requests.get(f"{reasoning_server.url}/v1/conversations", timeout=10).json()["data"]
+        assert [c["params"]["temperature"] for c in listed] == [0]
+
+        def check() -> None:
+            answer = page.last_answer()
+            expect(answer).to_have_attribute("data-status", "complete")
+            reasoning = answer.locator("details.reasoning")
+            expect(reasoning).to_have_count(1)
+            expect(reasoning).to_have_js_property("open", False)
+            expect(reasoning.locator("summary")).to_have_text("Reasoning")
+            expect(reasoning.locator(".reasoning-body")).to_be_hidden()
+            expect(answer.locator(".content")).to_have_text(ANSWER)
+            assert "think>" not in answer.locator(".bubble").inner_text()
+            reasoning.locator("summary").click()
+            expect(reasoning).to_have_js_property("open", True)
+            expect(reasoning.locator(".reasoning-body")).to_be_visible()
+            expect(reasoning.locator(".reasoning-body")).to_have_text(REASONING)
+
+        check()
+        screenshot(p, "web-reasoning-real.png")
+        page.reload()
+        expect(page.questions()).to_have_text(["Hi there. How are you?"])
+        check()
+    finally:
+        page.close()
 
 
 def test_api_key_from_settings(browser, server):
