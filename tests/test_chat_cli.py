@@ -1,9 +1,11 @@
 """`chatserve chat` through a pseudo-terminal (pexpect), against a real server on loopback with
-dummy_model, checking what it stored through the conversations REST API."""
+dummy_model (and one on the scripted reasoning model of scripted_model.py), checking what it
+stored through the conversations REST API."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pexpect
 import pytest
 import requests
 from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
+from scripted_model import ANSWER, REASONING, write_scripted_model
 
 from chatserve.cli import build_parser
 from chatserve.client.chat import printable
@@ -30,6 +33,15 @@ def server(tmp_path_factory):
     # 256 blocks x 16 tokens: room for the long answer the Ctrl-C test interrupts.
     config = ServerConfig(db_path=str(db), api_key=API_KEY)
     with live_server(tiny_engine_config(num_kv_blocks=256), config) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(tmp_path_factory):
+    """A live server on the scripted reasoning model: its greedy answer to any turn is
+    <think> REASONING </think> ANSWER; conversations in memory."""
+    model_dir, _ = write_scripted_model(tmp_path_factory.mktemp("scripted"))
+    with live_server(tiny_engine_config(model=str(model_dir)), ServerConfig(api_key=API_KEY)) as srv:
         yield srv
 
 
@@ -450,3 +462,62 @@ def test_in_process_model_answers(spawn, tmp_path):
     command(child, "/list", "1. Hello, model in this process")
     quit_with_ctrl_d(child)
     assert db.stat().st_size > 0
+
+
+ANSI = re.compile(r"\x1b\[[\d;]*m")
+DIM_ITALIC = re.compile(r"\x1b\[2;3m(.*?)\x1b\[0m", re.S)
+
+
+def check_reasoning_answer(child: pexpect.spawn) -> None:
+    """An answer streams (in colour) as: the dim italic "(thinking)" label and the reasoning, a new
+    line, the answer in plain text, a new line, then the stats line."""
+    child.expect_exact("assistant> ")
+    child.expect(STATS)
+    shown = child.before
+    assert "".join(DIM_ITALIC.findall(shown)) == f"(thinking) {REASONING}", repr(shown)
+    assert ANSWER not in "".join(DIM_ITALIC.findall(shown))
+    assert ANSI.sub("", shown) == f"(thinking) {REASONING}\r\n{ANSWER}\r\n", repr(shown)
+    child.expect_exact(PROMPT)
+
+
+def test_reasoning_model_end_to_end(reasoning_server, spawn):
+    api = API(reasoning_server.url)
+    child = spawn(url=reasoning_server.url, colour=True)
+    child.expect_exact("New conversation.")
+    child.expect_exact(PROMPT)
+    # The scripted model's generation_config samples: greedy, it says its script.
+    command(child, "/params temperature=0", "temperature=0.0")
+    child.sendline("What is the capital of France?")
+    check_reasoning_answer(child)
+    conv = api.only()
+    user, answer = conv["messages"]
+    assert user["content"] == "What is the capital of France?" and user["reasoning_content"] is None
+    assert (answer["reasoning_content"], answer["content"]) == (REASONING, ANSWER)
+    assert (answer["status"], answer["finish_reason"]) == ("complete", "stop")
+
+    # Every turn's greedy answer is the script again (the logits depend on the last token alone).
+    child.sendline("And of Italy?")
+    check_reasoning_answer(child)
+    messages = api.get(conv["id"])["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[2]["content"] == "And of Italy?"
+    assert (messages[3]["reasoning_content"], messages[3]["content"]) == (REASONING, ANSWER)
+    assert (messages[3]["status"], messages[3]["finish_reason"]) == ("complete", "stop")
+
+    # /history reprints each answer's reasoning, dim italic, before its text.
+    child.sendline("/history")
+    child.expect_exact(PROMPT)
+    shown = child.before
+    assert DIM_ITALIC.findall(shown) == [f"(thinking) {REASONING}"] * 2, repr(shown)
+    history = ANSI.sub("", shown)
+    for n, question in ((1, "What is the capital of France?"), (2, "And of Italy?")):
+        assert f"you #{n}> {question}\r\nassistant #{n}a> (thinking) {REASONING}\r\n{ANSWER}\r\n" in history, \
+            repr(history)
+    quit_with_ctrl_d(child)
+
+    # Resuming shows the last exchange the same way.
+    child = spawn(url=reasoning_server.url)
+    child.expect_exact("Resumed 'What is the capital of France?'")
+    child.expect_exact(f"you #2> And of Italy?\r\nassistant #2a> (thinking) {REASONING}\r\n{ANSWER}\r\n")
+    child.expect_exact(PROMPT)
+    quit_with_ctrl_d(child)
