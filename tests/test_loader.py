@@ -257,3 +257,19 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     message = str(err.value)
     assert "some-org/some-model-7b" in message and "not in the local cache" in message
     assert "pass a local model directory" in message and "--model /path/to/some-model-7b" in message
+
+
+@pytest.mark.parametrize("load_format", ["auto", "dummy"])
+def test_linear_weights_are_stored_column_major_on_the_cpu(qwen2_dir, load_format):
+    loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", load_format=load_format))
+    model = loaded.model
+    q = model.model.layers[0].self_attn.q_proj.weight
+    # Same shape and values as the file's [out, in] matrix, laid out as its contiguous transpose.
+    assert q.shape == (64, 64) and q.t().is_contiguous() and not q.is_contiguous()
+    assert model.model.layers[1].mlp.down_proj.weight.t().is_contiguous()
+    assert model.model.embed_tokens.weight.is_contiguous()  # rows are looked up: row-major stays
+    if load_format == "auto":
+        from safetensors.torch import load_file
+
+        on_file = load_file(qwen2_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+        assert torch.equal(q, on_file)
