@@ -46,3 +46,9 @@ def test_reasoning_models_and_opened_prompts():
     plain = tokenizer.encode("<|im_start|>assistant\n")
     opened = tokenizer.encode("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_reasoning(tokenizer, plain) and prompt_opens_reasoning(tokenizer, opened)
+    # Without the tags (unknown tokens map to [UNK]) a model does not reason.
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bare = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    assert not is_reasoning_model(PreTrainedTokenizerFast(tokenizer_object=bare, unk_token="[UNK]"))

@@ -21,7 +21,7 @@ from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams, TokenLogprob
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_response)
-from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
+from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
                         get_engine, render_chat, sampling_params, unless_disconnected)
 
@@ -334,11 +334,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         text = "".join(c.text)
         message = {"role": "assistant", "content": text}
         if reasoning:
-            parser = ReasoningParser(opened)
-            thought, content = parser.feed(text)
-            more_thought, more_content = parser.flush()
-            message = {"role": "assistant", "content": content + more_content,
-                       "reasoning_content": (thought + more_thought) if parser.thought else None}
+            thought, content = split_reasoning(text, opened)
+            message = {"role": "assistant", "content": content, "reasoning_content": thought}
         answers.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
                         "logprobs": chat_logprobs(tokens, c.logprobs, top) if body.logprobs else None})
     return JSONResponse({**base, "object": "chat.completion", "choices": answers, "usage": usage(gens, [0])})

@@ -11,9 +11,12 @@ THINK_END = "</think>"
 
 
 def is_reasoning_model(tokenizer) -> bool:
-    """A tokenizer with <think> and </think> tokens belongs to a model that thinks out loud."""
-    vocab = tokenizer.get_vocab()
-    return THINK_START in vocab and THINK_END in vocab
+    """A tokenizer with <think> and </think> tokens belongs to a model that thinks out loud.
+    Looked up token by token: get_vocab() builds the whole vocabulary (~85 ms at 152k tokens),
+    too slow for every request."""
+    ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+    return all(i is not None and tokenizer.convert_ids_to_tokens(i) == tag
+               for i, tag in zip(ids, (THINK_START, THINK_END)))
 
 
 def prompt_opens_reasoning(tokenizer, prompt_ids: Sequence[int]) -> bool:
