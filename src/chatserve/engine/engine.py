@@ -311,11 +311,16 @@ class AsyncEngine:
             self._aborting.add(request_id)  # after the put: see _loop
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up of each event loop per step, not one per output: each call_soon_threadsafe
+        # writes to the loop's self-pipe.
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is not None:
                 loop, stream = target
-                loop.call_soon_threadsafe(stream.put_nowait, out)
+                batches.setdefault(loop, []).append((stream, out))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _handle(self, command: str, arg) -> bool:
         if command == "stop":
@@ -338,7 +343,7 @@ class AsyncEngine:
         while True:
             # Taken before this iteration's command: each id in it had its abort queued before
             # then, so carried out before the step below; a token the step makes for it is waste.
-            aborting = set(self._aborting)
+            aborting = set(self._aborting) if self._aborting else ()
             # Block while idle; while busy, take every command that arrived, then step.
             try:
                 cmd = self._commands.get_nowait() if engine.has_unfinished() else self._commands.get()
@@ -353,6 +358,12 @@ class AsyncEngine:
             except Exception as exc:  # keep serving: fail the requests in flight, not the thread
                 log.exception("engine step failed")
                 outputs = engine.finish_all(FinishReason.ERROR, f"internal error in the engine: {exc}")
-            self.num_tokens_after_abort += sum(len(out.token_ids) for out in outputs
-                                               if out.request_id in aborting)
+            if aborting:
+                self.num_tokens_after_abort += sum(len(out.token_ids) for out in outputs
+                                                   if out.request_id in aborting)
             self._deliver(outputs)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, out in batch:
+        stream.put_nowait(out)
