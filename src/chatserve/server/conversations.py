@@ -258,11 +258,16 @@ def find_conversation(store: Store, conv_id: str) -> dict:
     return conv
 
 
-def find_message(store: Store, conv_id: str, message_id: str, param: str = "message_id") -> dict:
+def find_message(store: Store, conv_id: str, message_id: str, param: str = "message_id",
+                 role: Optional[str] = None, wrong_role: str = "") -> dict:
+    """The message, else 404; with role, a message of another role is a 400 saying wrong_role."""
     msg = store.message(conv_id, message_id)
     if msg is None:
         raise APIError(404, f"no message {message_id!r} in conversation {conv_id!r}", "not_found_error",
                        param=param, code="message_not_found")
+    if role is not None and msg["role"] != role:
+        name = "message" if param == "message_id" else param
+        raise APIError(400, f"{name} {message_id!r} {wrong_role}", param=param)
     return msg
 
 
@@ -638,10 +643,8 @@ async def post_message(conv_id: str, body: PostMessage, request: Request, store:
     conv = find_conversation(store, conv_id)
     parent_id = body.parent_id if "parent_id" in body.model_fields_set else conv["current_message_id"]
     if parent_id is not None:
-        parent = find_message(store, conv_id, parent_id, param="parent_id")
-        if parent["role"] != "assistant":
-            raise APIError(400, f"parent_id {parent_id!r} is a user message; a new message follows an answer "
-                                "(to change a message, use .../edit)", param="parent_id")
+        find_message(store, conv_id, parent_id, "parent_id", "assistant",
+                     "is a user message; a new message follows an answer (to change a message, use .../edit)")
     return await start_answer(request, engine, store, conv, parent_id, body.content, body)
 
 
@@ -651,10 +654,8 @@ async def edit_message(conv_id: str, message_id: str, body: EditMessage, request
                        store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
     """A new user message beside the user message message_id (same parent), then its answer, streamed."""
     conv = find_conversation(store, conv_id)
-    msg = find_message(store, conv_id, message_id)
-    if msg["role"] != "user":
-        raise APIError(400, f"message {message_id!r} is an answer; edit a user message, or regenerate this one",
-                       param="message_id")
+    msg = find_message(store, conv_id, message_id, role="user",
+                       wrong_role="is an answer; edit a user message, or regenerate this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], body.content, body)
 
 
@@ -664,10 +665,8 @@ async def regenerate(conv_id: str, message_id: str, request: Request, body: Opti
                      store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
     """A new answer beside the answer message_id (to the same user message), streamed. The body is optional."""
     conv = find_conversation(store, conv_id)
-    msg = find_message(store, conv_id, message_id)
-    if msg["role"] != "assistant":
-        raise APIError(400, f"message {message_id!r} is a user message; regenerate an answer, or edit this one",
-                       param="message_id")
+    msg = find_message(store, conv_id, message_id, role="assistant",
+                       wrong_role="is a user message; regenerate an answer, or edit this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
 
 
@@ -677,10 +676,8 @@ async def stop(conv_id: str, message_id: str, request: Request, store: Store = D
     return it as saved; an answer already ended is returned as it is. (If its stream's reader stalls,
     it may still say generating after 10 s: no more tokens come, and it is saved once the stream ends.)"""
     find_conversation(store, conv_id)
-    msg = find_message(store, conv_id, message_id)
-    if msg["role"] != "assistant":
-        raise APIError(400, f"message {message_id!r} is a user message; only an answer can be stopped",
-                       param="message_id")
+    find_message(store, conv_id, message_id, role="assistant",
+                 wrong_role="is a user message; only an answer can be stopped")
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
     engine: Optional[AsyncEngine] = request.app.state.engine
     if answer is not None and answer.message_id == message_id and engine is not None:
