@@ -9,6 +9,7 @@ import string
 import pytest
 
 from chatserve.engine.detokenizer import IncrementalDetokenizer
+from chatserve.server.openai import BYTE_DECODER
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -105,22 +106,9 @@ def stream(tok, ids, chunk=1, **kwargs):
     return deltas, tail, d
 
 
-def _byte_level_chars():
-    """Inverse of the GPT-2 byte -> printable character table."""
-    direct = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in direct:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
 def token_byte_spans(tok, ids):
     """(start, end) byte offsets of each token of a byte-level BPE sequence."""
-    table = _byte_level_chars()
+    table = BYTE_DECODER  # GPT-2's byte -> printable character table, reversed
     spans, pos = [], 0
     for t in tok.convert_ids_to_tokens(ids):
         n = len(bytes(table[c] for c in t))
