@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 DEFAULT_MODEL = "dummy_model"
+
+
+def data_dir() -> Path:
+    """Where chatserve keeps its files: the conversation store, the terminal chat's history."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "chatserve"
 
 
 @dataclass

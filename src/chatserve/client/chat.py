@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Optional
 
 import httpx
 
+from ..config import data_dir
+
 try:
     import readline
 except ImportError:  # Windows, or a Python built without it: plain input() still works
@@ -174,11 +176,6 @@ class Style:
 
 def colour_wanted(stream=sys.stdout) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
-
-
-def data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "chatserve")
 
 
 # C0 controls but tab and newline, DEL, and C1 controls: a model's output must not move the
@@ -830,7 +827,7 @@ class LocalServer:
 def _setup_readline() -> None:
     if readline is None:
         return
-    path = os.path.join(data_dir(), "chat_history")
+    path = str(data_dir() / "chat_history")
     try:
         readline.read_history_file(path)
     except (OSError, ValueError):

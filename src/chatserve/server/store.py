@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import time
 import uuid
 from pathlib import Path
 from typing import Optional
+
+from ..config import data_dir
 
 log = logging.getLogger("chatserve.server")
 
@@ -60,8 +61,7 @@ MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, reasoning_con
 
 
 def default_db_path() -> Path:
-    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data) / "chatserve" / "conversations.sqlite3"
+    return data_dir() / "conversations.sqlite3"
 
 
 def new_id(prefix: str) -> str:
