@@ -1,8 +1,8 @@
 """The OpenAI API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
 
 Streaming answers are server-sent events: `data: {chunk}` per text delta, a final chunk per choice
-with its finish_reason, a usage chunk when stream_options.include_usage is set, then
-`data: [DONE]`. n > 1 runs n engine requests side by side (they share the prompt's KV blocks
+with its finish_reason (the engine's: "stop", "length", or "abort" when the server shuts down
+mid-answer), a usage chunk when stream_options.include_usage is set, then `data: [DONE]`. n > 1 runs n engine requests side by side (they share the prompt's KV blocks
 through the prefix cache) and interleaves their chunks as they come."""
 
 from __future__ import annotations
@@ -186,11 +186,6 @@ def usage(gens: list[Generation], prompts_once: list[int]) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def finish_reason(out: RequestOutput) -> str:
-    # "abort" only reaches a client when the server shuts down mid-answer.
-    return out.finish_reason or "stop"
-
-
 async def collect(request: Request, gens: list[Generation]) -> Optional[list[ChoiceState]]:
     """Every choice's whole answer; None when the client went away first (the answers are aborted)."""
     choices = [ChoiceState(i) for i in range(len(gens))]
@@ -201,7 +196,7 @@ async def collect(request: Request, gens: list[Generation]) -> Optional[list[Cho
             c.text.append(out.text)
             c.logprobs.extend(out.logprobs or [])
             if out.finished:
-                c.finish_reason, c.error = finish_reason(out), out.error
+                c.finish_reason, c.error = out.finish_reason, out.error
         return True
 
     try:
@@ -298,7 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
         def make_chunk(i: int, out: RequestOutput, last: bool) -> Optional[dict]:
             if last:
-                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(out)}
+                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
             pending[i].extend(out.logprobs or [])
             text = out.text
             delta: dict = {}
@@ -409,7 +404,7 @@ async def completions(body: CompletionRequest, request: Request,
 
         def make_chunk(i: int, out: RequestOutput, last: bool) -> Optional[dict]:
             if last:
-                return {"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(out)}
+                return {"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
             pending[i].extend(out.logprobs or [])
             text, echoes[i] = echoes[i] + out.text, ""
             if not text and not (out.finished and pending[i]):
