@@ -252,6 +252,43 @@ def test_blocks_freed_when_all_requests_error(qwen2_model):
     check_all_free(engine)
 
 
+def test_a_request_that_breaks_the_step_fails_alone(qwen2_model):
+    """A fault caused by one request (here: logprobs past the vocabulary, set behind validation's
+    back, which makes the sampler's topk raise) fails that request only; the others in the batch
+    go on and produce exactly what they produce alone."""
+    engine = make_engine(qwen2_model)
+    prompts = [random_prompt(12, 20), random_prompt(40, 21)]
+    alone = [engine.run_to_completion([rid])[rid].token_ids
+             for rid in (engine.add_request({"prompt_token_ids": p}, greedy(20)) for p in prompts)]
+    bad_params = greedy(20, logprobs=0)
+    bad_params.logprobs = 10**6
+    first = engine.add_request({"prompt_token_ids": prompts[0]}, greedy(20))
+    bad = engine.add_request({"prompt_token_ids": random_prompt(5, 22)}, bad_params)
+    second = engine.add_request({"prompt_token_ids": prompts[1]}, greedy(20))
+    results = engine.run_to_completion([first, bad, second])
+    assert results[bad].finish_reason == "error" and "internal error" in results[bad].error
+    assert results[bad].token_ids == []
+    assert [results[first].token_ids, results[second].token_ids] == alone
+    assert results[first].finish_reason == results[second].finish_reason == "length"
+    check_all_free(engine)
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(qwen2_model):
+    engine = make_engine(qwen2_model)
+    prompt = {"prompt_token_ids": random_prompt(8, 30)}
+    outs = [generate_one(engine, prompt, SamplingParams(max_tokens=8, seed=5, top_k=k, ignore_eos=True))
+            for k in (0, 10**6)]
+    assert outs[0] == outs[1] and len(outs[0]) == 8
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("inf"))
+    check_all_free(engine)
+
+
+def generate_one(engine, prompt, params) -> list[int]:
+    rid = engine.add_request(prompt, params)
+    return engine.run_to_completion([rid])[rid].token_ids
+
+
 # -- 2. Continuous batching and preemption ------------------------------------------------------
 
 

@@ -232,6 +232,18 @@ def test_a_slow_reader_does_not_slow_the_others(server):
     assert sum(1 for c in rest if c.choices[0].delta.content) > 250
 
 
+def test_an_odd_request_does_not_end_the_other_streams(server):
+    """The hardening run's finding: top_k past the vocabulary used to fail the whole batch, so
+    every stream in flight ended with finish_reason "error". Now it means "every token"."""
+    stream = iter(chat(server, messages=HELLO, max_tokens=200, stream=True, extra_body={"ignore_eos": True},
+                       **GREEDY))
+    next(stream)
+    odd = chat(server, max_tokens=3, extra_body={"top_k": 1_000_000})
+    assert odd.choices[0].finish_reason == "length" and odd.usage.completion_tokens == 3
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "length"
+
+
 def test_closing_a_stream_aborts_the_request(server):
     wait_until(lambda: idle(server.engine), "an idle engine")
     stream = chat(server, max_tokens=400, stream=True, **GREEDY)

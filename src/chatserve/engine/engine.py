@@ -144,18 +144,43 @@ class Engine:
         self.num_preemptions += batch.num_preempted
         if not batch:
             return []
-        logits, sampled = self.runner.execute(batch.items)
-        for req, n in batch.items:
+        try:
+            return self._run(batch.items)
+        except Exception as exc:
+            if len(batch.items) == 1:
+                return [self._fail(batch.items[0][0], exc)]
+            log.exception("engine step failed for a batch of %d requests: running each alone to find the culprit",
+                          len(batch.items))
+        # Fault isolation: a request whose parameters break the forward or the sampler fails
+        # alone; the others redo their part of the step (nothing was committed) and go on.
+        outputs = []
+        for item in batch.items:
+            try:
+                outputs.extend(self._run([item]))
+            except Exception as exc:
+                outputs.append(self._fail(item[0], exc))
+        return outputs
+
+    def _run(self, items: list[tuple[Request, int]]) -> list[RequestOutput]:
+        """Forward and sample, then commit: until sampling succeeds no request state changes, so
+        a failed run can be retried request by request."""
+        logits, sampled = self.runner.execute(items)
+        tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
+        for req, n in items:
             req.num_computed_tokens += n
             self.block_manager.commit_full_blocks(req)
-        if not sampled:
-            return []
-        tokens, logprobs = self.sampler(logits, sampled)
         now = time.monotonic()
         outputs = []
         for req, token, lp in zip(sampled, tokens, logprobs):
-            outputs.append(self._append_token(req, token, lp, now))
+            try:
+                outputs.append(self._append_token(req, token, lp, now))
+            except Exception as exc:  # past the commit: this request ends, the others go on
+                outputs.append(self._fail(req, exc))
         return outputs
+
+    def _fail(self, req: Request, exc: Exception) -> RequestOutput:
+        log.error("request %s failed in the engine: %r", req.request_id, exc, exc_info=exc)
+        return self._finish(req, FinishReason.ERROR, error=f"internal error in the engine: {exc}")
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
         req.token_ids.append(token)

@@ -97,6 +97,7 @@ class CompletionOutput:
     stop_reason: Optional[object] = None
     num_cached_tokens: int = 0
     logprobs: Optional[list[TokenLogprob]] = None
+    error: Optional[str] = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
@@ -105,4 +106,4 @@ class CompletionOutput:
             self.logprobs = (self.logprobs or []) + out.logprobs
         self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error

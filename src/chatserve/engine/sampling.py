@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -42,6 +43,9 @@ class SamplingParams:
         def bad(name: str, rule: str) -> None:
             raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be a finite number")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad("max_tokens", "must be at least 1")
         if self.temperature < 0:
@@ -115,7 +119,9 @@ def _filter(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     logits = logits / temps
     top_k = [r.params.top_k for r in rows]
     if any(top_k):
-        k = torch.tensor([t if t > 0 else logits.shape[1] for t in top_k], device=dev)
+        # top_k past the vocabulary keeps every token, as top_k = 0 does.
+        vocab = logits.shape[1]
+        k = torch.tensor([t if 0 < t < vocab else vocab for t in top_k], device=dev)
         kmax = int(k.max())
         kth = logits.topk(kmax, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
