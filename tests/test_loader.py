@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from chatserve import Engine, EngineConfig, SamplingParams
 from chatserve.models import ARCHITECTURES
 from chatserve.models.dummy import build_dummy_tokenizer
-from chatserve.models.layers import AttentionMetadata, KVCache, PrefillSpan
 from chatserve.models.loader import ModelLoadError, load_model, resolve_dtype
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -31,15 +30,8 @@ def load(path, **kw):
     return load_model(EngineConfig(model=str(path), device="cpu", **kw))
 
 
-@torch.inference_mode()
 def prompt_logits(loaded, ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one prompt, through the model's own paged-attention path."""
-    cfg, n = loaded.config, len(ids)
-    block_size = 16
-    kv = KVCache(cfg.num_hidden_layers, -(-n // block_size), block_size, cfg.num_key_value_heads, cfg.head_dim,
-                 loaded.dtype, loaded.device)
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, n)], num_prefill_tokens=n)
-    return loaded.model(torch.tensor(ids), torch.arange(n), meta, kv, torch.arange(n))
+    return loaded.model.score(ids)
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -241,7 +233,7 @@ def test_directory_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load(tmp_path / "empty")
-    with pytest.raises(ModelLoadError, match="not a directory"):
+    with pytest.raises(ModelLoadError, match="neither a directory holding config.json and weights nor a .gguf file"):
         load(tmp_path / "does-not-exist")
 
 

@@ -18,12 +18,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     g = parser.add_argument_group("model and engine")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a local Hugging Face model directory, a hub id (downloaded into the HF cache), or "
-                        f"'{DEFAULT_MODEL}', the built-in random model that needs no download (default)")
+                   help="a local Hugging Face model directory, a .gguf file (llama.cpp/Ollama), a hub id "
+                        "(org/name, or org/name/file.gguf for one GGUF of a repo; downloaded into the HF cache), "
+                        f"or '{DEFAULT_MODEL}', the built-in random model that needs no download (default)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to download")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights and activations; auto = bfloat16 on CUDA and on CPUs with native bf16 "
                         "(avx512_bf16/AMX), else float32")
+    g.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "none"],
+                   help="weight-only quantization at load, on the CPU: int8 (per output channel) or int4 "
+                        "(groups of 32) for every Linear layer, the output head and the embedding (int8). "
+                        "Default: as the checkpoint stores them (safetensors at --dtype; a GGUF's Q4_0/Q4_1 "
+                        "blocks run as int4 as they are, Q8_0/Q6_K as int8); none = dequantize a GGUF to --dtype")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (auto picks CUDA when present)")
     g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="dummy = random weights on the model's real config (benchmarks without weights)")

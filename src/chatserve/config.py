@@ -25,6 +25,11 @@ class EngineConfig:
     # "auto" reads the weights from the model's files; "dummy" gives random weights on the real config.
     load_format: str = "auto"
     revision: Optional[str] = None
+    # Weight-only quantization: None keeps the checkpoint's form (a safetensors model runs at dtype;
+    # a GGUF's Q4 blocks run as int4, Q8_0 and Q6_K as int8), "int8" (per output channel) or
+    # "int4" (groups of 32) quantize every Linear layer and the embedding at load (CPU only),
+    # "none" dequantizes a GGUF to dtype.
+    quantization: Optional[str] = None
     # Tokens per KV block.
     block_size: int = 16
     # Memory for the KV cache pool, in GiB. Ignored when num_kv_blocks is set.
@@ -52,6 +57,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gib must be > 0")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.quantization not in (None, "int8", "int4", "none"):
+            raise ValueError(f"quantization must be int8, int4 or none, got {self.quantization!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 

@@ -36,6 +36,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> tuple
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return inv_freq.float(), 1.0
+    if rope_type == "freq_factors":  # a GGUF's rope_freqs tensor: one divisor per frequency
+        return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)).float(), 1.0
     if rope_type == "linear":
         return (inv_freq / scaling["factor"]).float(), 1.0
     if rope_type == "llama3":
@@ -252,9 +254,23 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+    @torch.inference_mode()
+    def score(self, input_ids: list[int], block_size: int = 16) -> torch.Tensor:
+        """Logits [n, vocab] at every position of one sequence, through the paged-attention prefill
+        path with a KV cache of its own (quality checks, prompt logprobs)."""
+        cfg, n = self.config, len(input_ids)
+        dtype, device = self.model.norm.weight.dtype, self.model.norm.weight.device
+        kv = KVCache(cfg.num_hidden_layers, -(-n // block_size), block_size, cfg.num_key_value_heads, cfg.head_dim,
+                     dtype, device)
+        positions = torch.arange(n, device=device)
+        meta = AttentionMetadata(slot_mapping=positions, prefills=[PrefillSpan(0, n, n)], num_prefill_tokens=n)
+        return self(torch.tensor(input_ids, device=device), positions, meta, kv, positions)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # A tied model has an lm_head module only when quantization gave it its own.
+        if "lm_head" in self._modules:
+            return self.lm_head(x)
+        return F.linear(x, self.model.embed_tokens.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
@@ -264,4 +280,4 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, meta, kv_cache)
         x = self.model.norm(x[logits_indices])
-        return F.linear(x, self.output_weight).float()
+        return self.compute_logits(x).float()

@@ -7,9 +7,11 @@ import json
 import logging
 import mmap
 import struct
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -19,6 +21,8 @@ from ..config import EngineConfig
 from . import ARCHITECTURES
 from .layers import CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
+from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, check_supported,
+                           quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
 
@@ -78,24 +82,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
-    """A local directory as it is, or a hub id downloaded (with progress bars) into the HF cache."""
+    """A local directory or .gguf file as it is; a hub id downloaded (with progress bars) into the
+    HF cache: `org/name` is a model directory, `org/name/file.gguf` one GGUF file of a repo."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model path {model!r} is not a directory holding config.json and weights")
-    from huggingface_hub import snapshot_download
+    hub_gguf = model.count("/") == 2 and model.lower().endswith(".gguf") and not model.startswith((".", "/", "~"))
+    if path.exists() or model.startswith((".", "/", "~")) or (model.count("/") > 1 and not hub_gguf):
+        raise ModelLoadError(f"model path {model!r} is neither a directory holding config.json and weights "
+                             f"nor a .gguf file")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    def download(local_files_only: bool) -> Path:
+        if hub_gguf:
+            repo, filename = model.rsplit("/", 1)
+            return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_files_only))
+        return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      local_files_only=local_files_only))
 
     try:
-        return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
+        return download(local_files_only=False)
     except Exception as online_error:  # offline, unknown repo, gated, ...: fall back on the cache
         try:
-            return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+            return download(local_files_only=True)
         except Exception:
             raise ModelLoadError(
                 f"could not download {model!r} from the Hugging Face Hub and it is not in the local cache "
                 f"({type(online_error).__name__}: {online_error}). If this machine is offline, pass a local "
-                f"model directory instead, e.g. --model /path/to/{model.split('/')[-1]}"
+                f"model directory or .gguf file instead, e.g. --model /path/to/{model.split('/')[-1]}"
             ) from None
 
 
@@ -177,6 +191,11 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)
+
+
 def linear_weight_names(model: nn.Module) -> set[str]:
     return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
@@ -192,39 +211,144 @@ def place(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, column
     return tensor.to(device=device, dtype=dtype, copy=True)
 
 
-def load_weights(model: CausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    expected = dict(model.named_parameters())
-    linear = linear_weight_names(model)
-    loaded = set()
+@dataclass
+class WeightSource:
+    """One checkpoint tensor on its way into the model: its values (read lazily: a GGUF tensor is
+    dequantized only when it runs as floats), how the file stores it, and exact int4 groups when
+    the file's blocks are int4 groups already."""
+
+    shape: tuple
+    values: Callable[[], torch.Tensor]
+    stored_as: str = "float"  # "float", or the GGUF block type (Q4_1, Q8_0, ...)
+    stored_method: Optional[str] = None  # how it runs when no --quantization is given
+    int4_groups: Optional[Callable[[], Optional[tuple]]] = None
+    release: Callable[[], None] = lambda: None
+
+
+class WeightLoader:
+    """Puts checkpoint tensors into the meta-built model by their Hugging Face names, as floats at
+    the run dtype or as quantized Linear layers, and says what it did."""
+
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str]):
+        self.model, self.device, self.dtype, self.quantization = model, device, dtype, quantization
+        self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        self.linear = linear_weight_names(model)
+        self.loaded: set[str] = set()
+        self.float_bytes = 0  # what the weights would take at the run dtype
+        self.kinds: Counter = Counter()  # "int4" / "int8" / "float" -> Linear layers
+        self.notes: list[str] = []
+
+    def method(self, source: WeightSource) -> Optional[str]:
+        if self.quantization == "none":
+            return None
+        return self.quantization or source.stored_method
+
+    def put(self, name: str, source: WeightSource) -> None:
+        if name not in self.expected:
+            return  # e.g. lm_head.weight of a tied model, rotary inv_freq buffers
+        if tuple(source.shape) != self.expected[name]:
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(source.shape)} != config's {self.expected[name]}")
+        self.float_bytes += math.prod(source.shape) * self.dtype.itemsize
+        method = self.method(source)
+        if name == "model.embed_tokens.weight" and method is not None:
+            self._put_quantized_embedding(source, method)
+        elif name in self.linear and method is not None:
+            module_name = name.rpartition(".")[0]
+            self._set_quantized(module_name, self._quantized_linear(source, method))
+        else:
+            # Always a copy, even on the CPU at the file's dtype: weights used in place from the file
+            # mapping decode ~15% slower than aligned anonymous memory (benchmarks/throughput.py's
+            # model: 10.9 vs 12.6 tokens/s). The file pages go back to the kernel tensor by tensor,
+            # so the peak stays near one copy of the weights.
+            _set_param(self.model, name, place(source.values(), self.device, self.dtype, name in self.linear))
+            if name in self.linear:
+                self.kinds["float"] += 1
+        source.release()
+        self.loaded.add(name)
+
+    def _quantized_linear(self, source: WeightSource, method: str,
+                          values: Optional[torch.Tensor] = None) -> QuantizedLinear:
+        groups = source.int4_groups() if method == "int4" and source.int4_groups else None
+        if groups is not None and Int4Linear.fits(tuple(source.shape)):
+            layer = Int4Linear(*groups, INT4_GROUP_SIZE)
+        else:
+            layer = quantize_linear(method, source.values() if values is None else values)
+        kind = "int4" if isinstance(layer, Int4Linear) else "int8"
+        self.kinds[kind] += 1
+        if source.stored_as != "float":
+            how = "as it is" if groups is not None and kind == "int4" else "dequantized and requantized"
+            self.notes.append(f"{source.stored_as} -> {kind} {how}")
+        return layer
+
+    def _set_quantized(self, module_name: str, layer: QuantizedLinear) -> None:
+        old = self.model.get_submodule(module_name)
+        if getattr(old, "bias", None) is not None and not old.bias.is_meta:
+            layer.bias = old.bias  # the bias came first in the file
+        _set_module(self.model, module_name, layer)
+
+    def _put_quantized_embedding(self, source: WeightSource, method: str) -> None:
+        """The embedding as int8 rows (a lookup cannot use int4's packed layout); a tied model's
+        head becomes a quantized Linear of the same values (sharing the int8 tensors when int8)."""
+        values = source.values()
+        qweight, scales = quantize_int8(values)
+        self.model.model.embed_tokens = Int8Embedding(qweight, scales, self.dtype)
+        if self.model.tie_word_embeddings:
+            if method == "int8":
+                self.model.lm_head = Int8Linear(qweight, scales)
+                self.kinds["int8"] += 1
+            else:
+                self.model.lm_head = self._quantized_linear(source, method, values)
+        if source.stored_as != "float":
+            self.notes.append(f"{source.stored_as} -> int8 embedding")
+
+    def finish(self, where: str) -> None:
+        missing = sorted(set(self.expected) - self.loaded)
+        if missing:
+            raise ModelLoadError(f"weights missing from {where}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if self.kinds["int4"] or self.kinds["int8"]:
+            actual = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
+                         if t is not self.model.rotary.cos and t is not self.model.rotary.sin)
+            layers = ", ".join(f"{n} {kind}" for kind, n in sorted(self.kinds.items()) if n)
+            notes = "; ".join(f"{n} x {note}" for note, n in Counter(self.notes).items())
+            log.info("quantized weights: Linear layers %s (head included), embedding int8%s; weights %.2f MiB at %s "
+                     "-> %.2f MiB", layers, f"; {notes}" if notes else "", self.float_bytes / 2**20,
+                     str(self.dtype).replace("torch.", ""), actual / 2**20)
+
+
+def load_weights(model: CausalLM, path: Path, device: torch.device, dtype: torch.dtype,
+                 quantization: Optional[str] = None) -> None:
+    loader = WeightLoader(model, device, dtype, quantization)
     for st, name in iter_checkpoint(path):
-        if name not in expected:
-            continue  # e.g. lm_head.weight of a tied model, rotary inv_freq buffers
-        tensor = st.tensor(name)
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != config's {tuple(expected[name].shape)}")
-        # Always a copy, even on the CPU at the file's dtype: weights used in place from the file
-        # mapping decode ~15% slower than aligned anonymous memory (benchmarks/throughput.py's
-        # model: 10.9 vs 12.6 tokens/s). The file pages go back to the kernel tensor by tensor,
-        # so the peak stays near one copy of the weights.
-        _set_param(model, name, place(tensor, device, dtype, name in linear))
-        st.release(name)
-        loaded.add(name)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise ModelLoadError(f"weights missing from {path}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        shape = tuple(st.header[name]["shape"])
+        loader.put(name, WeightSource(shape, lambda st=st, name=name: st.tensor(name),
+                                      release=lambda st=st, name=name: st.release(name)))
+    loader.finish(str(path))
 
 
-def init_random_weights(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, device: torch.device,
+                      dtype: torch.dtype, quantization: Optional[str]) -> None:
+    from . import gguf
+
+    loader = WeightLoader(model, device, dtype, quantization)
+    tensors = list(gguf.iter_tensors(reader, raw_config))
+    for name, tensor in tqdm(tensors, desc="Loading weights", unit="tensor", disable=None, leave=False):
+        loader.put(name, WeightSource(tensor.shape, tensor.dequantize, tensor.type_name,
+                                      gguf.stored_method(tensor.type_name), tensor.int4_groups))
+    loader.finish(str(path))
+
+
+def init_random_weights(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int,
+                        quantization: Optional[str] = None) -> None:
     """--load-format dummy: the real architecture's shapes, random values (deterministic per seed)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    linear = linear_weight_names(model)
-    for name, param in list(model.named_parameters()):
+    loader = WeightLoader(model, device, dtype, quantization)
+    for name, shape in list(loader.expected.items()):
         if name.endswith("norm.weight"):
-            value = torch.ones(param.shape, dtype=dtype, device=device)
+            value = torch.ones(shape)
         else:
-            value = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
-            value = place(value, device, dtype, name in linear)
-        _set_param(model, name, value)
+            value = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+        loader.put(name, WeightSource(shape, lambda value=value: value))
+    loader.finish("the random initialisation")
 
 
 def dummy_config_dict(tokenizer) -> dict:
@@ -245,6 +369,9 @@ def read_json(path: Path) -> dict:
 
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
+    quantization = config.quantization
+    check_supported(quantization, device)
+    reader = None
     if config.model == DUMMY_MODEL_NAME:
         from .dummy import build_dummy_tokenizer
 
@@ -253,15 +380,29 @@ def load_model(config: EngineConfig) -> LoadedModel:
         path, load_format, gen_cfg = None, "dummy", {"eos_token_id": raw["eos_token_id"]}
     else:
         path = resolve_model_path(config.model, config.revision)
-        raw = read_json(path / "config.json")
-        if not raw:
-            raise ModelLoadError(f"{path} has no config.json: is it a Hugging Face model directory?")
-        from transformers import AutoTokenizer
-
-        # Never run code shipped in a model directory.
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         load_format = config.load_format
-        gen_cfg = read_json(path / "generation_config.json")
+        if path.is_file():
+            from . import gguf
+
+            try:
+                reader = gguf.open_gguf(path)
+                raw = gguf.read_config(path, reader)
+                tokenizer = gguf.load_tokenizer(path)
+            except (ValueError, OSError) as exc:
+                raise ModelLoadError(f"cannot load the GGUF file {path}: {exc}") from None
+            gen_cfg = {}
+            if quantization is None and device.type != "cpu":
+                log.info("GGUF on %s: quantized tensors are dequantized (the int4/int8 kernels are the CPU's)", device)
+                quantization = "none"
+        else:
+            raw = read_json(path / "config.json")
+            if not raw:
+                raise ModelLoadError(f"{path} has no config.json: is it a Hugging Face model directory?")
+            from transformers import AutoTokenizer
+
+            # Never run code shipped in a model directory.
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            gen_cfg = read_json(path / "generation_config.json")
 
     arch = (raw.get("architectures") or [""])[0]
     cls = ARCHITECTURES.get(arch)
@@ -271,9 +412,11 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     model = build_model(cls, model_cfg, device)
     if load_format == "dummy":
-        init_random_weights(model, device, dtype, config.seed)
+        init_random_weights(model, device, dtype, config.seed, quantization)
+    elif reader is not None:
+        load_gguf_weights(model, reader, raw, path, device, dtype, quantization)
     else:
-        load_weights(model, path, device, dtype)
+        load_weights(model, path, device, dtype, quantization)
     model.eval()
     name = config.model if path is None else config.model.rstrip("/")
     log.info("loaded %s (%s) on %s in %s", name, arch, device, str(dtype).replace("torch.", ""))

@@ -1,0 +1,154 @@
+"""Weight-only quantization: Linear layers whose weights are int8 (one scale per output channel) or
+int4 (groups of 32 along the input, a scale and a zero point each), multiplied by PyTorch's CPU
+kernels; and an int8 embedding that looks rows up and scales them.
+
+The kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) are fast only with
+bfloat16 activations (measured on 2 threads, one token: 576x1536 int4 56 us with bf16 input,
+776 us with fp32), so a quantized layer takes any input dtype, multiplies in bf16 and gives the
+input's dtype back. For many rows at once (prefill) a plain bf16 GEMM beats the int8 kernel, so
+Int8Linear dequantizes there (128 rows of 576x1536: 755 us against 1631 us)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Values of EngineConfig.quantization (and --quantization): None keeps the checkpoint's own form
+# (float safetensors stay float; a GGUF's quantized blocks run quantized), "none" dequantizes
+# everything to the run dtype.
+QUANTIZATION_METHODS = ("int8", "int4", "none")
+INT4_GROUP_SIZE = 32
+COMPUTE_DTYPE = torch.bfloat16
+# Above this many rows Int8Linear dequantizes its weight and runs a bf16 GEMM instead of the kernel.
+INT8_KERNEL_MAX_ROWS = 16
+
+
+def check_supported(method: Optional[str], device: torch.device) -> None:
+    if method not in (None, *QUANTIZATION_METHODS):
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
+    if method in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"--quantization {method} runs on the CPU only (PyTorch's weight-only CPU kernels); "
+                         f"on {device.type} run --quantization none with --dtype bfloat16")
+
+
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: flattening, the bf16 round trip and the bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        out = self.matmul(rows).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
+    """weight [out, in] int8, scales [out]: w = q * scale."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE).contiguous())
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "Int8Linear":
+        return cls(*quantize_int8(weight), bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return F.linear(x, self.qweight.to(COMPUTE_DTYPE)) * self.scales
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float().unsqueeze(1)
+
+
+class Int4Linear(QuantizedLinear):
+    """weight [out, in] in 4 bits, in groups of `group_size` along `in`: w = (q - 8) * scale + zero,
+    q in [0, 15], kept in the kernel's packed layout; scales_and_zeros [in / group, out, 2]."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: Optional[torch.Tensor] = None):
+        """q: [out, in] integers in [0, 15]; scales, zeros: [out, in / group_size]."""
+        out_features, in_features = q.shape
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales.t(), zeros.t()], dim=-1).to(COMPUTE_DTYPE).contiguous())
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
+        return cls(*quantize_int4(weight, group_size), group_size, bias)
+
+    @staticmethod
+    def fits(weight_shape: tuple[int, int], group_size: int = INT4_GROUP_SIZE) -> bool:
+        """The CPU kernel packs outputs in tiles of 16 and inputs in whole groups."""
+        out_features, in_features = weight_shape
+        return out_features % 16 == 0 and in_features % group_size == 0
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one scale each (the int8 head's own layout, so a
+    tied model's embedding and head can share it)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: the largest magnitude of each row maps to 127."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127
+    q = torch.round(w / scales.unsqueeze(1)).clamp_(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group: each group's min..max maps onto 0..15."""
+    out_features, in_features = weight.shape
+    w = weight.float().reshape(out_features, in_features // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((w - lo.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15)
+    # The kernel computes (q - 8) * scale + zero; q * scale + lo is the same with zero = lo + 8 * scale.
+    return q.reshape(out_features, in_features).to(torch.uint8), scales, lo + 8 * scales
+
+
+def quantize_linear(method: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> QuantizedLinear:
+    """A float weight [out, in] as a quantized Linear; int4 falls back to int8 where the kernel's
+    tiling does not fit the shape."""
+    if method == "int4" and Int4Linear.fits(tuple(weight.shape)):
+        return Int4Linear.quantize(weight, bias)
+    return Int8Linear.quantize(weight, bias)

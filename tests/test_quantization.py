@@ -1,0 +1,87 @@
+"""Weight-only int8 / int4 quantization of a safetensors model at load (--quantization)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatserve import Engine, EngineConfig, SamplingParams
+from chatserve.models.loader import load_model
+from chatserve.models.quantization import (
+    INT8_KERNEL_MAX_ROWS,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    check_supported,
+    quantize_int4,
+    quantize_int8,
+)
+
+TEXT_IDS = [17, 250, 3, 999, 42, 640, 77, 5, 310, 128, 64, 900, 11, 12, 13, 500, 501, 2, 760, 33] * 3
+
+
+def test_int8_layer_is_its_dequantized_matmul():
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 64) * 0.1, torch.randn(96)
+    layer = Int8Linear.quantize(w, bias)
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    deq = q.float() * scales.bfloat16().float().unsqueeze(1)
+    # The kernel (few rows) and the dequantized GEMM (many rows) compute the same product.
+    for rows in (1, INT8_KERNEL_MAX_ROWS + 8):
+        x = torch.randn(rows, 64)
+        expected = F.linear(x.bfloat16().float(), deq, bias)
+        torch.testing.assert_close(layer(x), expected, atol=0.05, rtol=0.02)
+    assert (deq - w).abs().max() <= w.abs().max() / 127
+
+
+def test_int4_layer_is_its_dequantized_matmul():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128) * 0.1
+    q, scales, zeros = quantize_int4(w, 32)
+    assert q.min() >= 0 and q.max() <= 15
+    deq = ((q.float() - 8).view(64, 4, 32) * scales.unsqueeze(-1) + zeros.unsqueeze(-1)).view(64, 128)
+    assert (deq - w).abs().max() <= (scales.max() / 2) * 1.001  # rounding: at most half a step
+    layer = Int4Linear(q, scales, zeros, 32)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), F.linear(x, deq), atol=0.05, rtol=0.02)
+    assert layer(x.view(1, 3, 128)).shape == (1, 3, 64)
+    assert not Int4Linear.fits((1005, 128)) and Int4Linear.fits((64, 128))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_stays_close_to_fp32(qwen2_dir, method, caplog):
+    fp32 = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32"))
+    with caplog.at_level(logging.INFO, logger="chatserve.loader"):
+        quant = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", quantization=method))
+    layer = quant.model.model.layers[0]
+    kind = Int8Linear if method == "int8" else Int4Linear
+    assert isinstance(layer.self_attn.q_proj, kind) and isinstance(layer.mlp.down_proj, kind)
+    assert layer.self_attn.q_proj.bias is not None  # Qwen2's biases came along
+    torch.testing.assert_close(layer.self_attn.q_proj.bias, fp32.model.model.layers[0].self_attn.q_proj.bias)
+    assert isinstance(quant.model.model.embed_tokens, Int8Embedding)
+    # The tied head got its own quantized layer (int8 for int4 too: 1005 outputs do not tile by 16).
+    assert isinstance(quant.model.lm_head, Int8Linear)
+    (line,) = [r.getMessage() for r in caplog.records if "quantized weights" in r.getMessage()]
+    assert f"{method}" in line and "MiB at float32 ->" in line
+    before, after = (float(x.split()[0]) for x in line.split("weights ")[-1].split("->"))
+    assert after < before / 2
+    ref, got = fp32.model.score(TEXT_IDS), quant.model.score(TEXT_IDS)
+    cosine = F.cosine_similarity(ref, got, dim=-1).min().item()
+    assert cosine > (0.995 if method == "int8" else 0.85), cosine
+    # The engine runs it: greedy decode (the kernel path, one row) matches the model's own scoring.
+    engine = Engine(EngineConfig(model=quant.name, device="cpu", dtype="float32", num_kv_blocks=32), loaded=quant)
+    rid = engine.add_request({"prompt_token_ids": TEXT_IDS}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    tokens = engine.run_to_completion([rid])[rid].token_ids
+    assert tokens[0] == got[-1].argmax().item()
+
+
+def test_quantization_is_checked_up_front():
+    with pytest.raises(ValueError, match="int8, int4 or none"):
+        EngineConfig(quantization="q4_k").validate()
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        check_supported("int4", torch.device("cuda"))
+    check_supported("none", torch.device("cuda"))
