@@ -168,6 +168,36 @@ class CpuShare:
         return text
 
 
+def cpu_description() -> str:
+    """The CPU model, and whether it has native bf16 (avx512_bf16) and AMX, from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "CPU unknown (no /proc/cpuinfo)"
+
+    def value(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
+
+    flags = set(value("flags").split())
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    return (f"{value('model name') or 'CPU unknown'}, {os.cpu_count()} CPUs; "
+            f"avx512_bf16: {'yes' if 'avx512_bf16' in flags else 'no'}; amx: {' '.join(amx) if amx else 'no'}")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -185,22 +215,28 @@ class Row:
     passed: bool | None = None
 
 
-def _fmt(x: float | None) -> str:
+def format_number(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
 
 
-def print_table(rows: list[Row], title: str) -> None:
-    header = ("metric", "unit", "chatserve", "reference", "ratio", "target", "ok")
-    lines = [(r.metric, r.unit, _fmt(r.chatserve), _fmt(r.reference) + (f" ({r.reference_name})" if r.reference_name and r.reference is not None else ""),
-              _fmt(r.ratio), r.target, {True: "yes", False: "NO", None: "-"}[r.passed]) for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+def print_grid(header: tuple[str, ...], lines: list[tuple], title: str) -> None:
+    """A plain-text table: a title, a header row, a rule, then the lines, columns padded to fit."""
+    lines = [tuple(str(c) for c in line) for line in lines]
+    widths = [max(len(c) for c in col) for col in zip(header, *lines)]
     print(f"\n{title}")
     for i, line in enumerate([header, *lines]):
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    header = ("metric", "unit", "chatserve", "reference", "ratio", "target", "ok")
+    lines = [(r.metric, r.unit, format_number(r.chatserve), format_number(r.reference) + (f" ({r.reference_name})" if r.reference_name and r.reference is not None else ""),
+              format_number(r.ratio), r.target, {True: "yes", False: "NO", None: "-"}[r.passed]) for r in rows]
+    print_grid(header, lines, title)
 
 
 def write_json(rows: list[Row], path: Path, **meta) -> None:

@@ -139,7 +139,7 @@ def test_quantized_runs_agree_with_fp32(fp32, gguf_path, quantization, min_agree
     loaded = load_model(EngineConfig(model=str(gguf_path), device="cpu", dtype="float32", quantization=quantization))
     layer = loaded.model.model.layers[0]
     expected_kind = Int8Linear if quantization == "int8" else Int4Linear
-    assert isinstance(layer.mlp.down_proj, expected_kind) and isinstance(layer.self_attn.q_proj, expected_kind)
+    assert isinstance(layer.mlp.down_proj, expected_kind) and isinstance(layer.self_attn.qkv_proj, expected_kind)
     assert isinstance(loaded.model.model.embed_tokens, Int8Embedding)
     ids = fp32.tokenizer.encode(TEXT)
     agreement = (loaded.model.score(ids).argmax(-1) == fp32.model.score(ids).argmax(-1)).float().mean().item()

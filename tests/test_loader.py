@@ -255,13 +255,13 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
 def test_linear_weights_are_stored_column_major_on_the_cpu(qwen2_dir, load_format):
     loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", load_format=load_format))
     model = loaded.model
-    q = model.model.layers[0].self_attn.q_proj.weight
-    # Same shape and values as the file's [out, in] matrix, laid out as its contiguous transpose.
-    assert q.shape == (64, 64) and q.t().is_contiguous() and not q.is_contiguous()
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    # Same shape and values as the file's [out, in] matrices stacked, laid out as its contiguous transpose.
+    assert qkv.shape == (64 + 2 * 32, 64) and qkv.t().is_contiguous() and not qkv.is_contiguous()
     assert model.model.layers[1].mlp.down_proj.weight.t().is_contiguous()
     assert model.model.embed_tokens.weight.is_contiguous()  # rows are looked up: row-major stays
     if load_format == "auto":
         from safetensors.torch import load_file
 
-        on_file = load_file(qwen2_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
-        assert torch.equal(q, on_file)
+        on_file = load_file(qwen2_dir / "model.safetensors")
+        assert torch.equal(qkv, torch.cat([on_file[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]))

@@ -59,9 +59,9 @@ def test_quantized_model_stays_close_to_fp32(qwen2_dir, method, caplog):
         quant = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", quantization=method))
     layer = quant.model.model.layers[0]
     kind = Int8Linear if method == "int8" else Int4Linear
-    assert isinstance(layer.self_attn.q_proj, kind) and isinstance(layer.mlp.down_proj, kind)
-    assert layer.self_attn.q_proj.bias is not None  # Qwen2's biases came along
-    torch.testing.assert_close(layer.self_attn.q_proj.bias, fp32.model.model.layers[0].self_attn.q_proj.bias)
+    assert isinstance(layer.self_attn.qkv_proj, kind) and isinstance(layer.mlp.down_proj, kind)
+    assert layer.self_attn.qkv_proj.bias is not None  # Qwen2's biases came along
+    torch.testing.assert_close(layer.self_attn.qkv_proj.bias, fp32.model.model.layers[0].self_attn.qkv_proj.bias)
     assert isinstance(quant.model.model.embed_tokens, Int8Embedding)
     # The tied head got its own quantized layer (int8 for int4 too: 1005 outputs do not tile by 16).
     assert isinstance(quant.model.lm_head, Int8Linear)

@@ -54,13 +54,15 @@ class ModelRunner:
                 logits_indices.append(offset + n - 1)
                 sampled.append(req)
 
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefills=prefills,
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
             lens = self._tensor(decode_lens)
-            meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens.unsqueeze(1))[:, None, None, :]
+            attend = torch.arange(width * bs, device=self.device) < lens.unsqueeze(1)
+            meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(~attend, float("-inf"))[
+                :, None, None, :]
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
                             self._tensor(logits_indices))
         return logits, sampled

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+ROWS_PER_SLAB = 4096
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 _LAYER_NAMES = {
@@ -42,8 +43,8 @@ def hf_name(name: str) -> Optional[str]:
     return None
 
 
-def read_config(path: Path, reader) -> dict:
-    """A Hugging Face config dict from the GGUF metadata."""
+def read_config(path: Path) -> dict:
+    """A Hugging Face config dict from the GGUF metadata, as transformers reads it."""
     from transformers import AutoConfig
 
     raw = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
@@ -52,14 +53,17 @@ def read_config(path: Path, reader) -> dict:
         raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported; supported: "
                          f"{', '.join(ARCHITECTURES)}")
     raw["architectures"] = [ARCHITECTURES[arch]]
-    names = {t.name for t in reader.tensors}
-    # Tied embeddings: the file has no separate output matrix.
-    raw["tie_word_embeddings"] = "output.weight" not in names
-    if "rope_freqs.weight" in names:
-        # Llama 3.1+ files carry the rope scaling as per-frequency divisors instead of config values.
-        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        raw["rope_scaling"] = {"rope_type": "freq_factors", "factors": np.asarray(factors.data, np.float32).tolist()}
     return raw
+
+
+def complete_config(raw: dict, reader) -> None:
+    """What only the tensor list tells: tied embeddings, Llama 3.1's rope factors."""
+    tensors = {t.name: t for t in reader.tensors}
+    raw["tie_word_embeddings"] = "output.weight" not in tensors
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1+ files carry the rope scaling as per-frequency divisors instead of config values.
+        factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32)
+        raw["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
 
 
 def load_tokenizer(path: Path):
@@ -95,10 +99,19 @@ class GGUFTensor:
         return array if self._rows is None else array[self._rows]
 
     def dequantize(self) -> torch.Tensor:
+        """Float32 values, dequantized a slab of rows at a time: gguf's numpy dequantization makes
+        several full-size temporaries, which for a large embedding would be gigabytes."""
         from gguf.quants import dequantize
 
-        values = dequantize(self._ordered(self.raw) if self.raw.ndim == 2 else self.raw, self.type)
-        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(self.shape)  # a copy: the file map is read-only
+        raw = self._ordered(self.raw)
+        if raw.ndim == 1:
+            return torch.from_numpy(np.array(dequantize(raw, self.type), dtype=np.float32)).reshape(self.shape)
+        out = torch.empty(self.shape, dtype=torch.float32)
+        flat = out.view(raw.shape[0], -1)
+        for start in range(0, raw.shape[0], ROWS_PER_SLAB):
+            rows = dequantize(raw[start:start + ROWS_PER_SLAB], self.type)
+            flat[start:start + len(rows)] = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(rows), -1))
+        return out
 
     def int4_groups(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(q [out, in] in 0..15, scales, zeros [out, in / 32]) in Int4Linear's terms, for Q4_0 and

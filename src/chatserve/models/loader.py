@@ -3,6 +3,7 @@ weights and tokenizer."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import mmap
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import EngineConfig
 from . import ARCHITECTURES
-from .layers import CausalLM, RotaryEmbedding
+from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
 from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, check_supported,
                            quantize_int8, quantize_linear)
@@ -225,14 +226,54 @@ class WeightSource:
     release: Callable[[], None] = lambda: None
 
 
+def stacked(parts: list[WeightSource]) -> WeightSource:
+    """The checkpoint weights of a fused Linear's parts as one source, rows stacked in order."""
+    stored = {p.stored_as for p in parts}
+    methods = [p.stored_method for p in parts]
+    # Mixed storage (Q4_K_M files keep attn_v at Q6_K): the most precise part decides.
+    method = None if None in methods else ("int8" if "int8" in methods else methods[0])
+
+    def int4_groups() -> Optional[tuple]:
+        groups = [p.int4_groups() if p.int4_groups else None for p in parts]
+        return None if None in groups else tuple(torch.cat(g) for g in zip(*groups))
+
+    def release() -> None:
+        for p in parts:
+            p.release()
+
+    return WeightSource((sum(p.shape[0] for p in parts), *parts[0].shape[1:]),
+                        lambda: torch.cat([p.values() for p in parts]), "+".join(sorted(stored)), method,
+                        int4_groups, release)
+
+
 class WeightLoader:
     """Puts checkpoint tensors into the meta-built model by their Hugging Face names, as floats at
-    the run dtype or as quantized Linear layers, and says what it did."""
+    the run dtype or as quantized Linear layers, and says what it did. The parts of a fused Linear
+    (q/k/v, gate/up) wait for each other, then load as one."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str]):
         self.model, self.device, self.dtype, self.quantization = model, device, dtype, quantization
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.linear = linear_weight_names(model)
+        # The checkpoint's own names and shapes, in an unfused model's parameter order, and for
+        # each part of a fused Linear: (fused name, index, number of parts).
+        self.checkpoint_shapes: dict[str, tuple] = {}
+        self.parts: dict[str, tuple[str, int, int]] = {}
+        for name, shape in self.expected.items():
+            module_name, _, kind = name.rpartition(".")
+            sizes = getattr(model.get_submodule(module_name), "part_sizes", None)
+            if sizes is None:
+                self.checkpoint_shapes[name] = shape
+                continue
+            if kind == "bias":
+                continue  # listed with the weights, as each part's weight then bias
+            parent, _, attr = module_name.rpartition(".")
+            for i, (part, size) in enumerate(zip(FUSED_LINEARS[attr], sizes)):
+                for part_kind, part_shape in (("weight", (size, *shape[1:])), ("bias", (size,))):
+                    if f"{module_name}.{part_kind}" in self.expected:
+                        self.checkpoint_shapes[f"{parent}.{part}.{part_kind}"] = part_shape
+                        self.parts[f"{parent}.{part}.{part_kind}"] = (f"{module_name}.{part_kind}", i, len(sizes))
+        self.pending: dict[str, list[Optional[WeightSource]]] = {}
         self.loaded: set[str] = set()
         self.float_bytes = 0  # what the weights would take at the run dtype
         self.kinds: Counter = Counter()  # "int4" / "int8" / "float" -> Linear layers
@@ -244,10 +285,19 @@ class WeightLoader:
         return self.quantization or source.stored_method
 
     def put(self, name: str, source: WeightSource) -> None:
-        if name not in self.expected:
+        if name not in self.expected and name not in self.parts:
             return  # e.g. lm_head.weight of a tied model, rotary inv_freq buffers
-        if tuple(source.shape) != self.expected[name]:
-            raise ModelLoadError(f"{name}: checkpoint shape {tuple(source.shape)} != config's {self.expected[name]}")
+        expected = self.checkpoint_shapes.get(name, self.expected.get(name))
+        if tuple(source.shape) != expected:
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(source.shape)} != config's {expected}")
+        if name in self.parts:
+            fused, index, count = self.parts[name]
+            slots = self.pending.setdefault(fused, [None] * count)
+            slots[index] = source
+            if None not in slots:
+                del self.pending[fused]
+                self.put(fused, stacked(slots))
+            return
         self.float_bytes += math.prod(source.shape) * self.dtype.itemsize
         method = self.method(source)
         if name == "model.embed_tokens.weight" and method is not None:
@@ -302,7 +352,12 @@ class WeightLoader:
             self.notes.append(f"{source.stored_as} -> int8 embedding")
 
     def finish(self, where: str) -> None:
-        missing = sorted(set(self.expected) - self.loaded)
+        absent = set(self.expected) - self.loaded
+        missing = []
+        for name in self.checkpoint_shapes:  # named as the checkpoint names them
+            fused, index, count = self.parts.get(name, (name, 0, 1))
+            if fused in absent and self.pending.get(fused, [None] * count)[index] is None:
+                missing.append(name)
         if missing:
             raise ModelLoadError(f"weights missing from {where}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if self.kinds["int4"] or self.kinds["int8"]:
@@ -342,7 +397,7 @@ def init_random_weights(model: CausalLM, device: torch.device, dtype: torch.dtyp
     """--load-format dummy: the real architecture's shapes, random values (deterministic per seed)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     loader = WeightLoader(model, device, dtype, quantization)
-    for name, shape in list(loader.expected.items()):
+    for name, shape in list(loader.checkpoint_shapes.items()):
         if name.endswith("norm.weight"):
             value = torch.ones(shape)
         else:
@@ -385,11 +440,16 @@ def load_model(config: EngineConfig) -> LoadedModel:
             from . import gguf
 
             try:
-                reader = gguf.open_gguf(path)
-                raw = gguf.read_config(path, reader)
+                # transformers reads the file on its own for the tokenizer and config; its readers
+                # are gone before ours maps the tensors (the parsed metadata alone is ~150 MB).
                 tokenizer = gguf.load_tokenizer(path)
-            except (ValueError, OSError) as exc:
-                raise ModelLoadError(f"cannot load the GGUF file {path}: {exc}") from None
+                raw = gguf.read_config(path)
+                gc.collect()
+                reader = gguf.open_gguf(path)
+                gguf.complete_config(raw, reader)
+                reader.fields.clear()  # the metadata was read; its ~100k small arrays can go
+            except Exception as exc:  # a truncated or foreign file fails deep inside the readers
+                raise ModelLoadError(f"cannot load the GGUF file {path}: {type(exc).__name__}: {exc}") from None
             gen_cfg = {}
             if quantization is None and device.type != "cpu":
                 log.info("GGUF on %s: quantized tensors are dequantized (the int4/int8 kernels are the CPU's)", device)

@@ -43,11 +43,11 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = self.matmul(rows).to(x.dtype)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = self.matmul(rows.to(COMPUTE_DTYPE)).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -127,23 +127,37 @@ class Int8Embedding(nn.Module):
         return self.qweight[ids].to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
 
 
+# Rows quantized at a time: the float temporaries stay small even for a 150k-row embedding.
+ROWS_PER_SLAB = 4096
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: the largest magnitude of each row maps to 127."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127
-    q = torch.round(w / scales.unsqueeze(1)).clamp_(-128, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0])
+    for start in range(0, weight.shape[0], ROWS_PER_SLAB):
+        w = weight[start:start + ROWS_PER_SLAB].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-10) / 127
+        q[start:start + len(w)] = torch.round(w / s.unsqueeze(1)).clamp_(-128, 127)
+        scales[start:start + len(w)] = s
     return q, scales
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group: each group's min..max maps onto 0..15."""
     out_features, in_features = weight.shape
-    w = weight.float().reshape(out_features, in_features // group_size, group_size)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((w - lo.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15)
-    # The kernel computes (q - 8) * scale + zero; q * scale + lo is the same with zero = lo + 8 * scale.
-    return q.reshape(out_features, in_features).to(torch.uint8), scales, lo + 8 * scales
+    groups = in_features // group_size
+    q = torch.empty(weight.shape, dtype=torch.uint8)
+    scales, zeros = torch.empty(out_features, groups), torch.empty(out_features, groups)
+    for start in range(0, out_features, ROWS_PER_SLAB):
+        w = weight[start:start + ROWS_PER_SLAB].float()
+        w = w.reshape(len(w), groups, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        s = ((hi - lo) / 15).clamp(min=1e-10)
+        q[start:start + len(w)] = torch.round((w - lo.unsqueeze(-1)) / s.unsqueeze(-1)).clamp_(0, 15).view(len(w), -1)
+        # The kernel computes (q - 8) * scale + zero; q * scale + lo is the same with zero = lo + 8 * scale.
+        scales[start:start + len(w)], zeros[start:start + len(w)] = s, lo + 8 * s
+    return q, scales, zeros
 
 
 def quantize_linear(method: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> QuantizedLinear:
