@@ -15,6 +15,8 @@ from chatserve.models.quantization import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    SplitEmbedding,
+    SplitLinear,
     check_supported,
     quantize_int4,
     quantize_int8,
@@ -85,3 +87,40 @@ def test_quantization_is_checked_up_front():
     with pytest.raises(ValueError, match="runs on the CPU only"):
         check_supported("int4", torch.device("cuda"))
     check_supported("none", torch.device("cuda"))
+
+
+def test_split_linear_and_embedding_are_the_plain_ones():
+    torch.manual_seed(2)
+    weight, bias = torch.randn(1006, 64), torch.randn(1006)
+    blocks = SplitLinear.split(weight, 2)
+    assert blocks.shape == (2, 64, 503)
+    for rows in (1, 5):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(SplitLinear(blocks, bias)(x), F.linear(x, weight, bias))
+    ids = torch.tensor([0, 502, 503, 1005, 7])
+    assert torch.equal(SplitEmbedding(blocks)(ids), weight[ids])
+
+
+def test_fp32_linears_are_split_per_thread(qwen2_dir):
+    """With 2 threads an fp32 model keeps its Linear weights as SplitLinear blocks (the tests'
+    default of 1 thread keeps plain Linears): same logits, same greedy tokens."""
+    plain = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32"))
+    assert isinstance(plain.model.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32"))
+        layer = split.model.model.layers[0]
+        assert isinstance(layer.self_attn.qkv_proj, SplitLinear) and isinstance(layer.mlp.down_proj, SplitLinear)
+        assert layer.self_attn.qkv_proj.bias is not None
+        torch.testing.assert_close(split.model.score(TEXT_IDS), plain.model.score(TEXT_IDS), atol=1e-5, rtol=1e-5)
+        tokens = []
+        for loaded in (plain, split):
+            engine = Engine(EngineConfig(model=loaded.name, device="cpu", dtype="float32", num_kv_blocks=32),
+                            loaded=loaded)
+            rid = engine.add_request({"prompt_token_ids": TEXT_IDS},
+                                     SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            tokens.append(engine.run_to_completion([rid])[rid].token_ids)
+        assert tokens[0] == tokens[1]
+    finally:
+        torch.set_num_threads(before)

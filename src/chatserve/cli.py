@@ -25,7 +25,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights and activations; auto = bfloat16 on CUDA and on CPUs with native bf16 "
                         "(avx512_bf16/AMX), else float32")
-    g.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "none"],
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "none"],
                    help="weight-only quantization at load, on the CPU: int8 (per output channel) or int4 "
                         "(groups of 32) for every Linear layer, the output head and the embedding (int8). "
                         "Default: as the checkpoint stores them (safetensors at --dtype; a GGUF's Q4_0/Q4_1 "

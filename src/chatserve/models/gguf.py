@@ -109,8 +109,10 @@ class GGUFTensor:
         out = torch.empty(self.shape, dtype=torch.float32)
         flat = out.view(raw.shape[0], -1)
         for start in range(0, raw.shape[0], ROWS_PER_SLAB):
-            rows = dequantize(raw[start:start + ROWS_PER_SLAB], self.type)
-            flat[start:start + len(rows)] = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(rows), -1))
+            rows = np.asarray(dequantize(raw[start:start + ROWS_PER_SLAB], self.type), dtype=np.float32)
+            if not rows.flags.writeable:  # F32 tensors come back as views of the read-only file map
+                rows = rows.copy()
+            flat[start:start + len(rows)] = torch.from_numpy(rows.reshape(len(rows), -1))
         return out
 
     def int4_groups(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import mmap
 import struct
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,8 @@ from ..config import EngineConfig
 from . import ARCHITECTURES
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
-from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, check_supported,
-                           quantize_int8, quantize_linear)
+from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, SplitEmbedding,
+                           SplitLinear, check_supported, quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
 
@@ -300,11 +300,19 @@ class WeightLoader:
             return
         self.float_bytes += math.prod(source.shape) * self.dtype.itemsize
         method = self.method(source)
+        parts = self.split_parts(source.shape)
         if name == "model.embed_tokens.weight" and method is not None:
             self._put_quantized_embedding(source, method)
         elif name in self.linear and method is not None:
-            module_name = name.rpartition(".")[0]
-            self._set_quantized(module_name, self._quantized_linear(source, method))
+            self._swap_linear(name.rpartition(".")[0], self._quantized_linear(source, method))
+        elif name in self.linear and parts:
+            self._swap_linear(name.rpartition(".")[0], SplitLinear(SplitLinear.split(source.values().to(self.dtype), parts)))
+            self.kinds["float"] += 1
+        elif name == "model.embed_tokens.weight" and self.model.tie_word_embeddings and parts:
+            # The head's blocks serve the embedding's lookups too: one copy of the matrix.
+            blocks = SplitLinear.split(source.values().to(self.dtype), parts)
+            self.model.model.embed_tokens = SplitEmbedding(blocks)
+            self.model.lm_head = SplitLinear(blocks)
         else:
             # Always a copy, even on the CPU at the file's dtype: weights used in place from the file
             # mapping decode ~15% slower than aligned anonymous memory (benchmarks/throughput.py's
@@ -330,7 +338,14 @@ class WeightLoader:
             self.notes.append(f"{source.stored_as} -> {kind} {how}")
         return layer
 
-    def _set_quantized(self, module_name: str, layer: QuantizedLinear) -> None:
+    def split_parts(self, shape: tuple) -> int:
+        """How many blocks a float matrix is kept in for SplitLinear (0: a plain Linear): one per
+        thread, for fp32 on the CPU, when its outputs divide evenly."""
+        parts = torch.get_num_threads()
+        usable = self.device.type == "cpu" and self.dtype == torch.float32 and len(shape) == 2 and parts > 1
+        return parts if usable and shape[0] % parts == 0 else 0
+
+    def _swap_linear(self, module_name: str, layer: nn.Module) -> None:
         old = self.model.get_submodule(module_name)
         if getattr(old, "bias", None) is not None and not old.bias.is_meta:
             layer.bias = old.bias  # the bias came first in the file
