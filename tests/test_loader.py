@@ -249,6 +249,10 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
     message = str(err.value)
     assert "some-org/some-model-7b" in message and "not in the local cache" in message
     assert "pass a local model directory" in message and "--model /path/to/some-model-7b" in message
+    # org/name/file.gguf names one GGUF file of a hub repo: fetched alone, same fallback and message.
+    with pytest.raises(ModelLoadError) as err:
+        load("some-org/some-model-GGUF/some-model-Q4_0.gguf")
+    assert "not in the local cache" in str(err.value) and "--model /path/to/some-model-Q4_0.gguf" in str(err.value)
 
 
 @pytest.mark.parametrize("load_format", ["auto", "dummy"])
