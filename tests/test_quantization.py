@@ -136,3 +136,26 @@ def test_packed_bf16_linear_is_the_plain_one(qwen2_dir):
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
     loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16"))
     assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, PackedLinear)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_a_bias_after_its_quantized_weight_is_kept(qwen2_dir, quantization):
+    """GGUF files may list a projection's weight before its bias: the bias lands on the quantized
+    layer that replaced the Linear."""
+    from safetensors.torch import load_file
+
+    from chatserve.models import ARCHITECTURES
+    from chatserve.models.loader import WeightLoader, WeightSource, build_model, read_json
+
+    tensors = load_file(qwen2_dir / "model.safetensors")
+    raw = read_json(qwen2_dir / "config.json")
+    cls = ARCHITECTURES[raw["architectures"][0]]
+    model = build_model(cls, cls.read_config(raw), torch.device("cpu"))
+    loader = WeightLoader(model, torch.device("cpu"), torch.float32, quantization)
+    for name in sorted(tensors, key=lambda n: n.endswith(".bias")):  # every weight before any bias
+        loader.put(name, WeightSource(tuple(tensors[name].shape), lambda t=tensors[name]: t))
+    loader.finish("the test's tensors")
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    assert isinstance(qkv, Int8Linear if quantization == "int8" else Int4Linear)
+    expected = torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"])
+    torch.testing.assert_close(qkv.bias, expected)

@@ -40,7 +40,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Registered even when None: a bias that arrives after the weight is set as a parameter.
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -51,9 +52,6 @@ class QuantizedLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
