@@ -219,6 +219,28 @@ def test_bad_completion_requests(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
+def test_a_lone_surrogate_is_a_400_on_every_route(server):
+    """JSON may carry "\\ud800", which is no valid Unicode: every route refuses it with a 400 naming
+    the field, and the server keeps serving. (Raw bodies: JSON encoders refuse to write one.)"""
+    lone = '"\\ud800x"'
+    cases = [
+        ("/infer", f'{{"model": "dummy_model", "messages": [{{"role": "user", "content": {lone}}}]}}',
+         "messages[0].content"),
+        ("/v1/chat/completions", f'{{"model": "dummy_model", "messages": [{{"role": "user", "content": {lone}}}]}}',
+         "messages[0].content"),
+        ("/v1/chat/completions", f'{{"model": {lone}, "messages": [{{"role": "user", "content": "hi"}}]}}', "model"),
+        ("/v1/completions", f'{{"model": "dummy_model", "prompt": {lone}}}', "prompt"),
+        ("/v1/conversations", f'{{"system_prompt": {lone}}}', "system_prompt"),
+    ]
+    for path, body, param in cases:
+        r = requests.post(f"{server.url}{path}", data=body.encode(), timeout=WAIT_S,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["param"].startswith(param) and "lone UTF-16 surrogate" in error["message"], (path, error)
+    assert chat(server, max_tokens=1).usage.completion_tokens == 1
+
+
 def test_a_slow_reader_does_not_slow_the_others(server):
     unread = chat(server, messages=HELLO, max_tokens=300, stream=True, extra_body={"ignore_eos": True}, **GREEDY)
     chunks = iter(unread)

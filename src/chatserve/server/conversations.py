@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
-from .protocol import APIError, ErrorDetail, ErrorResponse
+from .protocol import APIError, ErrorDetail, ErrorResponse, Text
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine,
@@ -51,15 +51,15 @@ class Params(BaseModel):
 
 
 class CreateConversation(BaseModel):
-    title: Optional[str] = Field(None, min_length=1)
-    system_prompt: Optional[str] = None
+    title: Optional[Text] = Field(None, min_length=1)
+    system_prompt: Optional[Text] = None
     params: Optional[Params] = None
 
 
 class UpdateConversation(BaseModel):
     """Only the fields sent change; in params, only the keys sent (null unsets one)."""
-    title: Optional[str] = Field(None, min_length=1)
-    system_prompt: Optional[str] = None
+    title: Optional[Text] = Field(None, min_length=1)
+    system_prompt: Optional[Text] = None
     params: Optional[Params] = None
 
 
@@ -68,7 +68,7 @@ class Regenerate(Params):
 
 
 class EditMessage(Regenerate):
-    content: str
+    content: Text
 
 
 class PostMessage(EditMessage):

@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("chatserve.server")
 
 
+def whole_unicode(text: str) -> str:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer, database or UTF-8
+    response can take: refused at the edge with a 400 rather than a 500 deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone UTF-16 surrogate at character {exc.start}: send valid Unicode text") from None
+    return text
+
+
+# A request's text: any str that is valid Unicode.
+Text = Annotated[str, AfterValidator(whole_unicode)]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class InferRequest(BaseModel):
-    model: str
+    model: Text
     messages: list[ChatMessage]
     stream: bool = False
     # None: the model's generation_config default (sampling values), or until a stop condition
@@ -31,7 +45,7 @@ class InferRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1)
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
 
     @field_validator("messages")
     @classmethod
@@ -160,14 +174,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 class ContentPart(BaseModel):
     type: Literal["text"] = Field(description="only text parts; images and audio are not supported")
-    text: str
+    text: Text
 
 
 class OpenAIMessage(BaseModel):
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
-    name: Optional[str] = None
+    content: Union[Text, list[ContentPart], None] = None
+    name: Optional[Text] = None
 
     def as_template_message(self) -> dict:
         content = self.content
@@ -183,7 +197,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields both OpenAI routes share, plus the extras top_k, min_p, repetition_penalty, ignore_eos."""
 
-    model: str
+    model: Text
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=16)
@@ -193,8 +207,8 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    user: Optional[str] = None
+    stop: Union[Text, list[Text], None] = None
+    user: Optional[Text] = None
     top_k: Optional[int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, gt=0)
@@ -242,7 +256,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     best_of: Optional[int] = None
