@@ -193,8 +193,12 @@ def test_completions(server):
     ({"n": 0}, 400, "n", ["greater than or equal to 1"]),
     ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, 400, "tools", ["not supported"]),
     ({"model": "gpt-5"}, 404, "model", ["gpt-5", "dummy_model"]),
+    ({"extra_body": {"chat_template_kwargs": {"tokenize": False}}}, 400, "chat_template_kwargs",
+     ["'tokenize' is set by the server"]),
+    ({"extra_body": {"chat_template_kwargs": {"chat_template": "{{ 'ab ' * 5000000 }}"}}}, 400,
+     "chat_template_kwargs.chat_template", ["--trust-request-chat-template"]),
 ], ids=["max_tokens", "empty", "role", "too_long", "temperature", "over_context", "top_logprobs", "stop", "n",
-        "tools", "unknown_model"])
+        "tools", "unknown_model", "reserved_template_kwarg", "request_template"])
 def test_bad_requests_get_openai_errors(server, kwargs, status, param, words):
     with pytest.raises(openai.APIStatusError) as caught:
         chat(server, **kwargs)
@@ -217,6 +221,15 @@ def test_bad_completion_requests(server):
     r = requests.post(f"{server.url}/v1/chat/completions", data=b"{not json", timeout=WAIT_S,
                       headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_a_request_template_only_when_the_operator_trusts_it():
+    with live_server(server_config=ServerConfig(trust_request_chat_template=True)) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
+        own = client.chat.completions.create(model="dummy_model", messages=HI, max_tokens=1)
+        bare = client.chat.completions.create(model="dummy_model", messages=HI, max_tokens=1, extra_body={
+            "chat_template_kwargs": {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}})
+        assert bare.usage.prompt_tokens < own.usage.prompt_tokens
 
 
 def test_a_lone_surrogate_is_a_400_on_every_route(server):

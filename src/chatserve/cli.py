@@ -126,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                                  cors_origins=args.cors_origin, max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                                 model_aliases=args.model_alias, db_path=args.db_path or None)
+                                 model_aliases=args.model_alias, db_path=args.db_path or None,
+                                 trust_request_chat_template=args.trust_request_chat_template)
     try:
         app = create_app(engine_config_from_args(args), server_config)
     except ValueError as exc:
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SQLite file of the stored conversations (/v1/conversations), created if missing; "
                             "':memory:' keeps nothing (default: $CHATSERVE_DB, else "
                             "$XDG_DATA_HOME/chatserve/conversations.sqlite3, i.e. ~/.local/share/chatserve/...)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="accept a chat template sent by a request (chat_template_kwargs.chat_template); off by "
+                            "default, since a client's Jinja would run in the server with no time or memory bound")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

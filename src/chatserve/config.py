@@ -86,3 +86,6 @@ class ServerConfig:
     # The conversation store (SQLite): None for $XDG_DATA_HOME/chatserve/conversations.sqlite3
     # (~/.local/share/...), ":memory:" to keep nothing.
     db_path: Optional[str] = None
+    # Accept a chat template sent in a request (chat_template_kwargs.chat_template). Off: a client's
+    # Jinja would run in this process with no bound on its time or memory.
+    trust_request_chat_template: bool = False

@@ -308,7 +308,8 @@ class AsyncEngine:
         if self._stopping:  # before start(): a stopped engine must not get a new thread
             raise RuntimeError("the engine is shutting down")
         self.start()
-        req = self.engine.make_request(prompt, params, request_id)  # raises ValueError on bad input
+        # Tokenizing a long text prompt takes a while: on a worker thread, not the event loop.
+        req = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id)  # ValueError on bad input
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if self._stopping:

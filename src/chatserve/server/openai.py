@@ -272,8 +272,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tokenizer = engine.engine.tokenizer
-    prompt_ids = render_chat(engine, [m.as_template_message() for m in body.messages],
-                             **(body.chat_template_kwargs or {}))
+    template_kwargs = body.chat_template_kwargs or {}
+    if "chat_template" in template_kwargs and not request.app.state.server_config.trust_request_chat_template:
+        # A client's own Jinja runs in this process: refused unless the operator trusts the clients.
+        raise APIError(400, "chat_template_kwargs.chat_template: this server renders its model's own chat template "
+                       "only (start it with --trust-request-chat-template to accept one from requests)",
+                       param="chat_template_kwargs.chat_template")
+    prompt_ids = await render_chat(engine, [m.as_template_message() for m in body.messages], **template_kwargs)
     reasoning = is_reasoning_model(tokenizer)
     opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
     top = body.top_logprobs or 0

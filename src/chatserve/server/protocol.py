@@ -223,6 +223,12 @@ class SamplingFields(BaseModel):
         return stop
 
 
+# apply_chat_template arguments the server sets itself; a request passing them would break rendering.
+RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict",
+                            "return_tensors", "continue_final_message", "tokenizer_kwargs",
+                            "return_assistant_tokens_mask", "padding", "truncation", "max_length"}
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[OpenAIMessage]
     max_completion_tokens: Optional[int] = Field(None, gt=0)
@@ -239,6 +245,15 @@ class ChatCompletionRequest(SamplingFields):
         if not messages:
             raise ValueError('must hold at least one message, e.g. [{"role": "user", "content": "Hi"}]')
         return messages
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def no_reserved_keys(cls, kwargs):
+        reserved = sorted(set(kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"{reserved[0]!r} is set by the server, not by chat_template_kwargs (which passes "
+                             "variables to the template, e.g. {\"enable_thinking\": false})")
+        return kwargs
 
     @field_validator("tools")
     @classmethod

@@ -39,11 +39,12 @@ def sampling_params(values: dict, defaults: dict) -> SamplingParams:
         raise engine_error(exc) from None
 
 
-def render_chat(engine: AsyncEngine, messages: list[dict], **template_kwargs) -> list[int]:
-    """The tokenizer's own template, rendered by transformers' sandboxed Jinja; it may reject a
+async def render_chat(engine: AsyncEngine, messages: list[dict], **template_kwargs) -> list[int]:
+    """The tokenizer's own template, rendered by transformers' sandboxed Jinja on a worker thread
+    (a long conversation's rendering and tokenizing never stall other streams); it may reject a
     conversation (e.g. roles that do not alternate), which is the client's to fix."""
     try:
-        return engine.engine.apply_chat_template(messages, **template_kwargs)
+        return await asyncio.to_thread(engine.engine.apply_chat_template, messages, **template_kwargs)
     except (ValueError, TemplateError) as exc:
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
