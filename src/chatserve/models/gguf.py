@@ -86,7 +86,6 @@ class GGUFTensor:
     """One tensor of the file: its raw blocks (a view of the file's pages) and how to read them."""
 
     def __init__(self, tensor, config: dict):
-        self.tensor = tensor
         self.name = tensor.name
         self.type = tensor.tensor_type
         self.type_name = tensor.tensor_type.name

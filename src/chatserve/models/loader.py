@@ -22,7 +22,7 @@ from ..config import EngineConfig
 from . import ARCHITECTURES
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
-from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, QuantizedLinear,
+from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, QuantizedLinear, StoredLinear,
                            SplitEmbedding, SplitLinear, check_supported, quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
@@ -352,7 +352,7 @@ class WeightLoader:
         """bf16 Linear weights on the CPU go into oneDNN's layout once (PackedLinear)."""
         return self.device.type == "cpu" and self.dtype == torch.bfloat16 and PackedLinear.available()
 
-    def _swap_linear(self, module_name: str, layer: nn.Module) -> None:
+    def _swap_linear(self, module_name: str, layer: StoredLinear) -> None:
         old = self.model.get_submodule(module_name)
         if getattr(old, "bias", None) is not None and not old.bias.is_meta:
             layer.bias = old.bias  # the bias came first in the file

@@ -1,6 +1,8 @@
-"""Weight-only quantization: Linear layers whose weights are int8 (one scale per output channel) or
-int4 (groups of 32 along the input, a scale and a zero point each), multiplied by PyTorch's CPU
-kernels; and an int8 embedding that looks rows up and scales them.
+"""How Linear weights are stored and multiplied on the CPU. Weight-only quantization: int8 (one
+scale per output channel) or int4 (groups of 32 along the input, a scale and a zero point each),
+multiplied by PyTorch's CPU kernels, and an int8 embedding that looks rows up and scales them.
+Float layouts: SplitLinear (fp32, one block of outputs per thread) and PackedLinear (bf16, oneDNN's
+layout). All share StoredLinear's flattening and bias.
 
 The kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) are fast only with
 bfloat16 activations (measured on 2 threads, one token: 576x1536 int4 56 us with bf16 input,
@@ -34,8 +36,12 @@ def check_supported(method: Optional[str], device: torch.device) -> None:
                          f"on {device.type} run --quantization none with --dtype bfloat16")
 
 
-class QuantizedLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: flattening, the bf16 round trip and the bias."""
+class StoredLinear(nn.Module):
+    """A Linear whose weight is stored in a layout of its own: what every such layer shares is the
+    flattening of the input to rows, the bias and the shape back. Subclasses define matmul(rows),
+    which adds the bias itself where bias_in_matmul says so (a kernel that fuses it)."""
+
+    bias_in_matmul = False
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -45,16 +51,26 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = self.matmul(rows.to(COMPUTE_DTYPE)).to(x.dtype)
-        if self.bias is not None:
+        out = self.matmul(rows)
+        if self.bias is not None and not self.bias_in_matmul:
             out = out + self.bias
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantizedLinear(StoredLinear):
+    """What Int8Linear and Int4Linear share: the kernels take bf16 rows, whatever the run dtype."""
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.kernel(rows.to(COMPUTE_DTYPE)).to(rows.dtype)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class Int8Linear(QuantizedLinear):
@@ -69,13 +85,10 @@ class Int8Linear(QuantizedLinear):
     def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "Int8Linear":
         return cls(*quantize_int8(weight), bias)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         return F.linear(x, self.qweight.to(COMPUTE_DTYPE)) * self.scales
-
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float().unsqueeze(1)
 
 
 class Int4Linear(QuantizedLinear):
@@ -104,7 +117,7 @@ class Int4Linear(QuantizedLinear):
         out_features, in_features = weight_shape
         return out_features % 16 == 0 and in_features % group_size == 0
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
@@ -166,7 +179,7 @@ def quantize_linear(method: str, weight: torch.Tensor, bias: Optional[torch.Tens
     return Int8Linear.quantize(weight, bias)
 
 
-class SplitLinear(nn.Module):
+class SplitLinear(StoredLinear):
     """A float Linear on the CPU whose weight is kept as `parts` blocks of output columns,
     [parts, in, out / parts], multiplied as a batch. MKL runs a one-row fp32 matmul (every decode
     step) on a single thread at about half the memory bandwidth; a batched matmul gives each thread a block
@@ -174,11 +187,10 @@ class SplitLinear(nn.Module):
     23.4 ms row-major; 32 rows 33 against 41 ms; 512 rows alike). bf16 gains nothing this way."""
 
     def __init__(self, blocks: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        super().__init__()
-        self.parts, self.in_features, block = blocks.shape
-        self.out_features = self.parts * block
+        parts, in_features, block = blocks.shape
+        super().__init__(in_features, parts * block, bias)
+        self.parts = parts
         self.register_buffer("blocks", blocks)
-        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     @staticmethod
     def split(weight: torch.Tensor, parts: int) -> torch.Tensor:
@@ -186,16 +198,12 @@ class SplitLinear(nn.Module):
         out_features, in_features = weight.shape
         return weight.t().reshape(in_features, parts, out_features // parts).permute(1, 0, 2).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.matmul(rows, self.blocks)  # [parts, rows, out / parts], a thread per block
-        out = out.permute(1, 0, 2).reshape(rows.shape[0], self.out_features)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.permute(1, 0, 2).reshape(rows.shape[0], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.parts}"
+        return f"{super().extra_repr()}, parts={self.parts}"
 
 
 class SplitEmbedding(nn.Module):
@@ -210,26 +218,21 @@ class SplitEmbedding(nn.Module):
         return self.blocks[ids // self.block, :, ids % self.block]
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(StoredLinear):
     """A bf16 Linear on the CPU with its weight reordered once into oneDNN's blocked layout, so
     each call skips the reorder that F.linear pays for a plain weight: 30 layers of 576x3072 bf16
     on 2 threads take 6.0 ms for one row against 9.7 ms, 12.4 against 20.6 ms for 32 rows and 141
     against 167 ms for 512, with the same results. (For fp32, SplitLinear does better on one row.)"""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight.shape[1], weight.shape[0], bias)
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, 1))
-        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     @staticmethod
     def available() -> bool:
         return torch.backends.mkldnn.is_available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [None], "")
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+    bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [None], "")
