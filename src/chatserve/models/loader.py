@@ -349,8 +349,10 @@ class WeightLoader:
         return parts if usable and shape[0] % parts == 0 else 0
 
     def packs(self) -> bool:
-        """bf16 Linear weights on the CPU go into oneDNN's layout once (PackedLinear)."""
-        return self.device.type == "cpu" and self.dtype == torch.bfloat16 and PackedLinear.available()
+        """bf16 Linear weights on the CPU go into oneDNN's layout once (PackedLinear), where the CPU
+        has native bf16: measured there only, and oneDNN's bf16 kernels need AVX-512 at least."""
+        return (self.device.type == "cpu" and self.dtype == torch.bfloat16 and PackedLinear.available()
+                and cpu_has_native_bf16())
 
     def _swap_linear(self, module_name: str, layer: StoredLinear) -> None:
         old = self.model.get_submodule(module_name)
