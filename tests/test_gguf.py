@@ -144,9 +144,15 @@ def test_quantized_runs_agree_with_fp32(fp32, gguf_path, quantization, min_agree
     ids = fp32.tokenizer.encode(TEXT)
     agreement = (loaded.model.score(ids).argmax(-1) == fp32.model.score(ids).argmax(-1)).float().mean().item()
     assert agreement >= min_agreement, agreement
-    # The engine serves it: greedy answers are sentences, not noise.
-    text = engine_of(loaded).tokenizer.decode(greedy_tokens(engine_of(loaded), FRANCE, 12))
-    assert "capital" in text or "Paris" in text, text
+    # The engine serves it: its greedy answer is text the fp32 model finds likely, not noise (not a
+    # fixed answer: the first token is a near-tie that rounding can flip). Every token of it is among
+    # the fp32 model's top 5 at its place.
+    engine = engine_of(loaded)
+    prompt = engine.apply_chat_template(FRANCE)
+    answer = greedy_tokens(engine, FRANCE, 12)
+    logits = fp32.model.score(prompt + answer)[len(prompt) - 1:-1]
+    ranks = (logits > logits.gather(1, torch.tensor(answer).unsqueeze(1))).sum(1)
+    assert ranks.max().item() < 5, (engine.tokenizer.decode(answer), ranks.tolist())
 
 
 def test_served_over_http_answers_paris(gguf_path):

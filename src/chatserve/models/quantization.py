@@ -67,6 +67,9 @@ class QuantizedLinear(StoredLinear):
     """What Int8Linear and Int4Linear share: the kernels take bf16 rows, whatever the run dtype."""
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        # Dtype checks in Python: a no-op .to() still costs a dispatch, and decode runs 4 per layer.
+        if rows.dtype == COMPUTE_DTYPE:
+            return self.kernel(rows)
         return self.kernel(rows.to(COMPUTE_DTYPE)).to(rows.dtype)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
