@@ -621,3 +621,31 @@ def test_llm_chat(llm):
     outs = llm.chat([messages, messages[1:]], SamplingParams(temperature=0, max_tokens=4))
     assert len(outs) == 2 and outs[0].prompt_token_ids == want and outs[1].prompt_token_ids != want
     check_all_free(llm.engine)
+
+
+def test_prompt_logprobs_chunked_preempted_and_cached_equal_the_models_own(qwen2_model):
+    """prompt_logprobs: every prompt token's logprob given those before it, exactly once, whether
+    the prompt is prefilled in chunks, preempted and recomputed, or already in the prefix cache."""
+    import torch
+
+    prompt = random_prompt(200, 7)
+    want = torch.log_softmax(qwen2_model.model.score(prompt).float(), -1)
+    want_top = want.topk(2, -1)
+    # A small pool and budget: chunks of 48, and a second long request to preempt it.
+    engine = make_engine(qwen2_model, num_kv_blocks=20, max_num_batched_tokens=48)
+    engine.add_request({"prompt_token_ids": prompt}, greedy(4))  # fills the prefix cache
+    drive(engine)
+    rid = engine.add_request({"prompt_token_ids": prompt}, greedy(30, prompt_logprobs=2))
+    other = engine.add_request({"prompt_token_ids": random_prompt(150, 8)}, greedy(30))
+    outs = drive(engine)
+    check_all_free(engine)
+    firsts = [o for o in outs[rid] if o.prompt_logprobs is not None]
+    assert len(firsts) == 1 and firsts[0] is outs[rid][0]
+    entries = firsts[0].prompt_logprobs
+    assert [e.token_id for e in entries] == prompt and entries[0].logprob is None
+    got = torch.tensor([e.logprob for e in entries[1:]])
+    torch.testing.assert_close(got, want[torch.arange(199), torch.tensor(prompt[1:])], atol=1e-4, rtol=0)
+    assert [[t for t, _ in e.top] for e in entries[1:]] == want_top.indices[:-1].tolist()
+    assert outs[rid][0].num_cached_tokens == 0  # scored whole, not read from the cache
+    assert engine.num_preemptions > 0
+    assert len(tokens_of(outs[other])) == 30

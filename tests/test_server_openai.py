@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+import torch
 import requests
 from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
 from scripted_model import ANSWER, HI, REASONING, write_scripted_model
@@ -362,3 +363,38 @@ def test_openapi_schema_documents_400_not_422(server):
         assert schema["paths"][path]["post"]["responses"]["400"]["content"]["application/json"]["schema"] == \
             {"$ref": "#/components/schemas/ErrorResponse"}
     assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(server):
+    """lm-eval's loglikelihood request: echo + logprobs, max_tokens 0 (nothing generated); the
+    prompt tokens' logprobs equal the model's own log-softmax at each position."""
+    context, continuation = "The capital of France is", " Paris, the city of light"
+    ids = server.engine.tokenizer.encode(context + continuation)
+    n_context = len(server.engine.tokenizer.encode(context))
+    r = server.client.completions.create(model="dummy_model", prompt=context + continuation, max_tokens=0,
+                                         echo=True, logprobs=2, temperature=0)
+    (choice,) = r.choices
+    assert choice.text == server.engine.tokenizer.decode(ids) and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(top) <= 2 and max(top.values()) >= logprob - 1e-5
+               for top, logprob in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    want = torch.log_softmax(server.engine.loaded.model.score(ids).float(), -1)
+    want = [want[p, ids[p + 1]].item() for p in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    # The continuation's loglikelihood, as lm-eval sums it.
+    assert sum(lp.token_logprobs[n_context:]) == pytest.approx(sum(want[n_context - 1:]), abs=1e-3)
+    # A second time the prompt's blocks are in the prefix cache: still scored whole, same numbers;
+    # with a generated answer, its logprobs follow the prompt's, and streaming gives the same.
+    again = server.client.completions.create(model="dummy_model", prompt=ids, max_tokens=3, echo=True,
+                                             logprobs=0, temperature=0)
+    assert again.choices[0].logprobs.token_logprobs[:len(ids)] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert len(again.choices[0].logprobs.tokens) == len(ids) + 3 and again.usage.completion_tokens == 3
+    streamed = [x for ch in server.client.completions.create(model="dummy_model", prompt=ids, max_tokens=3, echo=True,
+                                                              logprobs=0, temperature=0, stream=True)
+                if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(again.choices[0].logprobs.token_logprobs, abs=1e-5)
+    # max_tokens 0 without echo asks for nothing: refused.
+    with pytest.raises(openai.BadRequestError, match="only with echo"):
+        server.client.completions.create(model="dummy_model", prompt="Hi", max_tokens=0)

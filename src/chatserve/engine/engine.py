@@ -22,7 +22,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager
 from .request import CompletionOutput, FinishReason, Request, RequestOutput
 from .runner import ModelRunner
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
 from .scheduler import Scheduler
 
 log = logging.getLogger("chatserve.engine")
@@ -164,8 +164,11 @@ class Engine:
     def _run(self, items: list[tuple[Request, int]]) -> list[RequestOutput]:
         """Forward and sample, then commit: until sampling succeeds no request state changes, so
         a failed run can be retried request by request."""
-        logits, sampled = self.runner.execute(items)
-        tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
+        logits, sampled, scored = self.runner.execute(items)
+        tokens, logprobs = self.sampler(logits[:len(sampled)], sampled) if sampled else ([], [])
+        scores = self._prompt_logprobs(logits[len(sampled):], scored)
+        for req, entries in scores:
+            req.prompt_logprobs.extend(entries)
         for req, n in items:
             req.num_computed_tokens += n
             self.block_manager.commit_full_blocks(req)
@@ -177,6 +180,17 @@ class Engine:
             except Exception as exc:  # past the commit: this request ends, the others go on
                 outputs.append(self._fail(req, exc))
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, scored: list[tuple[Request, int, int]]) -> list[tuple[Request, list]]:
+        """The logprob entries of each (request, first position, count) span of prompt positions:
+        position p's logits score prompt token p + 1."""
+        out, row = [], 0
+        for req, first, count in scored:
+            out.append((req, logprobs_of(logits[row:row + count], req.token_ids[first + 1:first + 1 + count],
+                                         req.params.prompt_logprobs)))
+            row += count
+        return out
 
     def _fail(self, req: Request, exc: Exception) -> RequestOutput:
         log.error("request %s failed in the engine: %r", req.request_id, exc, exc_info=exc)
@@ -200,6 +214,8 @@ class Engine:
                 reason = FinishReason.STOP if req.detokenizer.stopped else FinishReason.LENGTH
                 req.stop_reason = req.detokenizer.stop_reason
         out = self._output(req, text, [token], [logprob] if logprob is not None else None)
+        if req.prompt_logprobs is not None and req.num_output_tokens == 1:
+            out.prompt_logprobs = [TokenLogprob(req.token_ids[0], None, []), *req.prompt_logprobs]
         if reason is not None:
             self._finish(req, reason, out)
         return out

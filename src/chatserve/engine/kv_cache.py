@@ -73,8 +73,8 @@ class BlockManager:
         """The cached blocks matching the start of the request's tokens.
 
         At least the last token is always left to compute: its logits are needed."""
-        if not self.enable_prefix_caching:
-            return CachedPrefix()
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return CachedPrefix()  # prompt logprobs need every prompt position computed
         return self._match(req.token_ids, req.num_tokens - 1)
 
     def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:

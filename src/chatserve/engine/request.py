@@ -48,6 +48,8 @@ class Request:
         self.finish_reason: Optional[FinishReason] = None
         self.stop_reason: Optional[object] = None  # the stop string or token id that ended it
         self.error: Optional[str] = None
+        # params.prompt_logprobs: entry j is prompt token j+1's, computed from position j's logits.
+        self.prompt_logprobs: Optional[list] = None if params.prompt_logprobs is None else []
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +82,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     logprobs: Optional[list[TokenLogprob]] = None
+    # With params.prompt_logprobs, on the first output: one entry per prompt token (the first's
+    # logprob None).
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
     error: Optional[str] = None
     # Seconds from arrival to the first token, once there is one.
     time_to_first_token: Optional[float] = None
@@ -97,10 +102,13 @@ class CompletionOutput:
     stop_reason: Optional[object] = None
     num_cached_tokens: int = 0
     logprobs: Optional[list[TokenLogprob]] = None
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
     error: Optional[str] = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.token_ids.extend(out.token_ids)
         if out.logprobs:
             self.logprobs = (self.logprobs or []) + out.logprobs

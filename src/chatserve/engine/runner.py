@@ -22,8 +22,10 @@ class ModelRunner:
         return torch.tensor(data, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
-        """Run the batch; return logits [S, vocab] for the S requests whose last token was computed."""
+    def execute(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request], list[tuple[Request, int, int]]]:
+        """Run the batch. Returns logits [S + P, vocab]: first for the S requests whose last token
+        was computed (`sampled`), then P rows of prompt positions whose logprobs were asked for,
+        as (request, first position, count) spans in order (`scored`)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -33,6 +35,8 @@ class ModelRunner:
         decode_lens: list[int] = []
         logits_indices: list[int] = []
         sampled: list[Request] = []
+        prompt_indices: list[int] = []
+        scored: list[tuple[Request, int, int]] = []
         for req, n in items:
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             offset = len(input_ids)
@@ -53,6 +57,13 @@ class ModelRunner:
             if end == req.num_tokens:
                 logits_indices.append(offset + n - 1)
                 sampled.append(req)
+            if req.prompt_logprobs is not None:
+                # Positions whose logits predict a prompt token and are not scored yet (a
+                # preempted request recomputes its prompt, but scores it once).
+                first, last = max(start, len(req.prompt_logprobs)), min(end, req.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_indices.extend(range(offset + first - start, offset + last - start))
+                    scored.append((req, first, last - first))
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
@@ -64,5 +75,5 @@ class ModelRunner:
             meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(~attend, float("-inf"))[
                 :, None, None, :]
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
-                            self._tensor(logits_indices))
-        return logits, sampled
+                            self._tensor(logits_indices + prompt_indices))
+        return logits, sampled, scored

@@ -27,6 +27,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: off; k: the sampled token's logprob and the top k
+    # None: off; k: each prompt token's logprob given the tokens before it, and the top k there
+    # (the prompt is then computed whole, not taken from the prefix cache).
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -62,8 +65,9 @@ class SamplingParams:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                bad(name, f"must be in [0, {MAX_LOGPROBS}]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
@@ -79,8 +83,19 @@ class SamplingParams:
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: Optional[float]  # None only for a prompt's first token, which nothing predicts
     top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its token, and its k most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1))[:, 0].tolist()
+    tops = [[]] * len(token_ids)
+    if k > 0:
+        vals, ids = logprobs.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]
 
 
 class SamplingRow:
@@ -145,9 +160,7 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
-        raw_logprobs = None
-        if any(r.params.logprobs is not None for r in rows):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        raw_logits = logits  # logprobs are the model's own, before penalties and filters
         if any(r.params.has_penalties for r in rows):
             logits = apply_penalties(logits.clone(), rows)
 
@@ -166,14 +179,7 @@ class Sampler:
 
         token_list = tokens.tolist()
         logprobs: list[Optional[TokenLogprob]] = [None] * len(rows)
-        if raw_logprobs is not None:
-            for i, row in enumerate(rows):
-                k = row.params.logprobs
-                if k is None:
-                    continue
-                top = []
-                if k > 0:
-                    vals, ids = raw_logprobs[i].topk(k)
-                    top = list(zip(ids.tolist(), vals.tolist()))
-                logprobs[i] = TokenLogprob(token_list[i], float(raw_logprobs[i, token_list[i]]), top)
+        for i, row in enumerate(rows):
+            if row.params.logprobs is not None:
+                logprobs[i] = logprobs_of(raw_logits[i:i + 1], [token_list[i]], row.params.logprobs)[0]
         return token_list, logprobs

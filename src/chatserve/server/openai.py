@@ -51,12 +51,13 @@ async def get_model(model_id: str, request: Request) -> dict:
 # -- shared by both completion routes ------------------------------------------------------------
 
 def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int], logprobs: Optional[int],
-                  choice: int) -> SamplingParams:
+                  choice: int, prompt_logprobs: Optional[int] = None) -> SamplingParams:
     values = body.model_dump(include={"presence_penalty", "frequency_penalty", "stop", "ignore_eos", "temperature",
                                       "top_p", "top_k", "min_p", "repetition_penalty"})
     # Each of n choices draws differently, yet the same seed still gives the same answers.
     seed = None if body.seed is None else body.seed + choice
-    return sampling_params({**values, "max_tokens": max_tokens, "logprobs": logprobs, "seed": seed}, defaults)
+    return sampling_params({**values, "max_tokens": max_tokens, "logprobs": logprobs, "seed": seed,
+                            "prompt_logprobs": prompt_logprobs}, defaults)
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -112,6 +113,7 @@ class ChoiceState:
     index: int
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: Optional[str] = None
     error: Optional[str] = None
 
@@ -177,11 +179,12 @@ async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutp
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def usage(gens: list[Generation], prompts_once: list[int]) -> dict:
-    """Prompt tokens count once per distinct prompt (n choices share one), completion tokens per choice."""
+def usage(gens: list[Generation], prompts_once: list[int], score_only: bool = False) -> dict:
+    """Prompt tokens count once per distinct prompt (n choices share one), completion tokens per
+    choice (none when the one token run to score a prompt is dropped)."""
     prompt = sum(gens[i].last.num_prompt_tokens for i in prompts_once)
     cached = sum(gens[i].last.num_cached_tokens for i in prompts_once)
-    completion = sum(g.last.num_output_tokens for g in gens)
+    completion = 0 if score_only else sum(g.last.num_output_tokens for g in gens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -194,6 +197,7 @@ async def collect(request: Request, gens: list[Generation]) -> Optional[list[Cho
         async for i, out in merged(gens):
             c = choices[i]
             c.text.append(out.text)
+            c.prompt_logprobs.extend(out.prompt_logprobs or [])
             c.logprobs.extend(out.logprobs or [])
             if out.finished:
                 c.finish_reason, c.error = out.finish_reason, out.error
@@ -233,7 +237,8 @@ def event_stream(gens: list[Generation], events: AsyncIterator[str]) -> Response
 
 
 async def stream_chunks(gens: list[Generation], make_chunk: Callable[[int, RequestOutput, bool], Optional[dict]],
-                        base: dict, include_usage: bool, prompts_once: list[int]) -> AsyncIterator[str]:
+                        base: dict, include_usage: bool, prompts_once: list[int],
+                        score_only: bool = False) -> AsyncIterator[str]:
     """The SSE events of a streamed answer: make_chunk(choice, output, is_last) gives each chunk's
     choice entry (None to send nothing), then the usage chunk and [DONE]. An engine failure ends
     the stream with an error event, which OpenAI clients raise."""
@@ -248,7 +253,7 @@ async def stream_chunks(gens: list[Generation], make_chunk: Callable[[int, Reque
             if out.finish_reason == "error":
                 error = out.error
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(gens, prompts_once)})
+        yield sse({**base, "choices": [], "usage": usage(gens, prompts_once, score_only)})
     if error:
         yield sse({"error": {"message": error, "type": "server_error", "param": None, "code": None}})
     yield sse("[DONE]")
@@ -374,7 +379,8 @@ class LegacyLogprobs:
             text = self.tokens(e.token_id)[0]
             out["tokens"].append(text)
             out["token_logprobs"].append(e.logprob)
-            out["top_logprobs"].append({self.tokens(t)[0]: lp for t, lp in e.top})
+            # A prompt's first token has no logprob (nothing predicts it): null, as OpenAI's echo gives.
+            out["top_logprobs"].append(None if e.logprob is None else {self.tokens(t)[0]: lp for t, lp in e.top})
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
@@ -386,13 +392,17 @@ async def completions(body: CompletionRequest, request: Request,
     check_model(request, body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported unless it equals n", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo together with logprobs is not supported (prompt logprobs are not computed)",
-                       param="echo")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is allowed only with echo (to score a prompt)",
+                       param="max_tokens")
     prompts = completion_prompts(body, engine)
     defaults = engine.engine.loaded.generation_config
+    # echo with logprobs: the prompt's tokens come back with theirs (what lm-eval's loglikelihood
+    # tasks read). max_tokens 0 (score only) runs one token and drops it.
+    score_only = body.max_tokens == 0
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     # Choice index = prompt index * n + choice within the prompt, as OpenAI numbers them.
-    params = [choice_params(body, defaults, body.max_tokens, body.logprobs, j)
+    params = [choice_params(body, defaults, 1 if score_only else body.max_tokens, body.logprobs, j, prompt_logprobs)
               for _ in prompts for j in range(body.n)]
     all_prompts = [p for p in prompts for _ in range(body.n)]
     prompts_once = list(range(0, len(all_prompts), body.n))
@@ -403,15 +413,22 @@ async def completions(body: CompletionRequest, request: Request,
     base = {"id": request_id, "object": "text_completion", "created": created,
             "model": request.app.state.model_name, "system_fingerprint": None}
 
+    def answer_part(out_text: str, out_logprobs: Optional[list[TokenLogprob]]) -> tuple[str, list[TokenLogprob]]:
+        return ("", []) if score_only else (out_text, out_logprobs or [])
+
+    def first_offset(i: int) -> int:  # logprobs' text offsets start after an echo without logprobs
+        return 0 if prompt_logprobs is not None else len(echoes[i])
+
     if body.stream:
-        logprobs = [LegacyLogprobs(tokens, len(e)) for e in echoes]
+        logprobs = [LegacyLogprobs(tokens, first_offset(i)) for i in range(len(echoes))]
         pending: list[list[TokenLogprob]] = [[] for _ in gens]
 
         def make_chunk(i: int, out: RequestOutput, last: bool) -> Optional[dict]:
             if last:
                 return {"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
-            pending[i].extend(out.logprobs or [])
-            text, echoes[i] = echoes[i] + out.text, ""
+            out_text, out_logprobs = answer_part(out.text, out.logprobs)
+            pending[i].extend((out.prompt_logprobs or []) + out_logprobs)
+            text, echoes[i] = echoes[i] + out_text, ""
             if not text and not (out.finished and pending[i]):
                 return None
             lp = logprobs[i](pending[i]) if body.logprobs is not None else None
@@ -419,14 +436,17 @@ async def completions(body: CompletionRequest, request: Request,
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": None}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(gens, stream_chunks(gens, make_chunk, base, include_usage, prompts_once))
+        return event_stream(gens, stream_chunks(gens, make_chunk, base, include_usage, prompts_once, score_only))
 
     choices = await collect(request, gens)
     if choices is None:
         return Response(status_code=499)
     if (error := failed(choices)) is not None:
         return error
-    answers = [{"index": c.index, "text": echoes[c.index] + "".join(c.text), "finish_reason": c.finish_reason,
-                "logprobs": LegacyLogprobs(tokens, len(echoes[c.index]))(c.logprobs)
-                if body.logprobs is not None else None} for c in choices]
-    return JSONResponse({**base, "choices": answers, "usage": usage(gens, prompts_once)})
+    answers = []
+    for c in choices:
+        text, entries = answer_part("".join(c.text), c.logprobs)
+        answers.append({"index": c.index, "text": echoes[c.index] + text, "finish_reason": c.finish_reason,
+                        "logprobs": LegacyLogprobs(tokens, first_offset(c.index))(c.prompt_logprobs + entries)
+                        if body.logprobs is not None else None})
+    return JSONResponse({**base, "choices": answers, "usage": usage(gens, prompts_once, score_only)})

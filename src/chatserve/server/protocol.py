@@ -272,6 +272,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[Text, list[Text], list[int], list[list[int]]]
+    # 0 only with echo: score the prompt (echo + logprobs), generate nothing.
+    max_tokens: Optional[int] = Field(None, ge=0)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     best_of: Optional[int] = None
