@@ -198,8 +198,20 @@ def test_completions(server):
      ["'tokenize' is set by the server"]),
     ({"extra_body": {"chat_template_kwargs": {"chat_template": "{{ 'ab ' * 5000000 }}"}}}, 400,
      "chat_template_kwargs.chat_template", ["--trust-request-chat-template"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
+     400, "messages[0].content", ["'image_url' content part", "text only"]),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+     400, "messages[0].content", ["'input_audio'", "text only"]),
+    ({"modalities": ["text", "audio"]}, 400, "modalities", ["text only"]),
+    ({"extra_body": {"functions": [{"name": "f", "parameters": {}}]}}, 400, "functions", ["not supported"]),
+    ({"extra_body": {"tool_choice": "required"}}, 400, "tool_choice", ["not supported"]),
+    ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     400, "messages[1].tool_calls", ["not supported"]),
 ], ids=["max_tokens", "empty", "role", "too_long", "temperature", "over_context", "top_logprobs", "stop", "n",
-        "tools", "unknown_model", "reserved_template_kwarg", "request_template"])
+        "tools", "unknown_model", "reserved_template_kwarg", "request_template", "image", "audio", "modalities",
+        "functions", "tool_choice", "tool_calls_in_history"])
 def test_bad_requests_get_openai_errors(server, kwargs, status, param, words):
     with pytest.raises(openai.APIStatusError) as caught:
         chat(server, **kwargs)
@@ -214,7 +226,6 @@ def test_bad_requests_get_openai_errors(server, kwargs, status, param, words):
 def test_bad_completion_requests(server):
     c = server.client.completions
     for kwargs, param in [({"prompt": []}, "prompt"), ({"prompt": [10**6]}, "prompt"),
-                          ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
                           ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix")]:
         with pytest.raises(openai.BadRequestError) as caught:
             c.create(model="dummy_model", max_tokens=2, **kwargs)
@@ -398,3 +409,35 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(server):
     # max_tokens 0 without echo asks for nothing: refused.
     with pytest.raises(openai.BadRequestError, match="only with echo"):
         server.client.completions.create(model="dummy_model", prompt="Hi", max_tokens=0)
+
+
+def test_responses_follow_openais_schema(server):
+    """refusal: null on the message and logprobs (required, nullable), system_fingerprint a string,
+    model the name the request used."""
+    body = requests.post(f"{server.url}/v1/chat/completions", timeout=WAIT_S, json={
+        "model": "gpt-4o-mini", "messages": HI, "max_tokens": 2, "logprobs": True}).json()
+    message = body["choices"][0]["message"]
+    assert "refusal" in message and message["refusal"] is None
+    assert "refusal" in body["choices"][0]["logprobs"] and body["choices"][0]["logprobs"]["refusal"] is None
+    assert isinstance(body["system_fingerprint"], str) and body["system_fingerprint"].startswith("chatserve-")
+    assert body["model"] == "gpt-4o-mini"
+    chunks = [json.loads(line[6:]) for line in requests.post(f"{server.url}/v1/completions", timeout=WAIT_S, json={
+        "model": "gpt-4o-mini", "prompt": "Hi", "max_tokens": 2, "stream": True}).text.splitlines()
+        if line.startswith("data: {")]
+    assert chunks and all(c["model"] == "gpt-4o-mini" and isinstance(c["system_fingerprint"], str) for c in chunks)
+    # Fields OpenAI clients send that mean nothing here are accepted (README lists them).
+    r = chat(server, max_tokens=1, user="u1", extra_body={"store": False, "metadata": {"a": "b"},
+                                                           "service_tier": "auto", "reasoning_effort": "low"})
+    assert r.usage.completion_tokens == 1
+
+
+def test_a_local_model_is_served_by_its_folders_name(qwen2_dir):
+    with live_server(tiny_engine_config(model=str(qwen2_dir))) as srv:
+        listed = requests.get(f"{srv.url}/v1/models", timeout=WAIT_S).json()["data"]
+        assert [m["id"] for m in listed] == [qwen2_dir.name] and "/" not in qwen2_dir.name
+        for name in (qwen2_dir.name, str(qwen2_dir)):  # the full --model value is still accepted
+            r = requests.post(f"{srv.url}/v1/chat/completions", timeout=WAIT_S,
+                              json={"model": name, "messages": HI, "max_tokens": 1})
+            assert r.status_code == 200 and r.json()["model"] == name
+    with live_server(tiny_engine_config(model=str(qwen2_dir)), ServerConfig(served_model_name="tiny")) as srv:
+        assert [m["id"] for m in requests.get(f"{srv.url}/v1/models", timeout=WAIT_S).json()["data"]] == ["tiny"]

@@ -127,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  cors_origins=args.cors_origin, max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
+                                 served_model_name=args.served_model_name,
                                  trust_request_chat_template=args.trust_request_chat_template)
     try:
         app = create_app(engine_config_from_args(args), server_config)
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=int, default=ServerConfig.shutdown_timeout, metavar="SECONDS",
                        help="after SIGTERM or Ctrl-C, wait at most this long for open connections before "
                             "exiting; streams end at once (default %(default)s)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model's name in /v1/models and in responses (default: the hub id, or a local "
+                            "folder's or .gguf file's own name rather than its full path)")
     serve.add_argument("--model-alias", action="append", default=[], metavar="NAME",
                        help="another name requests may give as 'model' (repeatable); the served model's own "
                             "name (the --model value) is always accepted")

@@ -81,6 +81,9 @@ class ServerConfig:
     # streams end at once, so this bounds only slow uploads and stuck clients. `chatserve serve`
     # passes it to uvicorn; under `uvicorn main:app` give --timeout-graceful-shutdown instead.
     shutdown_timeout: int = 3
+    # The name /v1/models lists and responses carry: None for the hub id, or a local folder's or
+    # GGUF file's own name (never a full path). The --model value itself is accepted too.
+    served_model_name: Optional[str] = None
     # Names accepted in a request's "model" besides the served model's own (its --model value).
     model_aliases: list[str] = field(default_factory=list)
     # The conversation store (SQLite): None for $XDG_DATA_HOME/chatserve/conversations.sqlite3

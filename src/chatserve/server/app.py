@@ -24,6 +24,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .. import __version__
 from ..config import EngineConfig, ServerConfig
 from ..engine.engine import AsyncEngine, Engine
 from . import conversations, infer, metrics, openai
@@ -59,7 +60,9 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
 
     app = FastAPI(title="chatserve", lifespan=lifespan)
     app.state.engine = None
-    app.state.model_name = engine_config.model
+    app.state.model_name = served_name(engine_config.model, server_config.served_model_name)
+    app.state.model_path = engine_config.model  # accepted in requests too
+    app.state.system_fingerprint = f"chatserve-{__version__}"
     app.state.started = int(time.time())
     app.state.load_error = None
     app.state.server_config = server_config
@@ -204,12 +207,24 @@ async def _load(app: FastAPI, config: EngineConfig) -> None:
     async_engine = AsyncEngine(engine)
     async_engine.start()
     app.state.engine = async_engine
-    app.state.model_name = engine.loaded.name
+    app.state.system_fingerprint = f"chatserve-{__version__}-{str(engine.loaded.dtype).removeprefix('torch.')}"
     kv = engine.runner.kv_cache.data
     log.info("model %s ready in %.1f s: device %s, dtype %s, KV cache %d blocks x %d tokens (%.2f GiB), "
              "max context %d tokens", engine.loaded.name, time.monotonic() - start, engine.loaded.device,
              str(engine.loaded.dtype).removeprefix("torch."), engine.num_blocks, engine.config.block_size,
              kv.numel() * kv.element_size() / 2**30, engine.max_model_len)
+
+
+def served_name(model: str, override: Optional[str] = None) -> str:
+    """The name clients see: the override, a hub id as it is, a local folder's or GGUF file's own
+    name (a full path says where the server keeps its files, and is long)."""
+    if override:
+        return override
+    path = Path(model).expanduser()
+    if model != "dummy_model" and path.exists():
+        path = path.resolve()
+        return path.stem if path.suffix == ".gguf" else path.name
+    return model
 
 
 def _parse(annotation: str, text: str):

@@ -267,7 +267,7 @@ def chat_logprobs(tokens: TokenText, entries: list[TokenLogprob], top: int) -> d
         return {"token": text, "logprob": logprob, "bytes": raw}
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[:top]]}
-                        for e in entries]}
+                        for e in entries], "refusal": None}
 
 
 @router.post("/chat/completions")
@@ -277,7 +277,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tokenizer = engine.engine.tokenizer
-    template_kwargs = body.chat_template_kwargs or {}
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:  # the template's thinking switch, unless the request set it itself
+        template_kwargs.setdefault("enable_thinking", body.reasoning_effort not in ("none", "minimal"))
     if "chat_template" in template_kwargs and not request.app.state.server_config.trust_request_chat_template:
         # A client's own Jinja runs in this process: refused unless the operator trusts the clients.
         raise APIError(400, "chat_template_kwargs.chat_template: this server renders its model's own chat template "
@@ -294,7 +296,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     gens = await start_generations(request, engine, [prompt_ids] * body.n, params, request_id)
     tokens = token_text(request, engine)
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-            "model": request.app.state.model_name, "system_fingerprint": None}
+            "model": body.model, "system_fingerprint": request.app.state.system_fingerprint}
 
     if body.stream:
         parsers = [ReasoningParser(opened) if reasoning else None for _ in gens]
@@ -337,10 +339,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     answers = []
     for c in choices:
         text = "".join(c.text)
-        message = {"role": "assistant", "content": text}
+        message = {"role": "assistant", "content": text, "refusal": None}
         if reasoning:
             thought, content = split_reasoning(text, opened)
-            message = {"role": "assistant", "content": content, "reasoning_content": thought}
+            message = {"role": "assistant", "content": content, "refusal": None, "reasoning_content": thought}
         answers.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
                         "logprobs": chat_logprobs(tokens, c.logprobs, top) if body.logprobs else None})
     return JSONResponse({**base, "object": "chat.completion", "choices": answers, "usage": usage(gens, [0])})
@@ -411,7 +413,7 @@ async def completions(body: CompletionRequest, request: Request,
     tokens = token_text(request, engine)
     echoes = [engine.engine.tokenizer.decode(p) if body.echo else "" for p in all_prompts]
     base = {"id": request_id, "object": "text_completion", "created": created,
-            "model": request.app.state.model_name, "system_fingerprint": None}
+            "model": body.model, "system_fingerprint": request.app.state.system_fingerprint}
 
     def answer_part(out_text: str, out_logprobs: Optional[list[TokenLogprob]]) -> tuple[str, list[TokenLogprob]]:
         return ("", []) if score_only else (out_text, out_logprobs or [])

@@ -173,7 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
 # -- OpenAI API request bodies ----------------------------------------------------------------------
 
 class ContentPart(BaseModel):
-    type: Literal["text"] = Field(description="only text parts; images and audio are not supported")
+    type: Literal["text"] = Field(description="only text parts; images, audio and files are not supported")
     text: Text
 
 
@@ -182,6 +182,27 @@ class OpenAIMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[Text, list[ContentPart], None] = None
     name: Optional[Text] = None
+    tool_calls: Optional[list] = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def no_tool_calls(cls, tool_calls):
+        if tool_calls:  # rather than dropped from the history without a word
+            raise ValueError("tool calls in the history are not supported by this server yet")
+        return tool_calls
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_parts_only(cls, content):
+        """An image, audio or file part is a 400 that says so, before pydantic's union errors
+        (which would name its own internals) have a say."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"a {kind!r} content part: this model takes text only; send text parts "
+                                     '({"type": "text", "text": "..."}) or a string')
+        return content
 
     def as_template_message(self) -> dict:
         content = self.content
@@ -238,6 +259,13 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict] = None
     tools: Optional[list] = None
     response_format: Optional[dict] = None
+    # OpenAI's effort levels map onto the template's thinking switch (Qwen3's enable_thinking).
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    modalities: Optional[list[Literal["text", "audio"]]] = None
+    functions: Optional[list] = None
+    function_call: Union[str, dict, None] = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
     @field_validator("messages")
     @classmethod
@@ -255,12 +283,20 @@ class ChatCompletionRequest(SamplingFields):
                              "variables to the template, e.g. {\"enable_thinking\": false})")
         return kwargs
 
-    @field_validator("tools")
+    @field_validator("tools", "functions", "function_call", "tool_choice")
     @classmethod
     def no_tools(cls, tools):
-        if tools:
-            raise ValueError("tool calling is not supported by this server; leave 'tools' out")
+        if tools and tools != "none":  # never silently ignored: a client relying on them must know
+            raise ValueError("tool calling is not supported by this server yet; leave 'tools', 'functions' "
+                             "and 'function_call' out")
         return tools
+
+    @field_validator("modalities")
+    @classmethod
+    def text_output_only(cls, modalities):
+        if modalities and set(modalities) != {"text"}:
+            raise ValueError('this model answers in text only: leave modalities out or send ["text"]')
+        return modalities
 
     @field_validator("response_format")
     @classmethod

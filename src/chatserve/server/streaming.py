@@ -85,7 +85,7 @@ def check_capacity(request: Request) -> None:
 def check_model(request: Request, model: str) -> None:
     state = request.app.state
     served = [state.model_name, *state.server_config.model_aliases]
-    if model not in served:
+    if model not in served and model != state.model_path:
         raise APIError(404, f"model {model!r} is not served here; use one of {served}", param="model",
                        code="model_not_found")
 
