@@ -362,3 +362,125 @@ def test_openapi_schema_documents_400_not_422(server):
         assert schema["paths"][path]["post"]["responses"]["400"]["content"]["application/json"]["schema"] == \
             {"$ref": "#/components/schemas/ErrorResponse"}
     assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+
+
+# -- validation: authentication first, JSON types kept, one stop bound, a truthful schema ------------
+
+PROTECTED_POSTS = {"/infer": {"model": "dummy_model", "messages": HI},
+                   "/v1/chat/completions": {"model": "dummy_model", "messages": HI},
+                   "/v1/completions": {"model": "dummy_model", "prompt": "Hi"},
+                   "/v1/conversations": {"title": "t"}}
+
+
+def test_authentication_comes_before_body_validation():
+    with live_server(server_config=ServerConfig(api_key="sesame")) as srv:
+        for path in PROTECTED_POSTS:
+            for body in (b"{not json", b'{"messages": 5, "title": 7, "prompt": []}', b"[1]"):
+                for headers, status in (({}, 401), ({"authorization": "Bearer sesame"}, 400)):
+                    r = requests.post(f"{srv.url}{path}", data=body, timeout=WAIT_S,
+                                      headers={"content-type": "application/json", **headers})
+                    assert r.status_code == status, (path, body, headers, r.text)
+                    error = r.json()["error"]
+                    assert set(error) == {"message", "type", "param", "code"}
+                    assert (error["code"] == "invalid_api_key") == (status == 401), error
+        # A good body with the key is served.
+        r = requests.post(f"{srv.url}/infer", json={**PROTECTED_POSTS["/infer"], "max_tokens": 1}, timeout=WAIT_S,
+                          headers={"authorization": "Bearer sesame"})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_tokens", "4", ["integer"]), ("max_tokens", 4.0, ["integer"]), ("max_tokens", True, ["integer"]),
+    ("stream", "yes", ["boolean"]), ("stream", 1, ["boolean"]), ("temperature", True, ["number"]),
+    ("temperature", "0.5", ["number"]), ("top_p", "1", ["number"]), ("n", "2", ["integer"]),
+    ("seed", "7", ["integer"]), ("logprobs", "true", ["boolean"]), ("model", 5, ["string"]),
+])
+def test_wrong_json_types_are_refused_not_coerced(server, field, value, words):
+    r = requests.post(f"{server.url}/v1/chat/completions", timeout=WAIT_S,
+                      json={"model": "dummy_model", "messages": HI, "max_tokens": 1, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and all(w in error["message"] for w in words), error
+
+
+def test_wrong_json_types_are_refused_on_every_route(server):
+    cases = [("/infer", {"model": "dummy_model", "messages": HI, "max_tokens": "4"}, "max_tokens"),
+             ("/infer", {"model": "dummy_model", "messages": HI, "stream": "yes"}, "stream"),
+             ("/infer", {"model": "dummy_model", "messages": HI, "temperature": True}, "temperature"),
+             ("/v1/completions", {"model": "dummy_model", "prompt": [1, True]}, "prompt"),
+             ("/v1/completions", {"model": "dummy_model", "prompt": "x", "echo": "yes"}, "echo"),
+             ("/v1/conversations", {"params": {"max_tokens": "4"}}, "params.max_tokens"),
+             ("/v1/conversations", {"params": {"temperature": False}}, "params.temperature")]
+    for path, body, param in cases:
+        r = requests.post(f"{server.url}{path}", json=body, timeout=WAIT_S)
+        assert r.status_code == 400, (path, body, r.text)
+        assert r.json()["error"]["param"].startswith(param), (path, r.json())
+    # An integer is still a number: temperature 0 and top_p 1 are fine.
+    assert chat(server, max_tokens=1, temperature=0, top_p=1).usage.completion_tokens == 1
+    r = requests.post(f"{server.url}/infer", json={"model": "dummy_model", "messages": HI, "max_tokens": 1,
+                                                    "temperature": 1, "stream": False}, timeout=WAIT_S)
+    assert r.status_code == 200, r.text
+
+
+def test_infer_takes_as_many_stop_strings_as_the_openai_routes(server):
+    for stop in (["a", "b", "c", "d", "e"], ["x"] * 4000):
+        for path, body in (("/infer", {"messages": HI}), ("/v1/chat/completions", {"messages": HI}),
+                           ("/v1/completions", {"prompt": "Hi"})):
+            r = requests.post(f"{server.url}{path}", json={"model": "dummy_model", "stop": stop, **body},
+                              timeout=WAIT_S)
+            assert r.status_code == 400, (path, r.text)
+            error = r.json()["error"]
+            assert error["param"] == "stop" and "at most 4" in error["message"], error
+    r = requests.post(f"{server.url}/infer", json={"model": "dummy_model", "messages": HI, "max_tokens": 1,
+                                                    "stop": ["a", "b", "c", "d"]}, timeout=WAIT_S)
+    assert r.status_code == 200, r.text
+
+
+def test_openapi_schema_tells_the_truth(server):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=WAIT_S).json()
+    paths, schemas = schema["paths"], schema["components"]["schemas"]
+    for path in ("/infer", "/v1/chat/completions", "/v1/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert {"400", "401", "404", "429", "503"} <= set(responses), (path, responses.keys())
+        assert "model_not_found" in responses["404"]["description"]
+        assert responses["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "model_not_found" in paths["/v1/models/{model_id}"]["get"]["responses"]["404"]["description"]
+    for name in ("InferRequest", "ChatCompletionRequest"):
+        assert schemas[name]["properties"]["messages"]["minItems"] == 1, name
+        stop = schemas[name]["properties"]["stop"]["anyOf"]
+        assert {"type": "array", "items": {"type": "string"}, "maxItems": 4} in stop, stop
+    for name in ("CreateConversation", "UpdateConversation"):
+        title = schemas[name]["properties"]["title"]
+        assert title["type"] == "string" and title["minLength"] == 1 and "anyOf" not in title, title
+    # The schema's example bodies are accepted as they are.
+    example = schemas["ChatCompletionRequest"]["examples"][0]
+    assert requests.post(f"{server.url}/v1/chat/completions", json={**example, "max_tokens": 1},
+                         timeout=WAIT_S).status_code == 200
+
+
+def test_a_405_says_which_methods_are_allowed(server):
+    for path, allowed in (("/v1/models", {"GET"}), ("/v1/chat/completions", {"POST"}), ("/infer", {"POST"}),
+                          ("/health", {"GET"}), ("/static/app.js", {"GET", "HEAD"}),
+                          ("/v1/conversations", {"GET", "POST"})):
+        for method in ("TRACE", "PUT"):
+            r = requests.request(method, f"{server.url}{path}", timeout=WAIT_S)
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert {m.strip() for m in r.headers["Allow"].split(",")} == allowed, (path, r.headers)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_body_that_is_no_json_is_told_what_the_route_takes(server):
+    conv_id = requests.post(f"{server.url}/v1/conversations", json={}, timeout=WAIT_S).json()["id"]
+    routes = [("POST", "/infer", ["messages"]), ("POST", "/v1/completions", ["prompt"]),
+              ("POST", "/v1/conversations", ["title"]), ("PATCH", f"/v1/conversations/{conv_id}", ["title"]),
+              ("POST", f"/v1/conversations/{conv_id}/messages", ["content"]),
+              ("POST", f"/v1/conversations/{conv_id}/switch", ["message_id"])]
+    for method, path, words in routes:
+        for body in (b"{nope", b'"just a string"'):
+            r = requests.request(method, f"{server.url}{path}", data=body, timeout=WAIT_S,
+                                 headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.text)
+            message = r.json()["error"]["message"]
+            assert all(w in message for w in words), (path, message)
+            if "conversations" in path:  # the conversation routes take neither model nor messages
+                assert "model" not in message and "messages" not in message, (path, message)

@@ -29,6 +29,7 @@ from ..engine.engine import AsyncEngine, Engine
 from . import conversations, infer, metrics, openai
 from .protocol import error_response, install_error_handlers
 from .store import Store
+from .streaming import check_api_key
 
 log = logging.getLogger("chatserve.server")
 WEB_DIR = Path(__file__).parent / "web"
@@ -68,7 +69,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.answers = {}  # conversation id -> its answer being generated (conversations.py)
     app.state.draining = False
     app.state.metrics = metrics.Metrics(app.state)
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate=check_api_key)
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -20,10 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams, TokenLogprob
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_response)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, documented_errors,
+                       error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
-from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, sampling_params, unless_disconnected)
+from .streaming import (GENERATION_ERRORS, MODEL_NOT_FOUND, ClosingStreamingResponse, Generation, check_api_key,
+                        check_capacity, check_model, get_engine, render_chat, sampling_params, unless_disconnected)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -35,14 +36,14 @@ def _model_card(request: Request, name: str) -> dict:
             "root": request.app.state.model_name}
 
 
-@router.get("/models")
+@router.get("/models", responses=documented_errors({}))
 async def list_models(request: Request) -> dict:
     state = request.app.state
     return {"object": "list", "data": [_model_card(request, name)
                                        for name in (state.model_name, *state.server_config.model_aliases)]}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=documented_errors({404: MODEL_NOT_FOUND}))
 async def get_model(model_id: str, request: Request) -> dict:
     check_model(request, model_id)
     return _model_card(request, model_id)
@@ -265,7 +266,7 @@ def chat_logprobs(tokens: TokenText, entries: list[TokenLogprob], top: int) -> d
                         for e in entries]}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            engine: AsyncEngine = Depends(get_engine)) -> Response:
     check_model(request, body.model)
@@ -380,7 +381,7 @@ class LegacyLogprobs:
         return out
 
 
-@router.post("/completions")
+@router.post("/completions", responses=GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request,
                       engine: AsyncEngine = Depends(get_engine)) -> Response:
     check_model(request, body.model)
