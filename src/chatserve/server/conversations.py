@@ -563,7 +563,7 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
     tokenizer = engine.engine.tokenizer
     prompt_ids, key = build_prompt(tokenizer, app.state.model_name, chat_messages(conv["system_prompt"], branch),
                                    previous)
-    params = answer_params(body, conv["params"], engine.engine.loaded.generation_config)
+    params = answer_params(body, conv["params"], engine.engine.generation_config)
     check_capacity(request)
 
     message_id = new_id("msg")  # also the engine's request id, for /stop

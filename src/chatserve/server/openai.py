@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
-from ..engine.sampling import SamplingParams, TokenLogprob
+from ..engine.sampling import SamplingParams, TokenLogprob, effective_sampling_defaults
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, documented_errors,
                        error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
@@ -32,8 +32,13 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 # -- models -------------------------------------------------------------------------------------
 
 def _model_card(request: Request, name: str) -> dict:
-    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "chatserve",
-            "root": request.app.state.model_name}
+    """OpenAI's model object, plus a "chatserve" object once the model is loaded: the sampling
+    values a request that leaves them unset gets, for clients to show."""
+    state = request.app.state
+    card = {"id": name, "object": "model", "created": state.started, "owned_by": "chatserve", "root": state.model_name}
+    if state.engine is not None:
+        card["chatserve"] = {"default_sampling": effective_sampling_defaults(state.engine.engine.generation_config)}
+    return card
 
 
 @router.get("/models", responses=documented_errors({}))
@@ -283,7 +288,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     reasoning = is_reasoning_model(tokenizer)
     opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
     top = body.top_logprobs or 0
-    defaults = engine.engine.loaded.generation_config
+    defaults = engine.engine.generation_config
     params = [choice_params(body, defaults, body.max_completion_tokens or body.max_tokens,
                             top if body.logprobs else None, i) for i in range(body.n)]
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -391,7 +396,7 @@ async def completions(body: CompletionRequest, request: Request,
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs are not computed)",
                        param="echo")
     prompts = completion_prompts(body, engine)
-    defaults = engine.engine.loaded.generation_config
+    defaults = engine.engine.generation_config
     # Choice index = prompt index * n + choice within the prompt, as OpenAI numbers them.
     params = [choice_params(body, defaults, body.max_tokens, body.logprobs, j)
               for _ in prompts for j in range(body.n)]

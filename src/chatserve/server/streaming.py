@@ -14,23 +14,20 @@ from jinja2.exceptions import TemplateError
 
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import DEFAULTABLE, SamplingParams
 from .protocol import APIError, documented_errors, engine_error
 
 log = logging.getLogger("chatserve.server")
 T = TypeVar("T")
 
 
-# Sampling values a request may leave unset to take the model's generation_config instead.
-MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def sampling_params(values: dict, defaults: dict) -> SamplingParams:
-    """SamplingParams from a request's values (None: unset). Unset sampling values take the model's
-    generation_config (`defaults`), as vLLM and `chatserve generate` do; a value the engine refuses
+    """SamplingParams from a request's values (None: unset). Unset sampling values take the
+    engine's defaults (`defaults`: the model's generation_config with the operator's
+    --override-generation-config), as vLLM and `chatserve generate` do; a value the engine refuses
     is a 400 naming its field."""
     given = {name: value for name, value in values.items() if value is not None}
-    for name in MODEL_DEFAULTS:
+    for name in DEFAULTABLE:
         if name not in given and defaults.get(name) is not None:
             given[name] = defaults[name]
     try:
