@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import openai
 import pytest
@@ -484,3 +485,50 @@ def test_a_body_that_is_no_json_is_told_what_the_route_takes(server):
             assert all(w in message for w in words), (path, message)
             if "conversations" in path:  # the conversation routes take neither model nor messages
                 assert "model" not in message and "messages" not in message, (path, message)
+
+
+# -- the operator's sampling defaults -----------------------------------------------------------------
+
+def test_operator_sampling_defaults_apply_on_every_route_and_are_shown(caplog):
+    """--override-generation-config {"temperature": 0}: every route samples greedily where a request
+    sets no temperature (unseeded answers repeat and equal an explicit temperature 0's), /v1/models
+    shows the effective defaults, and the start-up log says them and where they come from."""
+    overrides = {"temperature": 0, "top_p": 0.8}
+    with caplog.at_level(logging.INFO, logger="chatserve.server"), \
+            live_server(tiny_engine_config(override_generation_config=overrides)) as srv:
+        shown = {"temperature": 0, "top_p": 0.8, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+        for path in ("/v1/models", "/v1/models/dummy_model"):
+            body = requests.get(f"{srv.url}{path}", timeout=WAIT_S).json()
+            card = body["data"][0] if path == "/v1/models" else body
+            assert card["chatserve"] == {"default_sampling": shown}, card
+
+        def infer(**extra) -> str:
+            r = requests.post(f"{srv.url}/infer", json={"model": "dummy_model", "messages": HI, "max_tokens": 12,
+                                                         **extra}, timeout=WAIT_S)
+            return r.json()["choices"][0]["message"]["content"]
+
+        def chat_route(**extra) -> str:
+            r = requests.post(f"{srv.url}/v1/chat/completions", timeout=WAIT_S,
+                              json={"model": "dummy_model", "messages": HI, "max_tokens": 12, **extra})
+            return r.json()["choices"][0]["message"]["content"]
+
+        def completion(**extra) -> str:
+            r = requests.post(f"{srv.url}/v1/completions", timeout=WAIT_S,
+                              json={"model": "dummy_model", "prompt": "Once upon a time", "max_tokens": 12, **extra})
+            return r.json()["choices"][0]["text"]
+
+        def conversation(**extra) -> str:
+            conv = requests.post(f"{srv.url}/v1/conversations", json={}, timeout=WAIT_S).json()
+            with requests.post(f"{srv.url}/v1/conversations/{conv['id']}/messages", stream=True, timeout=WAIT_S,
+                               json={"content": "Hi", "max_tokens": 12, **extra}) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+                          if line.startswith("data: {")]
+            return next(e for e in events if e["type"] == "done")["message"]["content"]
+
+        for ask in (infer, chat_route, completion, conversation):
+            greedy = ask(temperature=0)
+            assert ask() == ask() == greedy, ask.__name__
+            # A request's own value still wins: sampled at temperature 1.5, unseeded answers differ.
+            assert len({ask(temperature=1.5, top_p=1) for _ in range(3)}) > 1, ask.__name__
+    assert ("default sampling (for requests that leave it unset): temperature 0, top_p 0.8, top_k 0, min_p 0.0, "
+            "repetition_penalty 1.0 (temperature, top_p from --override-generation-config)") in caplog.text

@@ -234,7 +234,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatserve", description="A streaming chat service for local LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="chatserve",
+        description="A streaming chat service for local LLMs. `chatserve serve` serves a model on "
+                    "http://127.0.0.1:8000: the web chat at /, the OpenAI API at /v1 (chat/completions, "
+                    "completions, models) for any OpenAI client, stored conversations at /v1/conversations, the "
+                    "original demo's NDJSON protocol at /infer, /health and /metrics. `chatserve chat` chats in the "
+                    "terminal, `chatserve client` replays the original demo, `chatserve generate` answers once "
+                    "without a server. `chatserve COMMAND --help` explains each.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="how much to log on stderr (default %(default)s)")
@@ -248,11 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", parents=[common], help="serve a model over HTTP (POST /infer, GET /health)",
-                           description="Load a model and serve it over HTTP: POST /infer streams NDJSON, "
-                                       "GET /health is 200 once the model is loaded (503 while it loads or "
-                                       "shuts down), GET /metrics gives Prometheus metrics (both need no API "
-                                       "key). SIGTERM or Ctrl-C ends every stream with a final chunk and exits.")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="serve a model over HTTP: the web chat at /, the OpenAI API at /v1, /infer",
+                           description="Load a model and serve it over HTTP (http://127.0.0.1:8000 by default): "
+                                       "the web chat at /; the OpenAI API at /v1 (POST /v1/chat/completions, POST "
+                                       "/v1/completions, GET /v1/models; point any OpenAI client at "
+                                       "http://HOST:PORT/v1); stored conversations at /v1/conversations (API docs "
+                                       "at /docs); the original demo's POST /infer, streaming NDJSON. GET /health "
+                                       "is 200 once the model is loaded (503 while it loads or shuts down), GET "
+                                       "/metrics gives Prometheus metrics (both need no API key). A model that "
+                                       "cannot be loaded stops the server with exit status 2. SIGTERM or Ctrl-C "
+                                       "ends every stream with a final chunk and exits.")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 for every interface (default %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
@@ -326,11 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--new", action="store_true",
                        help="start a new conversation instead of resuming the most recently updated one")
     chat.set_defaults(func=cmd_chat)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """parse_args, except that an unknown flag is reported with its command's usage (`serve --prot`
+    shows serve's flags), not the top level's."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     return args.func(args)
