@@ -444,7 +444,8 @@ def test_openapi_schema_tells_the_truth(server):
         responses = paths[path]["post"]["responses"]
         assert {"400", "401", "404", "429", "503"} <= set(responses), (path, responses.keys())
         assert "model_not_found" in responses["404"]["description"]
-        assert responses["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert responses["404"]["content"]["application/json"]["schema"] == \
+            {"$ref": "#/components/schemas/ErrorResponse"}
     assert "model_not_found" in paths["/v1/models/{model_id}"]["get"]["responses"]["404"]["description"]
     for name in ("InferRequest", "ChatCompletionRequest"):
         assert schemas[name]["properties"]["messages"]["minItems"] == 1, name

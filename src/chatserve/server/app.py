@@ -254,9 +254,10 @@ def _parse(annotation: str, text: str):
 
 def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
-    CHATSERVE_NUM_KV_BLOCKS, CHATSERVE_OVERRIDE_GENERATION_CONFIG as JSON, ...), plus CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma
-    separated), CHATSERVE_MAX_QUEUE, CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma
-    separated) and CHATSERVE_DB (the conversation store's SQLite file)."""
+    CHATSERVE_NUM_KV_BLOCKS, CHATSERVE_OVERRIDE_GENERATION_CONFIG as JSON, ...), plus
+    CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma separated), CHATSERVE_MAX_QUEUE,
+    CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma separated) and CHATSERVE_DB (the
+    conversation store's SQLite file)."""
     values = {}
     for f in fields(EngineConfig):
         text = environ.get(f"CHATSERVE_{f.name.upper()}")

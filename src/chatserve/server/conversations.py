@@ -55,7 +55,8 @@ Title = Field(None, min_length=1, description="absent: 'New chat' until the firs
 
 
 class CreateConversation(BaseModel):
-    model_config = example({"title": "Trip planning", "system_prompt": "Answer briefly.", "params": {"temperature": 0.7}})
+    model_config = example({"title": "Trip planning", "system_prompt": "Answer briefly.",
+                            "params": {"temperature": 0.7}})
 
     title: Text = Title
     system_prompt: Optional[Text] = None
