@@ -521,3 +521,20 @@ def test_reasoning_model_end_to_end(reasoning_server, spawn):
     child.expect_exact(f"you #2> And of Italy?\r\nassistant #2a> (thinking) {REASONING}\r\n{ANSWER}\r\n")
     child.expect_exact(PROMPT)
     quit_with_ctrl_d(child)
+
+
+def test_an_answer_cut_off_by_a_server_shutdown_says_so(spawn, tmp_path):
+    from chatserve.server.app import drain
+
+    config = ServerConfig(db_path=str(tmp_path / "conversations.sqlite3"), api_key=API_KEY)
+    with live_server(tiny_engine_config(num_kv_blocks=256), config) as srv:
+        API(srv.url).create(params={"max_tokens": 3000, "temperature": 0})
+        child = spawn(url=srv.url)
+        child.expect_exact(PROMPT)
+        child.sendline("Tell me a very long story")
+        child.expect_exact("assistant> ")
+        child.expect(r"\S{3}")  # the answer is under way
+        drain(srv.app)  # what SIGTERM and Ctrl-C on the server do
+        child.expect(r"\[cut off: the server is shutting down; \d+ tokens")
+        child.expect_exact(PROMPT)
+        quit_with_ctrl_d(child)

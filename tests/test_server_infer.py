@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from live_server import WAIT_S, healthy, idle, live_server, wait_until
+from live_server import WAIT_S, healthy, idle, live_server, tiny_engine_config, wait_until
+from scripted_model import write_scripted_model
 from starlette.testclient import TestClient
 
 from chatserve.config import EngineConfig, ServerConfig
@@ -189,6 +191,27 @@ def test_stream_test_script_prints_the_demo_lines(server):
     assert_demo_output(out.stdout)
 
 
+def test_demo_clients_ask_for_the_served_model_and_send_the_api_key(tmp_path):
+    """Against a server of another model, with --api-key: `chatserve client` (--api-key or
+    $CHATSERVE_API_KEY) and stream_test.py ($CHATSERVE_API_KEY) find the model's name in /v1/models."""
+    model_dir, _ = write_scripted_model(tmp_path)
+    with live_server(tiny_engine_config(model=str(model_dir)), ServerConfig(api_key="sesame")) as srv:
+        name = srv.app.state.model_name
+        assert name != "dummy_model"
+        keyless = {k: v for k, v in os.environ.items() if k != "CHATSERVE_API_KEY"}
+        client = [sys.executable, "-m", "chatserve.cli", "client", "--url", srv.url]
+        for command, env in ((client, {**keyless, "CHATSERVE_API_KEY": "sesame"}),
+                             (client + ["--api-key", "sesame"], keyless),
+                             ([sys.executable, str(REPO / "stream_test.py"), srv.url],
+                              {**keyless, "CHATSERVE_API_KEY": "sesame"})):
+            out = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+            assert out.returncode == 0, (command, out.stdout, out.stderr)
+            assert_demo_output(out.stdout)
+            assert f"'model': '{name}'" in out.stdout
+        out = subprocess.run(client, capture_output=True, text=True, timeout=60, env=keyless)
+        assert out.returncode == 1 and "401" in out.stderr and "API key" in out.stderr, out.stderr
+
+
 def assert_demo_output(stdout: str) -> None:
     lines = stdout.splitlines()
     assert lines[0] == "Response received successfully"
@@ -225,6 +248,13 @@ def test_configs_from_env():
     assert configs_from_env({})[0] == EngineConfig()
     with pytest.raises(ValueError, match="CHATSERVE_NUM_KV_BLOCKS"):
         configs_from_env({"CHATSERVE_NUM_KV_BLOCKS": "many"})
+    engine, _ = configs_from_env({"CHATSERVE_OVERRIDE_GENERATION_CONFIG": '{"temperature": 0.7, "top_p": 0.8}'})
+    assert engine.override_generation_config == {"temperature": 0.7, "top_p": 0.8}
+    with pytest.raises(ValueError, match="CHATSERVE_OVERRIDE_GENERATION_CONFIG.*JSON object"):
+        configs_from_env({"CHATSERVE_OVERRIDE_GENERATION_CONFIG": "temperature=0.7"})
+    bad, _ = configs_from_env({"CHATSERVE_OVERRIDE_GENERATION_CONFIG": '{"temperature": -1}'})
+    with pytest.raises(ValueError, match="override_generation_config: temperature must be >= 0"):
+        create_app(bad)  # checked at start, before the model loads
 
 
 def test_main_module_builds_the_app_from_env(monkeypatch):

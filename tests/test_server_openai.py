@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import openai
 import pytest
@@ -441,3 +442,173 @@ def test_a_local_model_is_served_by_its_folders_name(qwen2_dir):
             assert r.status_code == 200 and r.json()["model"] == name
     with live_server(tiny_engine_config(model=str(qwen2_dir)), ServerConfig(served_model_name="tiny")) as srv:
         assert [m["id"] for m in requests.get(f"{srv.url}/v1/models", timeout=WAIT_S).json()["data"]] == ["tiny"]
+
+
+# -- validation: authentication first, JSON types kept, one stop bound, a truthful schema ------------
+
+PROTECTED_POSTS = {"/infer": {"model": "dummy_model", "messages": HI},
+                   "/v1/chat/completions": {"model": "dummy_model", "messages": HI},
+                   "/v1/completions": {"model": "dummy_model", "prompt": "Hi"},
+                   "/v1/conversations": {"title": "t"}}
+
+
+def test_authentication_comes_before_body_validation():
+    with live_server(server_config=ServerConfig(api_key="sesame")) as srv:
+        for path in PROTECTED_POSTS:
+            for body in (b"{not json", b'{"messages": 5, "title": 7, "prompt": []}', b"[1]"):
+                for headers, status in (({}, 401), ({"authorization": "Bearer sesame"}, 400)):
+                    r = requests.post(f"{srv.url}{path}", data=body, timeout=WAIT_S,
+                                      headers={"content-type": "application/json", **headers})
+                    assert r.status_code == status, (path, body, headers, r.text)
+                    error = r.json()["error"]
+                    assert set(error) == {"message", "type", "param", "code"}
+                    assert (error["code"] == "invalid_api_key") == (status == 401), error
+        # A good body with the key is served.
+        r = requests.post(f"{srv.url}/infer", json={**PROTECTED_POSTS["/infer"], "max_tokens": 1}, timeout=WAIT_S,
+                          headers={"authorization": "Bearer sesame"})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_tokens", "4", ["integer"]), ("max_tokens", 4.0, ["integer"]), ("max_tokens", True, ["integer"]),
+    ("stream", "yes", ["boolean"]), ("stream", 1, ["boolean"]), ("temperature", True, ["number"]),
+    ("temperature", "0.5", ["number"]), ("top_p", "1", ["number"]), ("n", "2", ["integer"]),
+    ("seed", "7", ["integer"]), ("logprobs", "true", ["boolean"]),
+])
+def test_wrong_json_types_are_refused_not_coerced(server, field, value, words):
+    r = requests.post(f"{server.url}/v1/chat/completions", timeout=WAIT_S,
+                      json={"model": "dummy_model", "messages": HI, "max_tokens": 1, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and all(w in error["message"] for w in words), error
+
+
+def test_wrong_json_types_are_refused_on_every_route(server):
+    cases = [("/infer", {"model": "dummy_model", "messages": HI, "max_tokens": "4"}, "max_tokens"),
+             ("/infer", {"model": "dummy_model", "messages": HI, "stream": "yes"}, "stream"),
+             ("/infer", {"model": "dummy_model", "messages": HI, "temperature": True}, "temperature"),
+             ("/v1/completions", {"model": "dummy_model", "prompt": [1, True]}, "prompt"),
+             ("/v1/completions", {"model": "dummy_model", "prompt": "x", "echo": "yes"}, "echo"),
+             ("/v1/conversations", {"params": {"max_tokens": "4"}}, "params.max_tokens"),
+             ("/v1/conversations", {"params": {"temperature": False}}, "params.temperature")]
+    for path, body, param in cases:
+        r = requests.post(f"{server.url}{path}", json=body, timeout=WAIT_S)
+        assert r.status_code == 400, (path, body, r.text)
+        assert r.json()["error"]["param"].startswith(param), (path, r.json())
+    # An integer is still a number: temperature 0 and top_p 1 are fine.
+    assert chat(server, max_tokens=1, temperature=0, top_p=1).usage.completion_tokens == 1
+    r = requests.post(f"{server.url}/infer", json={"model": "dummy_model", "messages": HI, "max_tokens": 1,
+                                                    "temperature": 1, "stream": False}, timeout=WAIT_S)
+    assert r.status_code == 200, r.text
+
+
+def test_infer_takes_as_many_stop_strings_as_the_openai_routes(server):
+    for stop in (["a", "b", "c", "d", "e"], ["x"] * 4000):
+        for path, body in (("/infer", {"messages": HI}), ("/v1/chat/completions", {"messages": HI}),
+                           ("/v1/completions", {"prompt": "Hi"})):
+            r = requests.post(f"{server.url}{path}", json={"model": "dummy_model", "stop": stop, **body},
+                              timeout=WAIT_S)
+            assert r.status_code == 400, (path, r.text)
+            error = r.json()["error"]
+            assert error["param"] == "stop" and "at most 4" in error["message"], error
+    r = requests.post(f"{server.url}/infer", json={"model": "dummy_model", "messages": HI, "max_tokens": 1,
+                                                    "stop": ["a", "b", "c", "d"]}, timeout=WAIT_S)
+    assert r.status_code == 200, r.text
+
+
+def test_openapi_schema_tells_the_truth(server):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=WAIT_S).json()
+    paths, schemas = schema["paths"], schema["components"]["schemas"]
+    for path in ("/infer", "/v1/chat/completions", "/v1/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert {"400", "401", "404", "429", "503"} <= set(responses), (path, responses.keys())
+        assert "model_not_found" in responses["404"]["description"]
+        assert responses["404"]["content"]["application/json"]["schema"] == \
+            {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "model_not_found" in paths["/v1/models/{model_id}"]["get"]["responses"]["404"]["description"]
+    for name in ("InferRequest", "ChatCompletionRequest"):
+        assert schemas[name]["properties"]["messages"]["minItems"] == 1, name
+        stop = schemas[name]["properties"]["stop"]["anyOf"]
+        assert {"type": "array", "items": {"type": "string"}, "maxItems": 4} in stop, stop
+    for name in ("CreateConversation", "UpdateConversation"):
+        title = schemas[name]["properties"]["title"]
+        assert title["type"] == "string" and title["minLength"] == 1 and "anyOf" not in title, title
+    # The schema's example bodies are accepted as they are.
+    example = schemas["ChatCompletionRequest"]["examples"][0]
+    assert requests.post(f"{server.url}/v1/chat/completions", json={**example, "max_tokens": 1},
+                         timeout=WAIT_S).status_code == 200
+
+
+def test_a_405_says_which_methods_are_allowed(server):
+    for path, allowed in (("/v1/models", {"GET"}), ("/v1/chat/completions", {"POST"}), ("/infer", {"POST"}),
+                          ("/health", {"GET"}), ("/static/app.js", {"GET", "HEAD"}),
+                          ("/v1/conversations", {"GET", "POST"})):
+        for method in ("TRACE", "PUT"):
+            r = requests.request(method, f"{server.url}{path}", timeout=WAIT_S)
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert {m.strip() for m in r.headers["Allow"].split(",")} == allowed, (path, r.headers)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_body_that_is_no_json_is_told_what_the_route_takes(server):
+    conv_id = requests.post(f"{server.url}/v1/conversations", json={}, timeout=WAIT_S).json()["id"]
+    routes = [("POST", "/infer", ["messages"]), ("POST", "/v1/completions", ["prompt"]),
+              ("POST", "/v1/conversations", ["title"]), ("PATCH", f"/v1/conversations/{conv_id}", ["title"]),
+              ("POST", f"/v1/conversations/{conv_id}/messages", ["content"]),
+              ("POST", f"/v1/conversations/{conv_id}/switch", ["message_id"])]
+    for method, path, words in routes:
+        for body in (b"{nope", b'"just a string"'):
+            r = requests.request(method, f"{server.url}{path}", data=body, timeout=WAIT_S,
+                                 headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.text)
+            message = r.json()["error"]["message"]
+            assert all(w in message for w in words), (path, message)
+            if "conversations" in path:  # the conversation routes take neither model nor messages
+                assert "model" not in message and "messages" not in message, (path, message)
+
+
+# -- the operator's sampling defaults -----------------------------------------------------------------
+
+def test_operator_sampling_defaults_apply_on_every_route_and_are_shown(caplog):
+    """--override-generation-config {"temperature": 0}: every route samples greedily where a request
+    sets no temperature (unseeded answers repeat and equal an explicit temperature 0's), /v1/models
+    shows the effective defaults, and the start-up log says them and where they come from."""
+    overrides = {"temperature": 0, "top_p": 0.8}
+    with caplog.at_level(logging.INFO, logger="chatserve.server"), \
+            live_server(tiny_engine_config(override_generation_config=overrides)) as srv:
+        shown = {"temperature": 0, "top_p": 0.8, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+        for path in ("/v1/models", "/v1/models/dummy_model"):
+            body = requests.get(f"{srv.url}{path}", timeout=WAIT_S).json()
+            card = body["data"][0] if path == "/v1/models" else body
+            assert card["chatserve"] == {"default_sampling": shown}, card
+
+        def infer(**extra) -> str:
+            r = requests.post(f"{srv.url}/infer", json={"model": "dummy_model", "messages": HI, "max_tokens": 12,
+                                                         **extra}, timeout=WAIT_S)
+            return r.json()["choices"][0]["message"]["content"]
+
+        def chat_route(**extra) -> str:
+            r = requests.post(f"{srv.url}/v1/chat/completions", timeout=WAIT_S,
+                              json={"model": "dummy_model", "messages": HI, "max_tokens": 12, **extra})
+            return r.json()["choices"][0]["message"]["content"]
+
+        def completion(**extra) -> str:
+            r = requests.post(f"{srv.url}/v1/completions", timeout=WAIT_S,
+                              json={"model": "dummy_model", "prompt": "Once upon a time", "max_tokens": 12, **extra})
+            return r.json()["choices"][0]["text"]
+
+        def conversation(**extra) -> str:
+            conv = requests.post(f"{srv.url}/v1/conversations", json={}, timeout=WAIT_S).json()
+            with requests.post(f"{srv.url}/v1/conversations/{conv['id']}/messages", stream=True, timeout=WAIT_S,
+                               json={"content": "Hi", "max_tokens": 12, **extra}) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+                          if line.startswith("data: {")]
+            return next(e for e in events if e["type"] == "done")["message"]["content"]
+
+        for ask in (infer, chat_route, completion, conversation):
+            greedy = ask(temperature=0)
+            assert ask() == ask() == greedy, ask.__name__
+            # A request's own value still wins: sampled at temperature 1.5, unseeded answers differ.
+            assert len({ask(temperature=1.5, top_p=1) for _ in range(3)}) > 1, ask.__name__
+    assert ("default sampling (for requests that leave it unset): temperature 0, top_p 0.8, top_k 0, min_p 0.0, "
+            "repetition_penalty 1.0 (temperature, top_p from --override-generation-config)") in caplog.text

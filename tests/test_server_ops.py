@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -308,6 +309,10 @@ def test_serve_drains_and_exits_on_a_signal(sig):
     # The start-up log says what is served, on what, and where.
     assert "model dummy_model ready" in log and "device cpu, dtype float32, KV cache 64 blocks" in log
     assert "Uvicorn running on http://127.0.0.1:" in log
+    port = re.search(r"Uvicorn running on http://127.0.0.1:(\d+)", log).group(1)
+    url = f"http://127.0.0.1:{port}"
+    assert f"chatserve ready: {url} (web chat), OpenAI API at {url}/v1" in log
+    assert "default sampling (for requests that leave it unset): temperature 1.0, top_p 1.0" in log
 
 
 def test_uvicorn_main_app_drains_on_sigterm():
@@ -332,3 +337,66 @@ def test_serve_help_explains_every_flag():
     text = serve.format_help()
     for flag in ("--max-queue", "--max-body-bytes", "--shutdown-timeout", "/metrics", "429", "413"):
         assert flag in text, flag
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chatserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "CHATSERVE_DB": ":memory:"})
+
+
+def test_serve_exits_when_its_model_cannot_load_with_the_message_generate_gives():
+    missing = "/no/such/model-dir"
+    generate = cli("generate", "--model", missing)
+    assert generate.returncode == 2
+    message = generate.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: could not load model {missing}: ") and "config.json" in message, message
+    start = time.monotonic()
+    serve = cli("serve", "--model", missing, "--port", str(free_port()))
+    assert serve.returncode == 2 and time.monotonic() - start < 60, serve.stderr
+    assert serve.stderr.strip().splitlines()[-1] == message, serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "--temperature", "-1"], ["argument --temperature", "temperature must be >= 0"]),
+    (["generate", "--top-p", "2"], ["argument --top-p", "top_p must be in (0, 1]"]),
+    (["generate", "--top-k", "x"], ["argument --top-k", "'x' is not an integer"]),
+    (["generate", "--min-p", "nan"], ["argument --min-p", "finite"]),
+    (["generate", "--repetition-penalty", "0"], ["argument --repetition-penalty", "must be > 0"]),
+    (["generate", "--max-tokens", "0"], ["argument --max-tokens", "at least 1"]),
+    (["serve", "--override-generation-config", "{temperature: 0.7}"], ["not valid JSON"]),
+    (["serve", "--override-generation-config", '["temperature"]'], ["must be a JSON object"]),
+    (["serve", "--override-generation-config", '{"temprature": 0.7}'], ["'temprature' is not a sampling default",
+                                                                        "temperature, top_p"]),
+    (["serve", "--override-generation-config", '{"top_p": 1.5}'], ["top_p must be in (0, 1]"]),
+    (["serve", "--override-generation-config", '{"temperature": "0.7"}'], ["temperature must be a number"]),
+    (["chat", "--model", "dummy_model", "--override-generation-config", '{"top_k": true}'],
+     ["top_k must be an integer"]),
+], ids=["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "override_json",
+        "override_not_object", "override_key", "override_range", "override_type", "chat_override_type"])
+def test_bad_sampling_flags_are_refused_before_the_model_loads(args, words):
+    """A model path that does not exist comes first: had it been loaded, that would be the error."""
+    out = cli(*args, "--model", "/no/such/model-dir", timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"usage: chatserve {args[0]}" in out.stderr and "could not load" not in out.stderr, out.stderr
+    assert all(w in out.stderr for w in words), out.stderr
+
+
+def test_an_unknown_flag_shows_the_commands_usage():
+    out = cli("serve", "--prot", timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: chatserve serve ") and "--port PORT" in out.stderr, out.stderr
+    assert "chatserve serve: error: unrecognized arguments: --prot" in out.stderr
+
+
+def test_help_says_what_is_served_where_and_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("generate", "serve", "client"):
+        for action in commands[name]._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+    for text in (parser.format_help(), commands["serve"].format_help()):
+        flat = " ".join(text.split())
+        for words in ("web chat at /", "OpenAI API at /v1", "/infer", "/v1/conversations"):
+            assert words in flat, (words, flat)
+    assert "--override-generation-config" in commands["serve"].format_help()

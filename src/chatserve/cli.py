@@ -1,8 +1,9 @@
-"""The one entry point: `chatserve generate ...` (and later serve, chat, client, bench)."""
+"""The one entry point: `chatserve serve | chat | client | generate`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,43 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     g.add_argument("--engine-seed", dest="seed", type=int, default=d.seed,
                    help="seed of the engine's generator for unseeded requests (default %(default)s)")
+    g.add_argument("--override-generation-config", type=generation_overrides, default={}, metavar="JSON",
+                   help="sampling defaults over the model's generation_config, for every request (and every "
+                        "route) that leaves a value unset, e.g. '{\"temperature\": 0.7, \"top_p\": 0.8}'; keys: "
+                        "temperature, top_p, top_k, min_p, repetition_penalty (default: the model's "
+                        "generation_config, else temperature 1, top_p 1)")
+
+
+def generation_overrides(text: str) -> dict:
+    """--override-generation-config: a JSON object of sampling defaults, checked before anything loads."""
+    from .engine.sampling import check_sampling_defaults
+
+    try:
+        return check_sampling_defaults(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): give an object such as "
+                                         '\'{"temperature": 0.7, "top_p": 0.8}\'') from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def sampling_value(name: str, kind: type):
+    """An argparse type for the sampling flag of SamplingParams' field `name`: the value checked by
+    the engine's own rules when the command line is parsed, before any model loads."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        from .engine.sampling import SamplingParams
+
+        try:
+            SamplingParams(**{name: value})
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -55,15 +93,25 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config, else 1)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=None)
+    g = parser.add_argument_group("sampling", "unset values come from --override-generation-config, else the "
+                                              "model's generation_config, else temperature 1, top_p 1")
+    g.add_argument("--max-tokens", type=sampling_value("max_tokens", int), default=256,
+                   help="most tokens to generate (default %(default)s)")
+    g.add_argument("--temperature", type=sampling_value("temperature", float), default=None,
+                   help="0 = greedy; >= 0")
+    g.add_argument("--top-p", type=sampling_value("top_p", float), default=None,
+                   help="nucleus sampling: sample among the most likely tokens whose probabilities add up to "
+                        "top_p; in (0, 1]")
+    g.add_argument("--top-k", type=sampling_value("top_k", int), default=None,
+                   help="sample among the k most likely tokens; 0 or -1 = off")
+    g.add_argument("--min-p", type=sampling_value("min_p", float), default=None,
+                   help="drop tokens below min_p x the top probability; in [0, 1]")
+    g.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty", float), default=None,
+                   help="divide the scores of tokens already in the prompt or the answer by this (> 1 repeats "
+                        "less, 1 = off); > 0")
     g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="seed for this generation")
-    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--stop", action="append", default=[], type=sampling_value("stop", str),
+                   help="a stop string (repeatable)")
 
 
 def sampling_params_from_args(args: argparse.Namespace, defaults: dict):
@@ -85,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         engine = Engine(engine_config_from_args(args))
-        gen_defaults = engine.loaded.generation_config
+        gen_defaults = engine.generation_config
         params = sampling_params_from_args(args, gen_defaults)
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         if args.raw:
@@ -93,7 +141,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             prompt = {"prompt_token_ids": engine.apply_chat_template(messages + [{"role": "user", "content": args.prompt}])}
         request_id = engine.add_request(prompt, params)
-    except (ModelLoadError, ValueError) as exc:
+    except ModelLoadError as exc:
+        print(f"error: could not load model {args.model}: {exc}", file=sys.stderr)  # as `serve` says it
+        return 2
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.monotonic()
@@ -123,25 +174,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server.app import create_app
 
+    host = f"[{args.host}]" if ":" in args.host else args.host
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                                  cors_origins=args.cors_origin, max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
                                  served_model_name=args.served_model_name,
-                                 trust_request_chat_template=args.trust_request_chat_template)
+                                 trust_request_chat_template=args.trust_request_chat_template,
+                                 url=f"http://{host}:{args.port}")
+    load_errors: list[str] = []
+
+    def load_failed(message: str) -> None:
+        # A server whose model will never load serves nothing: stop, and say why, as generate does.
+        load_errors.append(message)
+        server.should_exit = True
+
     try:
-        app = create_app(engine_config_from_args(args), server_config)
+        app = create_app(engine_config_from_args(args), server_config, on_load_error=load_failed)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # log_config=None: uvicorn's lines ("Uvicorn running on http://...") go through our logging format.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           log_config=None, timeout_graceful_shutdown=server_config.shutdown_timeout))
     # Once uvicorn has shut down after SIGTERM or Ctrl-C it raises the signal again; the stop was
     # graceful by then, so exit 0 rather than die by the signal or a KeyboardInterrupt traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)
-    # log_config=None: uvicorn's lines ("Uvicorn running on http://...") go through our logging format.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                timeout_graceful_shutdown=server_config.shutdown_timeout)
-    return 0
+    server.run()
+    if load_errors:
+        print(f"error: {load_errors[0]}", file=sys.stderr)
+        return 2
+    return 0 if server.started else 3  # 3: it never listened (e.g. the port is taken), as uvicorn.run exits
 
 
 def _exit_quietly(signum, frame) -> None:
@@ -153,7 +217,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     if args.log_level != "debug":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # its per-request line is noise in the demo
-    return run(args.url, model=args.model, text_only=args.text, max_tokens=args.max_tokens)
+    return run(args.url, model=args.model, api_key=args.api_key or None, text_only=args.text,
+               max_tokens=args.max_tokens)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -170,7 +235,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatserve", description="A streaming chat service for local LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="chatserve",
+        description="A streaming chat service for local LLMs. `chatserve serve` serves a model on "
+                    "http://127.0.0.1:8000: the web chat at /, the OpenAI API at /v1 (chat/completions, "
+                    "completions, models) for any OpenAI client, stored conversations at /v1/conversations, the "
+                    "original demo's NDJSON protocol at /infer, /health and /metrics. `chatserve chat` chats in the "
+                    "terminal, `chatserve client` replays the original demo, `chatserve generate` answers once "
+                    "without a server. `chatserve COMMAND --help` explains each.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="how much to log on stderr (default %(default)s)")
@@ -184,11 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", parents=[common], help="serve a model over HTTP (POST /infer, GET /health)",
-                           description="Load a model and serve it over HTTP: POST /infer streams NDJSON, "
-                                       "GET /health is 200 once the model is loaded (503 while it loads or "
-                                       "shuts down), GET /metrics gives Prometheus metrics (both need no API "
-                                       "key). SIGTERM or Ctrl-C ends every stream with a final chunk and exits.")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="serve a model over HTTP: the web chat at /, the OpenAI API at /v1, /infer",
+                           description="Load a model and serve it over HTTP (http://127.0.0.1:8000 by default): "
+                                       "the web chat at /; the OpenAI API at /v1 (POST /v1/chat/completions, POST "
+                                       "/v1/completions, GET /v1/models; point any OpenAI client at "
+                                       "http://HOST:PORT/v1); stored conversations at /v1/conversations (API docs "
+                                       "at /docs); the original demo's POST /infer, streaming NDJSON. GET /health "
+                                       "is 200 once the model is loaded (503 while it loads or shuts down), GET "
+                                       "/metrics gives Prometheus metrics (both need no API key). A model that "
+                                       "cannot be loaded stops the server with exit status 2. SIGTERM or Ctrl-C "
+                                       "ends every stream with a final chunk and exits.")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 for every interface (default %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
@@ -226,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(raw bytes and parsed), as the original stream_test.py does.")
     client.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
     client.add_argument("--text", action="store_true", help="print only the streamed text")
-    client.add_argument("--model", default=DEFAULT_MODEL, help="the model name to ask for (default %(default)s)")
+    client.add_argument("--model", default=None,
+                        help="the model name to ask for (default: the one the server serves, from its /v1/models; "
+                             f"'{DEFAULT_MODEL}' from a server without that route, such as the original demo's)")
+    client.add_argument("--api-key", default=os.environ.get("CHATSERVE_API_KEY"),
+                        help="the server's API key, sent as 'Authorization: Bearer KEY' (default: $CHATSERVE_API_KEY)")
     client.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default: until a stop token or the context is full)")
     client.set_defaults(func=cmd_client)
 
@@ -261,11 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--new", action="store_true",
                        help="start a new conversation instead of resuming the most recently updated one")
     chat.set_defaults(func=cmd_chat)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """parse_args, except that an unknown flag is reported with its command's usage (`serve --prot`
+    shows serve's flags), not the top level's."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     return args.func(args)

@@ -45,6 +45,10 @@ class EngineConfig:
     # CPU threads for torch; None leaves torch's default.
     num_threads: Optional[int] = None
     seed: int = 0
+    # Sampling defaults over the model's generation_config, for every request that leaves them unset
+    # (vLLM's --override-generation-config), e.g. {"temperature": 0.7, "top_p": 0.8}; the keys are
+    # engine.sampling.DEFAULTABLE.
+    override_generation_config: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -61,6 +65,12 @@ class EngineConfig:
             raise ValueError(f"quantization must be int8, int4 or none, got {self.quantization!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        from .engine.sampling import check_sampling_defaults  # torch: not for the light commands
+
+        try:
+            check_sampling_defaults(self.override_generation_config)
+        except ValueError as exc:
+            raise ValueError(f"override_generation_config: {exc}") from None
 
 
 @dataclass
@@ -92,3 +102,7 @@ class ServerConfig:
     # Accept a chat template sent in a request (chat_template_kwargs.chat_template). Off: a client's
     # Jinja would run in this process with no bound on its time or memory.
     trust_request_chat_template: bool = False
+    # Where clients reach this server (e.g. http://127.0.0.1:8000), for the ready line of the log;
+    # `chatserve serve` sets it from --host and --port. None under `uvicorn main:app`, whose own
+    # line says where it listens.
+    url: Optional[str] = None

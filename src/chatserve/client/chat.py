@@ -455,11 +455,24 @@ class Chat:
             self.stopped(conv_id, assistant)
         elif final is not None:
             line = stats_text(final.get("stats"), final.get("finish_reason"))
-            if line:
+            if final.get("status") == "stopped":  # ended on the server before it was complete
+                self.note(f"[cut off: {self.why_cut_off()}" + (f"; {line[1:-1]}" if line else "") + "]")
+            elif line:
                 self.note(line)
         else:
             self.error(failure or "the answer stream ended without a result")
             self.refresh()  # the stored message, with its status (error, or stopped)
+
+    def why_cut_off(self) -> str:
+        """Why the server stopped an answer that we did not stop: it is shutting down (or already
+        gone), or someone stopped it there (e.g. from the web page)."""
+        try:
+            status, body = self.api.health()
+        except ChatError:
+            return "the server went away"
+        if status == 503 and body.get("status") == "shutting down":
+            return "the server is shutting down"
+        return "stopped on the server (e.g. from the web page)"
 
     def stopped(self, conv_id: str, assistant: Optional[dict]) -> None:
         """The connection is closed, which stops the answer; say so explicitly too, so the stored

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Optional
 
 import httpx
+
+from ..config import DEFAULT_MODEL
 
 DEMO_MESSAGES = [{"role": "user", "content": "Hello, how are you?"}, {"role": "user", "content": "What can you do?"}]
 
@@ -15,15 +18,28 @@ def infer_url(url: str) -> str:
     return url if url.endswith("/infer") else url + "/infer"
 
 
-def run(url: str = "http://127.0.0.1:8000", model: str = "dummy_model", text_only: bool = False,
-        max_tokens: int | None = None) -> int:
-    payload = {"model": model, "messages": DEMO_MESSAGES, "stream": True}
+def served_model(url: str, headers: dict, timeout: float = 10.0) -> str:
+    """The name the server serves, from GET /v1/models; 'dummy_model' from a server without that
+    route (the original demo's, which serves only /infer) or one that cannot say."""
+    base = infer_url(url).removesuffix("/infer")
+    try:
+        response = httpx.get(f"{base}/v1/models", headers=headers, timeout=timeout)
+        return response.json()["data"][0]["id"] if response.status_code == 200 else DEFAULT_MODEL
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return DEFAULT_MODEL
+
+
+def run(url: str = "http://127.0.0.1:8000", model: Optional[str] = None, api_key: Optional[str] = None,
+        text_only: bool = False, max_tokens: Optional[int] = None) -> int:
+    """model None: the one the server serves. api_key: sent as 'Authorization: Bearer KEY'."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    payload = {"model": model or served_model(url, headers), "messages": DEMO_MESSAGES, "stream": True}
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
     # No read timeout would hang on a stuck server; a generous one still allows slow models.
     timeout = httpx.Timeout(10.0, read=300.0)
     try:
-        with httpx.stream("POST", infer_url(url), json=payload, timeout=timeout) as response:
+        with httpx.stream("POST", infer_url(url), json=payload, headers=headers, timeout=timeout) as response:
             if response.status_code != 200:
                 response.read()
                 try:

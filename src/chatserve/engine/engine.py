@@ -49,6 +49,9 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.loaded = loaded or load_model(config)
         self.tokenizer = self.loaded.tokenizer
+        # The sampling defaults of every request that leaves a value unset: the model's
+        # generation_config, over which the operator's override_generation_config wins.
+        self.generation_config = {**self.loaded.generation_config, **config.override_generation_config}
         mcfg = self.loaded.config
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gib * 2**30) // KVCache.bytes_per_block(
             mcfg.num_hidden_layers, config.block_size, mcfg.num_key_value_heads, mcfg.head_dim, self.loaded.dtype))

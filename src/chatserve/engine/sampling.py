@@ -80,6 +80,35 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+# Sampling values a model's generation_config, or the operator's --override-generation-config, may
+# set for every request that leaves them unset.
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def check_sampling_defaults(values) -> dict:
+    """`values` as sampling defaults ({"temperature": 0.7, "top_p": 0.8}), or a ValueError that says
+    what is wrong: not an object, a key that is not a DEFAULTABLE value, a wrong type, a value out of range."""
+    if not isinstance(values, dict):
+        raise ValueError(f'must be a JSON object such as {{"temperature": 0.7, "top_p": 0.8}}, got {values!r}')
+    unknown = sorted(set(values) - set(DEFAULTABLE))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a sampling default; the keys are {', '.join(DEFAULTABLE)}")
+    for name, value in values.items():
+        integer = name == "top_k"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    SamplingParams(**values)  # the ranges: the same rules as a request's
+    return dict(values)
+
+
+def effective_sampling_defaults(generation_config: dict) -> dict:
+    """What a request that sets none of the DEFAULTABLE values is sampled with: generation_config's
+    values, else SamplingParams' own (temperature 1, top_p 1, top_k 0 = off, min_p 0, no penalty)."""
+    base = SamplingParams()
+    return {name: generation_config[name] if generation_config.get(name) is not None else getattr(base, name)
+            for name in DEFAULTABLE}
+
+
 @dataclass
 class TokenLogprob:
     token_id: int

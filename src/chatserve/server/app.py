@@ -6,6 +6,7 @@ or Ctrl-C the server drains: new requests get 503, every stream ends at once wit
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -27,15 +28,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..config import EngineConfig, ServerConfig
 from ..engine.engine import AsyncEngine, Engine
+from ..engine.sampling import effective_sampling_defaults
 from . import conversations, infer, metrics, openai
 from .protocol import error_response, install_error_handlers
 from .store import Store
+from .streaming import check_api_key
 
 log = logging.getLogger("chatserve.server")
 WEB_DIR = Path(__file__).parent / "web"
 
 
-def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig] = None) -> FastAPI:
+def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig] = None,
+               on_load_error: Optional[Callable[[str], None]] = None) -> FastAPI:
+    """on_load_error(message): called on the event loop when the model cannot be loaded (`chatserve
+    serve` stops the server); without it the server stays up, /health saying why it failed."""
     server_config = server_config or ServerConfig()
     engine_config.validate()  # a bad setting fails here, not in the background loader
 
@@ -44,7 +50,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
         app.state.store = Store.open(server_config.db_path)  # a bad --db path fails the start, loudly
         # Load in the background: the server answers at once (/health 503 until ready) and
         # the event loop stays free to log while a large model loads.
-        loader = asyncio.create_task(_load(app, engine_config))
+        loader = asyncio.create_task(_load(app, engine_config, on_load_error))
         restore_signals = _drain_on_signals(app, asyncio.get_running_loop())
         try:
             yield
@@ -71,7 +77,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.answers = {}  # conversation id -> its answer being generated (conversations.py)
     app.state.draining = False
     app.state.metrics = metrics.Metrics(app.state)
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate=check_api_key)
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -183,7 +189,7 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
-async def _load(app: FastAPI, config: EngineConfig) -> None:
+async def _load(app: FastAPI, config: EngineConfig, on_error: Optional[Callable[[str], None]]) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
 
@@ -203,6 +209,8 @@ async def _load(app: FastAPI, config: EngineConfig) -> None:
     if error is not None:
         app.state.load_error = f"could not load model {config.model}: {error}"
         log.error("%s", app.state.load_error)
+        if on_error is not None:
+            on_error(app.state.load_error)
         return
     async_engine = AsyncEngine(engine)
     async_engine.start()
@@ -213,6 +221,25 @@ async def _load(app: FastAPI, config: EngineConfig) -> None:
              "max context %d tokens", engine.loaded.name, time.monotonic() - start, engine.loaded.device,
              str(engine.loaded.dtype).removeprefix("torch."), engine.num_blocks, engine.config.block_size,
              kv.numel() * kv.element_size() / 2**30, engine.max_model_len)
+    log.info("%s", describe_sampling_defaults(engine))
+    url = app.state.server_config.url
+    if url:
+        log.info("chatserve ready: %s (web chat), OpenAI API at %s/v1", url, url)
+    else:  # under `uvicorn main:app`, whose own line says where it listens
+        log.info("chatserve ready: the web chat at /, the OpenAI API at /v1")
+
+
+def describe_sampling_defaults(engine: Engine) -> str:
+    """The start-up line that says how a request that sets no sampling values is sampled, and why."""
+    defaults = effective_sampling_defaults(engine.generation_config)
+    overridden = [name for name in defaults if name in engine.config.override_generation_config]
+    from_model = [name for name in defaults if name not in overridden
+                  and engine.loaded.generation_config.get(name) is not None]
+    sources = [f"{', '.join(names)} from {where}" for names, where in (
+        (overridden, "--override-generation-config"), (from_model, "the model's generation_config")) if names]
+    return ("default sampling (for requests that leave it unset): "
+            + ", ".join(f"{name} {value}" for name, value in defaults.items())
+            + f" ({'; '.join(sources) or 'built-in defaults: the model has no generation_config values'})")
 
 
 def served_name(model: str, override: Optional[str] = None) -> str:
@@ -232,6 +259,8 @@ def _parse(annotation: str, text: str):
         return None
     if "bool" in annotation:
         return text.strip().lower() in ("1", "true", "yes", "on")
+    if annotation == "dict":  # JSON, as the command line's --override-generation-config
+        return json.loads(text)
     for kind in (int, float):
         if kind.__name__ in annotation:
             return kind(text)
@@ -240,9 +269,10 @@ def _parse(annotation: str, text: str):
 
 def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
-    CHATSERVE_NUM_KV_BLOCKS, ...), plus CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma
-    separated), CHATSERVE_MAX_QUEUE, CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma
-    separated) and CHATSERVE_DB (the conversation store's SQLite file)."""
+    CHATSERVE_NUM_KV_BLOCKS, CHATSERVE_OVERRIDE_GENERATION_CONFIG as JSON, ...), plus
+    CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma separated), CHATSERVE_MAX_QUEUE,
+    CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma separated) and CHATSERVE_DB (the
+    conversation store's SQLite file)."""
     values = {}
     for f in fields(EngineConfig):
         text = environ.get(f"CHATSERVE_{f.name.upper()}")
@@ -250,7 +280,8 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
             try:
                 values[f.name] = _parse(str(f.type), text)
             except ValueError:
-                raise ValueError(f"CHATSERVE_{f.name.upper()}={text!r} is not a valid {f.type}") from None
+                kind = "JSON object" if f.type == "dict" else f.type
+                raise ValueError(f"CHATSERVE_{f.name.upper()}={text!r} is not a valid {kind}") from None
 
     def listed(name: str) -> list[str]:
         return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]

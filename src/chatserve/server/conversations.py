@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
-from .protocol import APIError, ErrorDetail, ErrorResponse, Text
+from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors, example
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine,
@@ -44,21 +44,30 @@ TITLE_CHARS = 60
 
 class Params(BaseModel):
     """Sampling values; null: the model's defaults (max_tokens: until a stop token or the context is full)."""
-    temperature: Optional[float] = Field(None, ge=0, description="0: greedy; null: the model's default")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling; null: the model's default")
-    max_tokens: Optional[int] = Field(None, gt=0, description="most tokens an answer may have; null: no limit "
+    temperature: Optional[Float] = Field(None, ge=0, description="0: greedy; null: the model's default")
+    top_p: Optional[Float] = Field(None, gt=0, le=1, description="nucleus sampling; null: the model's default")
+    max_tokens: Optional[Int] = Field(None, gt=0, description="most tokens an answer may have; null: no limit "
                                                               "but a stop token or the context length")
 
 
+# A title is a non-empty string when sent (null is refused, not taken as "unset").
+Title = Field(None, min_length=1, description="absent: 'New chat' until the first message names it")
+
+
 class CreateConversation(BaseModel):
-    title: Optional[Text] = Field(None, min_length=1)
+    model_config = example({"title": "Trip planning", "system_prompt": "Answer briefly.",
+                            "params": {"temperature": 0.7}})
+
+    title: Text = Title
     system_prompt: Optional[Text] = None
     params: Optional[Params] = None
 
 
 class UpdateConversation(BaseModel):
     """Only the fields sent change; in params, only the keys sent (null unsets one)."""
-    title: Optional[Text] = Field(None, min_length=1)
+    model_config = example({"title": "Trip planning"})
+
+    title: Text = Title
     system_prompt: Optional[Text] = None
     params: Optional[Params] = None
 
@@ -68,16 +77,20 @@ class Regenerate(Params):
 
 
 class EditMessage(Regenerate):
+    model_config = example({"content": "Hello!"})
+
     content: Text
 
 
 class PostMessage(EditMessage):
-    parent_id: Optional[str] = Field(None, description="the answer this message follows. Absent: the "
+    parent_id: Optional[Text] = Field(None, description="the answer this message follows. Absent: the "
                                      "conversation's current message; null: a new first message (a new root)")
 
 
 class Switch(BaseModel):
-    message_id: str = Field(description="any message of the branch to show")
+    model_config = example({"message_id": "msg_..."})
+
+    message_id: Text = Field(description="any message of the branch to show")
 
 
 # -- response bodies: what conversation_json() and Tree.json() build, for /openapi.json -------------
@@ -188,7 +201,6 @@ ERRORS = {
     400: "Bad input (type invalid_request_error; param names the field, e.g. 'content' or 'params.top_p'): a "
          "body that fails validation or is not JSON, a request that does not fit the tree (e.g. a parent_id "
          "that is a user message), or a prompt the model cannot take (too long, max_tokens over the context)",
-    401: "Without 'Authorization: Bearer <key>' when the server runs with --api-key (code invalid_api_key)",
     404: "No such conversation (type not_found_error, param id, code conversation_not_found), or no such "
          "message in it (param message_id, or parent_id for POST .../messages; code message_not_found)",
     409: "The conversation is already answering (code conversation_busy, param null): wait for the stream's "
@@ -197,15 +209,12 @@ ERRORS = {
          "Retry-After seconds",
     503: "The model is still loading (code model_not_ready), or the server is shutting down (code "
          "shutting_down, with Retry-After)",
-    "default": "Any other error, in the same shape (e.g. 413 request_too_large, 500 server_error)",
 }
 
 
 def errors(*statuses: int) -> dict:
-    """The route's error responses: these, 401, and the rest as "default" (which also keeps FastAPI
-    from listing a 422 that this server never sends: its validation errors are 400s)."""
-    return {status: {"model": ErrorResponse, "description": ERRORS[status]}
-            for status in [*sorted({*statuses, 401}), "default"]}
+    """The route's error responses: these, 401, and the rest as "default"."""
+    return documented_errors({status: ERRORS[status] for status in statuses})
 
 
 def _event_schema(model: type[BaseModel]) -> dict:
@@ -555,7 +564,7 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
     tokenizer = engine.engine.tokenizer
     prompt_ids, key = build_prompt(tokenizer, app.state.model_name, chat_messages(conv["system_prompt"], branch),
                                    previous)
-    params = answer_params(body, conv["params"], engine.engine.loaded.generation_config)
+    params = answer_params(body, conv["params"], engine.engine.generation_config)
     check_capacity(request)
 
     message_id = new_id("msg")  # also the engine's request id, for /stop
@@ -615,8 +624,6 @@ async def update_conversation(conv_id: str, body: UpdateConversation, request: R
     Allowed while an answer streams: a new system prompt or params apply from the next answer."""
     conv = find_conversation(store, conv_id)
     sent = body.model_fields_set
-    if "title" in sent and body.title is None:
-        raise APIError(400, "title must be a non-empty string", param="title")
     values = {name: getattr(body, name) for name in ("title", "system_prompt") if name in sent}
     if body.params is not None:
         values["params"] = {**conv["params"], **body.params.model_dump(include=body.params.model_fields_set)}

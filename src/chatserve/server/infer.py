@@ -16,18 +16,18 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from .protocol import InferRequest, error_response
-from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, sampling_params, unless_disconnected)
+from .streaming import (GENERATION_ERRORS, ClosingStreamingResponse, Generation, check_api_key, check_capacity,
+                        check_model, get_engine, render_chat, sampling_params, unless_disconnected)
 
 router = APIRouter()
 
 
-@router.post("/infer", dependencies=[Depends(check_api_key)])
+@router.post("/infer", dependencies=[Depends(check_api_key)], responses=GENERATION_ERRORS)
 async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depends(get_engine)) -> Response:
     state = request.app.state
     check_model(request, body.model)
     params = sampling_params(body.model_dump(include={"max_tokens", "seed", "stop", "temperature", "top_p", "top_k"}),
-                             engine.engine.loaded.generation_config)
+                             engine.engine.generation_config)
     prompt_ids = await render_chat(engine, [m.model_dump() for m in body.messages])
     check_capacity(request)
 

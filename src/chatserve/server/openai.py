@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse, Response
 
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
-from ..engine.sampling import SamplingParams, TokenLogprob
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_response)
+from ..engine.sampling import SamplingParams, TokenLogprob, effective_sampling_defaults
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, documented_errors,
+                       error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
-from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_model,
-                        get_engine, render_chat, sampling_params, unless_disconnected)
+from .streaming import (GENERATION_ERRORS, MODEL_NOT_FOUND, ClosingStreamingResponse, Generation, check_api_key,
+                        check_capacity, check_model, get_engine, render_chat, sampling_params, unless_disconnected)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -31,18 +32,23 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 # -- models -------------------------------------------------------------------------------------
 
 def _model_card(request: Request, name: str) -> dict:
-    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "chatserve",
-            "root": request.app.state.model_name}
+    """OpenAI's model object, plus a "chatserve" object once the model is loaded: the sampling
+    values a request that leaves them unset gets, for clients to show."""
+    state = request.app.state
+    card = {"id": name, "object": "model", "created": state.started, "owned_by": "chatserve", "root": state.model_name}
+    if state.engine is not None:
+        card["chatserve"] = {"default_sampling": effective_sampling_defaults(state.engine.engine.generation_config)}
+    return card
 
 
-@router.get("/models")
+@router.get("/models", responses=documented_errors({}))
 async def list_models(request: Request) -> dict:
     state = request.app.state
     return {"object": "list", "data": [_model_card(request, name)
                                        for name in (state.model_name, *state.server_config.model_aliases)]}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=documented_errors({404: MODEL_NOT_FOUND}))
 async def get_model(model_id: str, request: Request) -> dict:
     check_model(request, model_id)
     return _model_card(request, model_id)
@@ -270,7 +276,7 @@ def chat_logprobs(tokens: TokenText, entries: list[TokenLogprob], top: int) -> d
                         for e in entries], "refusal": None}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=GENERATION_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            engine: AsyncEngine = Depends(get_engine)) -> Response:
     check_model(request, body.model)
@@ -289,7 +295,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     reasoning = is_reasoning_model(tokenizer)
     opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
     top = body.top_logprobs or 0
-    defaults = engine.engine.loaded.generation_config
+    defaults = engine.engine.generation_config
     params = [choice_params(body, defaults, body.max_completion_tokens or body.max_tokens,
                             top if body.logprobs else None, i) for i in range(body.n)]
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -388,7 +394,7 @@ class LegacyLogprobs:
         return out
 
 
-@router.post("/completions")
+@router.post("/completions", responses=GENERATION_ERRORS)
 async def completions(body: CompletionRequest, request: Request,
                       engine: AsyncEngine = Depends(get_engine)) -> Response:
     check_model(request, body.model)
@@ -398,7 +404,7 @@ async def completions(body: CompletionRequest, request: Request,
         raise APIError(400, "max_tokens: 0 generates nothing; it is allowed only with echo (to score a prompt)",
                        param="max_tokens")
     prompts = completion_prompts(body, engine)
-    defaults = engine.engine.loaded.generation_config
+    defaults = engine.engine.generation_config
     # echo with logprobs: the prompt's tokens come back with theirs (what lm-eval's loglikelihood
     # tasks read). max_tokens 0 (score only) runs one token and drops it.
     score_only = body.max_tokens == 0

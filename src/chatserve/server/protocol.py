@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from typing import Annotated, Literal, Optional, Union
+import typing
+from typing import Annotated, Callable, Literal, Mapping, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, Strict, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 log = logging.getLogger("chatserve.server")
 
@@ -25,8 +28,46 @@ def whole_unicode(text: str) -> str:
     return text
 
 
-# A request's text: any str that is valid Unicode.
-Text = Annotated[str, AfterValidator(whole_unicode)]
+# A request's scalars keep their JSON types, as OpenAI's API does: "4" is no integer, true no
+# number, "yes" no boolean (pydantic's strict mode; a float still takes an integer such as 1).
+# Text: any str that is valid Unicode.
+Text = Annotated[str, Strict(), AfterValidator(whole_unicode)]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+# Stop strings per request, on every route (OpenAI's bound).
+MAX_STOP_STRINGS = 4
+
+
+def stop_strings(stop: Union[str, list[str], None]) -> Optional[list[str]]:
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (len(stop) > MAX_STOP_STRINGS or any(not s for s in stop)):
+        raise ValueError(f"give at most {MAX_STOP_STRINGS} non-empty stop strings")
+    return stop
+
+
+# One stop string or a list of them; the schema states the bound that stop_strings() checks.
+Stop = Annotated[Union[Text, Annotated[list[Text], Field(json_schema_extra={"maxItems": MAX_STOP_STRINGS})], None],
+                 AfterValidator(stop_strings)]
+
+
+def not_empty(messages: list) -> list:
+    if not messages:
+        raise ValueError('must hold at least one message, e.g. [{"role": "user", "content": "Hi"}]')
+    return messages
+
+
+def messages_field(message: type) -> type:
+    """A list of at least one message: checked with a message that says what to send, and
+    stated in the schema (minItems)."""
+    return Annotated[list[message], Field(json_schema_extra={"minItems": 1}), AfterValidator(not_empty)]
+
+
+def example(body: dict) -> dict:
+    """A request model's config holding one example body: shown at /docs, and quoted by the error
+    for a body that is not valid JSON."""
+    return {"json_schema_extra": {"examples": [body]}}
 
 
 class ChatMessage(BaseModel):
@@ -35,24 +76,19 @@ class ChatMessage(BaseModel):
 
 
 class InferRequest(BaseModel):
+    model_config = example({"model": "dummy_model", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+
     model: Text
-    messages: list[ChatMessage]
-    stream: bool = False
+    messages: messages_field(ChatMessage)
+    stream: Bool = False
     # None: the model's generation_config default (sampling values), or until a stop condition
     # or the context is full (max_tokens).
-    max_tokens: Optional[int] = Field(None, gt=0)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
-    seed: Optional[int] = None
-    stop: Union[Text, list[Text], None] = None
-
-    @field_validator("messages")
-    @classmethod
-    def not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not messages:
-            raise ValueError('must hold at least one message, e.g. [{"role": "user", "content": "Hi"}]')
-        return messages
+    max_tokens: Optional[Int] = Field(None, gt=0)
+    temperature: Optional[Float] = Field(None, ge=0)
+    top_p: Optional[Float] = Field(None, gt=0, le=1)
+    top_k: Optional[Int] = Field(None, ge=-1)
+    seed: Optional[Int] = None
+    stop: Stop = None
 
 
 class APIError(Exception):
@@ -85,6 +121,22 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# How /openapi.json describes the errors every route may give, by status; a route adds its own.
+COMMON_ERRORS = {
+    401: "Without 'Authorization: Bearer <key>' when the server runs with --api-key (code invalid_api_key)",
+    "default": "Any other error, in the same shape (e.g. 413 request_too_large, 500 server_error)",
+}
+
+
+def documented_errors(descriptions: dict) -> dict:
+    """A route's `responses` for /openapi.json: {status: description} (COMMON_ERRORS added), each in
+    the OpenAI error shape. The "default" entry also keeps FastAPI from listing a 422, which this
+    server never sends: its validation errors are 400s."""
+    descriptions = {**descriptions, **{k: v for k, v in COMMON_ERRORS.items() if k not in descriptions}}
+    ordered = sorted(k for k in descriptions if k != "default") + ["default"]
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in ordered}
+
+
 def _param(loc) -> Optional[str]:
     """("body", "messages", 0, "role") -> "messages[0].role"."""
     out = ""
@@ -95,23 +147,47 @@ def _param(loc) -> Optional[str]:
     return out or None
 
 
-def describe_validation_error(errors: list[dict]) -> tuple[str, Optional[str]]:
-    """The first problem, phrased so the client knows what to change, and the field it is in."""
+def body_hint(body_model: Optional[type]) -> str:
+    """What a route's body should be, for the errors about a body that is no JSON object: the
+    model's example body, else its required fields."""
+    if body_model is None:
+        return "a JSON object"
+    examples = (body_model.model_config.get("json_schema_extra") or {}).get("examples")
+    if examples:
+        return f"a JSON object such as {json.dumps(examples[0])}"
+    required = [name for name, f in body_model.model_fields.items() if f.is_required()]
+    if required:
+        return "a JSON object with " + " and ".join(repr(name) for name in required)
+    return f"a JSON object of the fields {', '.join(repr(name) for name in body_model.model_fields)} (all optional)"
+
+
+def describe_validation_error(errors: list[dict], body_model: Optional[type] = None) -> tuple[str, Optional[str]]:
+    """The first problem, phrased so the client knows what to change, and the field it is in;
+    body_model: the route's request body, which a body that is no JSON object is told to be."""
     err = errors[0]
     if err["type"] == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "")
-        return (f"the request body is not valid JSON ({detail}); send a JSON object such as "
-                '{"model": "...", "messages": [{"role": "user", "content": "Hi"}]}', None)
+        return f"the request body is not valid JSON ({detail}); send {body_hint(body_model)}", None
     param = _param(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if param is None:
-        return ("the request body must be a JSON object with 'model' and 'messages', sent with "
-                f"'Content-Type: application/json' ({msg})", None)
+        return (f"the request body must be {body_hint(body_model)}, sent with 'Content-Type: application/json' "
+                f"({msg})", None)
     if err["type"] == "missing":
         return f"{param} is required", param
     got = repr(err.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
     return f"{param}: {msg} (got {got})", param
+
+
+def route_body_model(request: Request) -> Optional[type]:
+    """The pydantic model of the matched route's body (Optional[Model] unwrapped), if it has one."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    if body_field is None:
+        return None
+    annotation = body_field.field_info.annotation
+    candidates = typing.get_args(annotation) or (annotation,)
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
 def engine_error(exc: ValueError) -> APIError:
@@ -148,21 +224,48 @@ def document_errors_as_400(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def install_error_handlers(app: FastAPI) -> None:
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request, headers: Mapping[str, str]) -> list[str]:
+    """Every method some route takes at this path: Starlette's 405 names only the first route's,
+    and /v1/conversations, for one, has a GET route and a POST route. (A mount, the static files,
+    matches any method; its own Allow, in `headers`, says which it takes.)"""
+    given = {m.strip() for m in headers.get("Allow", "").split(",") if m.strip()}
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    return [method for method in HTTP_METHODS if method in given or any(
+        route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+
+
+def install_error_handlers(app: FastAPI, authenticate: Optional[Callable[[Request], None]] = None) -> None:
+    """authenticate: the dependency that guards routes (raising APIError 401). FastAPI parses a
+    JSON body before it runs any dependency, so a route guarded by it runs it here first: a client
+    without the key learns that, not what is wrong with its body."""
     document_errors_as_400(app)
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_error(list(exc.errors()))
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        route = request.scope.get("route")
+        if authenticate is not None and any(d.dependency is authenticate for d in getattr(route, "dependencies", [])):
+            try:
+                authenticate(request)
+            except APIError as error:
+                return error.response()
+        message, param = describe_validation_error(list(exc.errors()), route_body_model(request))
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        response = error_response(exc.status_code, str(exc.detail), kind)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request, exc.headers or {}))
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -212,36 +315,28 @@ class OpenAIMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields both OpenAI routes share, plus the extras top_k, min_p, repetition_penalty, ignore_eos."""
 
     model: Text
-    stream: bool = False
+    stream: Bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=16)
-    max_tokens: Optional[int] = Field(None, gt=0)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: Optional[int] = None
-    stop: Union[Text, list[Text], None] = None
+    n: Int = Field(1, ge=1, le=16)
+    max_tokens: Optional[Int] = Field(None, gt=0)
+    temperature: Optional[Float] = Field(None, ge=0, le=2)
+    top_p: Optional[Float] = Field(None, gt=0, le=1)
+    presence_penalty: Float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Float = Field(0.0, ge=-2, le=2)
+    seed: Optional[Int] = None
+    stop: Stop = None
     user: Optional[Text] = None
-    top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def stop_strings(cls, stop):
-        stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and (len(stop) > 4 or any(not s for s in stop)):
-            raise ValueError("give at most 4 non-empty stop strings")
-        return stop
+    top_k: Optional[Int] = Field(None, ge=-1)
+    min_p: Optional[Float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[Float] = Field(None, gt=0)
+    ignore_eos: Bool = False
 
 
 # apply_chat_template arguments the server sets itself; a request passing them would break rendering.
@@ -251,10 +346,12 @@ RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_generat
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[OpenAIMessage]
-    max_completion_tokens: Optional[int] = Field(None, gt=0)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    model_config = example({"model": "dummy_model", "messages": [{"role": "user", "content": "Hi"}]})
+
+    messages: messages_field(OpenAIMessage)
+    max_completion_tokens: Optional[Int] = Field(None, gt=0)
+    logprobs: Bool = False
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=20)
     # Passed to the chat template, e.g. {"enable_thinking": false} for Qwen3.
     chat_template_kwargs: Optional[dict] = None
     tools: Optional[list] = None
@@ -265,14 +362,7 @@ class ChatCompletionRequest(SamplingFields):
     functions: Optional[list] = None
     function_call: Union[str, dict, None] = None
     tool_choice: Union[str, dict, None] = None
-    parallel_tool_calls: Optional[bool] = None
-
-    @field_validator("messages")
-    @classmethod
-    def not_empty(cls, messages):
-        if not messages:
-            raise ValueError('must hold at least one message, e.g. [{"role": "user", "content": "Hi"}]')
-        return messages
+    parallel_tool_calls: Optional[Bool] = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -307,13 +397,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[Text, list[Text], list[int], list[list[int]]]
+    model_config = example({"model": "dummy_model", "prompt": "Once upon a time", "max_tokens": 16})
+
+    prompt: Union[Text, list[Text], list[Int], list[list[Int]]]
     # 0 only with echo: score the prompt (echo + logprobs), generate nothing.
-    max_tokens: Optional[int] = Field(None, ge=0)
-    echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    max_tokens: Optional[Int] = Field(None, ge=0)
+    echo: Bool = False
+    logprobs: Optional[Int] = Field(None, ge=0, le=5)
+    best_of: Optional[Int] = None
+    suffix: Optional[Text] = None
 
     @field_validator("prompt")
     @classmethod

@@ -14,23 +14,20 @@ from jinja2.exceptions import TemplateError
 
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
-from ..engine.sampling import SamplingParams
-from .protocol import APIError, engine_error
+from ..engine.sampling import DEFAULTABLE, SamplingParams
+from .protocol import APIError, documented_errors, engine_error
 
 log = logging.getLogger("chatserve.server")
 T = TypeVar("T")
 
 
-# Sampling values a request may leave unset to take the model's generation_config instead.
-MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def sampling_params(values: dict, defaults: dict) -> SamplingParams:
-    """SamplingParams from a request's values (None: unset). Unset sampling values take the model's
-    generation_config (`defaults`), as vLLM and `chatserve generate` do; a value the engine refuses
+    """SamplingParams from a request's values (None: unset). Unset sampling values take the
+    engine's defaults (`defaults`: the model's generation_config with the operator's
+    --override-generation-config), as vLLM and `chatserve generate` do; a value the engine refuses
     is a 400 naming its field."""
     given = {name: value for name, value in values.items() if value is not None}
-    for name in MODEL_DEFAULTS:
+    for name in DEFAULTABLE:
         if name not in given and defaults.get(name) is not None:
             given[name] = defaults[name]
     try:
@@ -80,6 +77,21 @@ def check_capacity(request: Request) -> None:
         return
     state.metrics.rejected.labels(error.code).inc()
     raise error
+
+
+MODEL_NOT_FOUND = ("The model named is not served here (type invalid_request_error, param model, code "
+                   "model_not_found); GET /v1/models lists the names served")
+
+# What /openapi.json says a generating route may answer besides its 200.
+GENERATION_ERRORS = documented_errors({
+    400: "Bad input (type invalid_request_error; param names the field): a body that fails validation or is "
+         "not JSON, or a prompt the model cannot take (too long, max_tokens over the context)",
+    404: MODEL_NOT_FOUND,
+    429: "--max-queue requests are in flight (type rate_limit_exceeded, code server_busy): retry after "
+         "Retry-After seconds",
+    503: "The model is still loading (code model_not_ready), or the server is shutting down (code "
+         "shutting_down, with Retry-After)",
+})
 
 
 def check_model(request: Request, model: str) -> None:
