@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import EngineConfig, ServerConfig
+from ..engine.chat_template import TemplateWorkers
 from ..engine.engine import AsyncEngine, Engine
 from . import conversations, infer, metrics, openai
 from .protocol import error_response, install_error_handlers
@@ -37,6 +38,7 @@ WEB_DIR = Path(__file__).parent / "web"
 def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig] = None) -> FastAPI:
     server_config = server_config or ServerConfig()
     engine_config.validate()  # a bad setting fails here, not in the background loader
+    server_config.validate()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +58,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
                 engine.shutdown()
                 log.info("engine stopped")
             app.state.store.close()
+            app.state.templates.close()
 
     app = FastAPI(title="chatserve", lifespan=lifespan)
     app.state.engine = None
@@ -67,6 +70,8 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.store = None  # the conversation store, opened by the lifespan
     app.state.answers = {}  # conversation id -> its answer being generated (conversations.py)
     app.state.draining = False
+    # Chat templates render in worker processes, started when first needed.
+    app.state.templates = TemplateWorkers(server_config.template_workers, server_config.template_timeout)
     app.state.metrics = metrics.Metrics(app.state)
     install_error_handlers(app)
 
