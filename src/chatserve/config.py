@@ -87,7 +87,7 @@ class ServerConfig:
     # (~/.local/share/...), ":memory:" to keep nothing.
     db_path: Optional[str] = None
     # Accept a chat template sent in a request (chat_template_kwargs.chat_template). Off: a client's
-    # Jinja would run in this process with no bound on its time or memory.
+    # Jinja would run on this machine (in a template worker, bounded in time and memory, but still).
     trust_request_chat_template: bool = False
     # Most characters of text a request may bring (its messages or prompts, all together), checked
     # before anything is tokenized; None: CHARS_PER_TOKEN per token of the model's context length.
