@@ -120,7 +120,7 @@ FOREVER = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{
 
 @pytest.fixture(scope="module")
 def server():
-    config = ServerConfig(trust_request_chat_template=True, template_timeout=2.0)
+    config = ServerConfig(trust_request_chat_template=True, template_timeout=4.0)
     with live_server(server_config=config) as srv:
         srv.client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
         yield srv
@@ -185,15 +185,32 @@ class Stream:
 
 def test_a_runaway_template_is_a_400_while_other_streams_flow(server):
     stream = Stream(server)
+    errors, done = [], []
+
+    def runaway():
+        try:
+            server.client.chat.completions.create(model="dummy_model", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=1, extra_body={"chat_template_kwargs": {
+                                                      "chat_template": FOREVER}})
+        except openai.BadRequestError as exc:
+            errors.append(exc.body)
+        done.append(time.monotonic())
+
+    # As many runaways as there are template workers: every worker is stuck...
     start = time.monotonic()
-    with pytest.raises(openai.BadRequestError) as caught:
-        server.client.chat.completions.create(model="dummy_model", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=1, extra_body={"chat_template_kwargs": {"chat_template":
-                                                                                                  FOREVER}})
-    end = time.monotonic()
-    error = caught.value.body
-    assert error["code"] == "template_timeout" and "--template-timeout" in error["message"], error
-    assert stream.chunks_between(start, end) > 0  # the stream went on while the template spun
+    runaways = [threading.Thread(target=runaway) for _ in range(server.app.state.templates.size)]
+    for thread in runaways:
+        thread.start()
+    # ...and a raw prompt (tokenized on the event loop's own threads, no template) is answered meanwhile.
+    raw = server.client.completions.create(model="dummy_model", prompt="Hello", max_tokens=2)
+    raw_done = time.monotonic()
+    for thread in runaways:
+        thread.join(WAIT_S)
+    assert raw.usage.completion_tokens == 2 and raw_done < min(done)
+    assert len(errors) == len(runaways)
+    for error in errors:
+        assert error["code"] == "template_timeout" and "--template-timeout" in error["message"], error
+    assert stream.chunks_between(start, min(done)) > 0  # the stream went on while the templates spun
     stream.end()
     # The killed worker is replaced: the server renders on.
     assert server.client.chat.completions.create(model="dummy_model", messages=[{"role": "user", "content": "hi"}],
