@@ -88,11 +88,13 @@ class TemplateTimeout(Exception):
 
 def _serve(conn, memory_bytes: int) -> None:
     """A worker: render jobs from conn until it closes; an error goes back as its text."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/statm") as f:  # what this process maps already, in pages
-        mapped = int(f.read().split()[0]) * resource.getpagesize()
-    limit = mapped + memory_bytes
-    if hard == resource.RLIM_INFINITY or limit < hard:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        with open("/proc/self/statm") as f:  # what this process maps already, in pages
+            limit = int(f.read().split()[0]) * resource.getpagesize() + memory_bytes
+    except OSError:  # no /proc (not Linux): no memory bound, the time bound still holds
+        limit = None
+    if limit is not None and (hard == resource.RLIM_INFINITY or limit < hard):
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     conn.send("ready")
     while True:
