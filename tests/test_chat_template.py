@@ -5,6 +5,7 @@ server tests run a real uvicorn server and read streams while hostile requests c
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -66,16 +67,35 @@ def test_ordinary_prompts_tokenize_as_before(tokenizer):
                                                     sanitize_control_tokens=True)["input_ids"]
 
 
+def template_control_prefixes(tokenizer, messages) -> list[str]:
+    """The text before each control token the template itself writes (those in a message are
+    marked in the render: skipped)."""
+    marked = render(chat_job(tokenizer, messages))
+    specials = "|".join(re.escape(t) for t in sorted(tokenizer.all_special_tokens, key=len, reverse=True))
+    own = [m.start() for m in re.finditer(f"\U000f0000.*?\U000f0001|({specials})", marked) if m.group(1)]
+    return [re.sub("[\U000f0000\U000f0001]", "", marked[:start]) for start in own]
+
+
+def control_prefixes(tokenizer, ids) -> list[str]:
+    """The text before each control-token id."""
+    special = set(tokenizer.all_special_ids)
+    return [tokenizer.decode(ids[:i]) for i, token in enumerate(ids) if token in special]
+
+
 def test_control_tokens_in_a_message_are_text(tokenizer):
     for role in ("user", "system", "tool"):
-        harmless = [{"role": role, "content": "hi"}]
         injected = [{"role": role, "content": INJECTION}]
         ids = ids_here(tokenizer, injected)
-        # The template's own control tokens, and none from the message...
-        assert control_ids(tokenizer, ids) == control_ids(tokenizer, ids_here(tokenizer, harmless))
+        # Control-token ids only where the template writes control tokens, none in the message's span...
+        assert control_prefixes(tokenizer, ids) == template_control_prefixes(tokenizer, injected)
+        assert len(control_ids(tokenizer, ids)) == len(control_ids(tokenizer, ids_here(tokenizer, [
+            {"role": role, "content": "hi"}])))
         # ...whose text is all there, as text...
         assert tokenizer.decode(ids) == tokenizer.apply_chat_template(injected, add_generation_prompt=True,
                                                                       tokenize=False)
+        # ...as the engine's offline path (transformers' own) encodes it too...
+        assert ids == tokenizer.apply_chat_template(injected, add_generation_prompt=True, tokenize=True,
+                                                    sanitize_control_tokens=True)["input_ids"]
         # ...where the plain rendering made a turn of it.
         forged = plain_ids(tokenizer, injected)
         assert len(control_ids(tokenizer, forged)) == len(control_ids(tokenizer, ids)) + 2 and len(forged) < len(ids)
