@@ -278,7 +278,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         raise APIError(400, "chat_template_kwargs.chat_template: this server renders its model's own chat template "
                        "only (start it with --trust-request-chat-template to accept one from requests)",
                        param="chat_template_kwargs.chat_template")
-    prompt_ids = await render_chat(request, engine, [m.as_template_message() for m in body.messages], **template_kwargs)
+    messages = [m.as_template_message() for m in body.messages]
+    prompt_ids = await render_chat(request, engine, messages, **template_kwargs)
     reasoning = is_reasoning_model(tokenizer)
     opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
     top = body.top_logprobs or 0
