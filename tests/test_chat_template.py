@@ -248,6 +248,7 @@ def test_a_4mb_prompt_is_a_400_before_tokenizing_while_other_streams_flow(server
     conv = requests.post(f"{server.url}/v1/conversations", json={}, timeout=WAIT_S).json()
     bodies.append((f"/v1/conversations/{conv['id']}/messages", {"content": huge}, "content"))
     stream = Stream(server)
+    first = time.monotonic()
     for path, body, param in bodies:
         start = time.monotonic()
         r = requests.post(f"{server.url}{path}", json=body, timeout=WAIT_S)
@@ -257,6 +258,7 @@ def test_a_4mb_prompt_is_a_400_before_tokenizing_while_other_streams_flow(server
         assert error["code"] == "prompt_too_long" and error["param"] == param, (path, error)
         assert f"at most {limit}" in error["message"]
         assert elapsed < 10, (path, elapsed)  # generous: counting characters takes milliseconds
+    assert stream.chunks_between(first, time.monotonic()) > 0  # the stream went on meanwhile
     stream.end()
     # Just under the bound is no text-size error (the prompt may still be too many tokens).
     r = requests.post(f"{server.url}/v1/completions", json={"model": "dummy_model", "prompt": "a" * limit,
