@@ -135,9 +135,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(settings: dict):
-    """Start `chatserve serve`, wait until /health is 200; SIGTERM it on the way out, whatever happens.
-    Yields (process, base url, served model name)."""
+def running_server(settings: dict, extra_args: tuple[str, ...] = ()):
+    """Start `chatserve serve` (with extra_args), wait until /health is 200; SIGTERM it on the way
+    out, whatever happens. Yields (process, base url, served model name)."""
     import httpx
 
     port = free_port()
@@ -148,6 +148,7 @@ def running_server(settings: dict):
            "--kv-cache-memory-gib", str(settings["kv_cache_memory_gib"]), "--log-level", "warning"]
     if not settings["enable_prefix_caching"]:
         cmd.append("--no-prefix-caching")
+    cmd.extend(extra_args)
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

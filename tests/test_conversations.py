@@ -15,6 +15,7 @@ from scripted_model import ANSWER, REASONING, write_scripted_model
 from starlette.testclient import TestClient
 
 from chatserve.config import EngineConfig, ServerConfig
+from chatserve.engine.chat_template import chat_job, render
 from chatserve.engine.request import RequestOutput
 from chatserve.models.dummy import IM_END, build_dummy_tokenizer
 from chatserve.server import app as app_module
@@ -296,8 +297,11 @@ def test_build_prompt_extends_ids_only_while_the_history_holds(template):
         return tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                           add_special_tokens=False)
 
+    def render_here(messages):  # what the server's template workers do, in this process
+        return render(chat_job(tok, messages))
+
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-    ids1, key1 = build_prompt(tok, "m", chat, None)
+    ids1, key1 = build_prompt(render_here, tok, "m", chat, None)
     assert ids1 == full(chat)
 
     def turn2(content, output_ids, finish_reason, system="Be brief.", model="m"):
@@ -305,7 +309,7 @@ def test_build_prompt_extends_ids_only_while_the_history_holds(template):
                     {"role": "user", "content": "More"}]
         previous = {"prompt_token_ids": ids1, "output_token_ids": output_ids, "prompt_key": key1,
                     "finish_reason": finish_reason}
-        return build_prompt(tok, model, messages, previous)[0], full(messages)
+        return build_prompt(render_here, tok, model, messages, previous)[0], full(messages)
 
     # Ids that tokenize the answer's text as a fresh render would give the same prompt either way,
     # whether the answer ended on the end-of-turn token or at max_tokens, or was empty.

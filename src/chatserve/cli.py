@@ -12,7 +12,7 @@ import time
 from dataclasses import fields
 from typing import Optional, Sequence
 
-from .config import DEFAULT_MODEL, EngineConfig, ServerConfig
+from .config import CHARS_PER_TOKEN, DEFAULT_MODEL, EngineConfig, ServerConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
                                  served_model_name=args.served_model_name,
                                  trust_request_chat_template=args.trust_request_chat_template,
-                                 url=f"http://{host}:{args.port}")
+                                 url=f"http://{host}:{args.port}",
+                                 max_prompt_chars=args.max_prompt_chars, template_timeout=args.template_timeout,
+                                 template_workers=args.template_workers)
     load_errors: list[str] = []
 
     def load_failed(message: str) -> None:
@@ -295,7 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "$XDG_DATA_HOME/chatserve/conversations.sqlite3, i.e. ~/.local/share/chatserve/...)")
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="accept a chat template sent by a request (chat_template_kwargs.chat_template); off by "
-                            "default, since a client's Jinja would run in the server with no time or memory bound")
+                            "default: a client's Jinja would run on this machine (in a worker process, bounded by "
+                            "--template-timeout)")
+    serve.add_argument("--max-prompt-chars", type=int, default=None, metavar="CHARS",
+                       help="most characters of text one request may bring (its messages or prompts together); "
+                            "more gets 400 before anything is tokenized (default: "
+                            f"{CHARS_PER_TOKEN} per token of the model's context length)")
+    serve.add_argument("--template-timeout", type=float, default=ServerConfig.template_timeout, metavar="SECONDS",
+                       help="chat templates render in worker processes; one that takes longer is killed and its "
+                            "request gets 400 (default %(default)s)")
+    serve.add_argument("--template-workers", type=int, default=ServerConfig.template_workers, metavar="N",
+                       help="chat template renders running at once, each in its own worker process; more wait "
+                            "their turn (default %(default)s)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -100,9 +100,27 @@ class ServerConfig:
     # (~/.local/share/...), ":memory:" to keep nothing.
     db_path: Optional[str] = None
     # Accept a chat template sent in a request (chat_template_kwargs.chat_template). Off: a client's
-    # Jinja would run in this process with no bound on its time or memory.
+    # Jinja would run on this machine (in a template worker, bounded in time and memory, but still).
     trust_request_chat_template: bool = False
     # Where clients reach this server (e.g. http://127.0.0.1:8000), for the ready line of the log;
     # `chatserve serve` sets it from --host and --port. None under `uvicorn main:app`, whose own
     # line says where it listens.
     url: Optional[str] = None
+    # Most characters of text a request may bring (its messages or prompts, all together), checked
+    # before anything is tokenized; None: CHARS_PER_TOKEN per token of the model's context length.
+    max_prompt_chars: Optional[int] = None
+    # A chat template renders in a worker process: past this many seconds it is killed and the
+    # request gets 400. At most template_workers render at once; the others wait their turn.
+    template_timeout: float = 10.0
+    template_workers: int = 2
+
+    def validate(self) -> None:
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1")
+        if self.template_timeout <= 0 or self.template_workers < 1:
+            raise ValueError("template_timeout must be > 0 and template_workers >= 1")
+
+
+# A token is rarely longer than this many characters: text longer than this many per token of the
+# context cannot fit it, whatever the tokenizer, and is refused before tokenizing.
+CHARS_PER_TOKEN = 8

@@ -92,7 +92,9 @@ class Engine:
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.loaded.name} has no chat template; send a plain prompt instead")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        # Control tokens spelled inside the messages are encoded as text: a message cannot open a turn.
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 sanitize_control_tokens=True, **kwargs)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def make_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,

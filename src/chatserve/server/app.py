@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..config import EngineConfig, ServerConfig
+from ..engine.chat_template import TemplateWorkers
 from ..engine.engine import AsyncEngine, Engine
 from ..engine.sampling import effective_sampling_defaults
 from . import conversations, infer, metrics, openai
@@ -44,6 +45,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     serve` stops the server); without it the server stays up, /health saying why it failed."""
     server_config = server_config or ServerConfig()
     engine_config.validate()  # a bad setting fails here, not in the background loader
+    server_config.validate()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,6 +65,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
                 engine.shutdown()
                 log.info("engine stopped")
             app.state.store.close()
+            app.state.templates.close()
 
     app = FastAPI(title="chatserve", lifespan=lifespan)
     app.state.engine = None
@@ -76,6 +79,8 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.store = None  # the conversation store, opened by the lifespan
     app.state.answers = {}  # conversation id -> its answer being generated (conversations.py)
     app.state.draining = False
+    # Chat templates render in worker processes, started when first needed.
+    app.state.templates = TemplateWorkers(server_config.template_workers, server_config.template_timeout)
     app.state.metrics = metrics.Metrics(app.state)
     install_error_handlers(app, authenticate=check_api_key)
 

@@ -15,21 +15,21 @@ import sqlite3
 import time
 from collections import defaultdict
 from contextlib import suppress
-from typing import AsyncIterator, Literal, Optional
+from typing import AsyncIterator, Callable, Literal, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, Field
 
+from ..engine.chat_template import encode_chat
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
 from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors, example
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, Store, new_id
-from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine,
-                        sampling_params)
+from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_text_size,
+                        get_engine, sampling_params, with_chat_template)
 
 log = logging.getLogger("chatserve.server")
 
@@ -347,13 +347,6 @@ def chat_messages(system_prompt: Optional[str], branch: list[dict]) -> list[dict
     return system + [{"role": m["role"], "content": m["content"]} for m in branch]
 
 
-def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except (ValueError, TemplateError) as exc:
-        raise APIError(400, f"the chat template rejected the conversation: {exc}", param="content") from None
-
-
 def prompt_key(model: str, text: str) -> str:
     """Names the rendered history an answer was prompted with (model included: its ids mean nothing to another)."""
     return hashlib.sha256(f"{model}\0{text}".encode()).hexdigest()
@@ -363,23 +356,27 @@ def prompt_key(model: str, text: str) -> str:
 ANSWER_MARK = "\x00chatserve-answer\x00"
 
 
-def build_prompt(tokenizer, model: str, messages: list[dict], previous: Optional[dict]) -> tuple[list[int], str]:
-    """(prompt ids, prompt key) for answering `messages` (which end with the user's message).
+def build_prompt(render: Callable[..., str], tokenizer, model: str, messages: list[dict],
+                 previous: Optional[dict]) -> tuple[list[int], str]:
+    """(prompt ids, prompt key) for answering `messages` (which end with the user's message);
+    render(messages) renders the chat template (streaming.with_chat_template), the control tokens
+    spelled in the messages marked, to be encoded as text by encode_chat.
 
     previous: the answer just before that message (messages[-2]), with its "prompt_token_ids",
     "output_token_ids", "prompt_key" and "finish_reason", or None. While the history it was prompted
     with is unchanged, the prompt extends its exact ids; otherwise the chat is rendered afresh."""
-    text = render_text(tokenizer, messages, True)
+    text = render(messages)
     ids = None
     if previous is not None and len(messages) >= 3:
-        with suppress(APIError):  # a template that rejects the stand-in: render afresh
-            ids = _extend(tokenizer, model, messages, text, previous)
+        with suppress(ValueError):  # a template that rejects the stand-in: render afresh
+            ids = _extend(render, tokenizer, model, messages, text, previous)
     if ids is None:
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the rendered text carries its own BOS
+        ids = encode_chat(tokenizer, text)  # the rendered text carries its own BOS
     return ids, prompt_key(model, text)
 
 
-def _extend(tokenizer, model: str, messages: list[dict], text: str, previous: dict) -> Optional[list[int]]:
+def _extend(render: Callable[..., str], tokenizer, model: str, messages: list[dict], text: str,
+            previous: dict) -> Optional[list[int]]:
     """previous prompt ids + previous output ids + the template's text after that answer (its
     closing, the user's turn, the new answer's opening), or None when those do not line up.
 
@@ -387,10 +384,10 @@ def _extend(tokenizer, model: str, messages: list[dict], text: str, previous: di
     than by comparing renders with and without the new message: templates such as Qwen3's render
     the last answer differently once a user message follows it."""
     output_ids = previous["output_token_ids"] or []
-    before = render_text(tokenizer, messages[:-2], True)  # what the previous answer was prompted with
+    before = render(messages[:-2])  # what the previous answer was prompted with
     if not previous["prompt_token_ids"] or prompt_key(model, before) != previous["prompt_key"]:
         return None  # the system prompt, the template or the model changed since
-    marked = render_text(tokenizer, messages[:-2] + [{**messages[-2], "content": ANSWER_MARK}, messages[-1]], True)
+    marked = render(messages[:-2] + [{**messages[-2], "content": ANSWER_MARK}, messages[-1]])
     if marked.count(ANSWER_MARK) != 1:
         return None
     after = marked.split(ANSWER_MARK)[1]  # e.g. "<|im_end|>\n<|im_start|>user\n...<|im_start|>assistant\n"
@@ -401,7 +398,7 @@ def _extend(tokenizer, model: str, messages: list[dict], text: str, previous: di
         stop_text = tokenizer.decode(output_ids[-1:], skip_special_tokens=False)
         if stop_text and after.startswith(stop_text):
             after = after[len(stop_text):]
-    return previous["prompt_token_ids"] + output_ids + tokenizer.encode(after, add_special_tokens=False)
+    return previous["prompt_token_ids"] + output_ids + encode_chat(tokenizer, after)
 
 
 def answer_params(body: Params, conv_params: dict, defaults: dict) -> SamplingParams:
@@ -561,9 +558,11 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
     if previous is not None:
         prompt_ids, output_ids, key = store.token_ids(previous["id"])
         previous = {**previous, "prompt_token_ids": prompt_ids, "output_token_ids": output_ids, "prompt_key": key}
-    tokenizer = engine.engine.tokenizer
-    prompt_ids, key = build_prompt(tokenizer, app.state.model_name, chat_messages(conv["system_prompt"], branch),
-                                   previous)
+    tokenizer, messages = engine.engine.tokenizer, chat_messages(conv["system_prompt"], branch)
+    check_text_size(request, engine, messages, "content")
+    prompt_ids, key = await with_chat_template(
+        request, engine, lambda render: build_prompt(render, tokenizer, app.state.model_name, messages, previous),
+        param="content")
     params = answer_params(body, conv["params"], engine.engine.generation_config)
     check_capacity(request)
 

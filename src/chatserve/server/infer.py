@@ -28,7 +28,7 @@ async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depe
     check_model(request, body.model)
     params = sampling_params(body.model_dump(include={"max_tokens", "seed", "stop", "temperature", "top_p", "top_k"}),
                              engine.engine.generation_config)
-    prompt_ids = await render_chat(engine, [m.model_dump() for m in body.messages])
+    prompt_ids = await render_chat(request, engine, [m.model_dump() for m in body.messages])
     check_capacity(request)
 
     request_id, created = str(uuid.uuid4()), int(time.time())

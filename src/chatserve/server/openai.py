@@ -24,7 +24,8 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Sampl
                        error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
 from .streaming import (GENERATION_ERRORS, MODEL_NOT_FOUND, ClosingStreamingResponse, Generation, check_api_key,
-                        check_capacity, check_model, get_engine, render_chat, sampling_params, unless_disconnected)
+                        check_capacity, check_model, check_text_size, get_engine, render_chat, sampling_params,
+                        unless_disconnected)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -291,7 +292,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         raise APIError(400, "chat_template_kwargs.chat_template: this server renders its model's own chat template "
                        "only (start it with --trust-request-chat-template to accept one from requests)",
                        param="chat_template_kwargs.chat_template")
-    prompt_ids = await render_chat(engine, [m.as_template_message() for m in body.messages], **template_kwargs)
+    messages = [m.as_template_message() for m in body.messages]
+    prompt_ids = await render_chat(request, engine, messages, **template_kwargs)
     reasoning = is_reasoning_model(tokenizer)
     opened = reasoning and prompt_opens_reasoning(tokenizer, prompt_ids)
     top = body.top_logprobs or 0
@@ -356,14 +358,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
 # -- /v1/completions ----------------------------------------------------------------------------
 
-def completion_prompts(body: CompletionRequest, engine: AsyncEngine) -> list[list[int]]:
+async def completion_prompts(request: Request, body: CompletionRequest, engine: AsyncEngine) -> list[list[int]]:
+    """The prompts' token ids. A text prompt is the caller's own raw text, not a chat turn: the
+    special tokens spelled in it are special tokens (that is how a raw prompt writes a chat format
+    by hand), unlike a chat message's text (see render_chat)."""
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
+    check_text_size(request, engine, prompt, "prompt")
     try:
-        prompts = [engine.engine.tokenize_prompt(p) for p in prompt]
+        # Off the event loop: a long text takes a while to tokenize.
+        prompts = await asyncio.to_thread(lambda: [engine.engine.tokenize_prompt(p) for p in prompt])
     except ValueError as exc:
         raise APIError(400, str(exc), param="prompt") from None
     limit = engine.engine.max_model_len
@@ -403,7 +410,7 @@ async def completions(body: CompletionRequest, request: Request,
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 generates nothing; it is allowed only with echo (to score a prompt)",
                        param="max_tokens")
-    prompts = completion_prompts(body, engine)
+    prompts = await completion_prompts(request, body, engine)
     defaults = engine.engine.generation_config
     # echo with logprobs: the prompt's tokens come back with theirs (what lm-eval's loglikelihood
     # tasks read). max_tokens 0 (score only) runs one token and drops it.

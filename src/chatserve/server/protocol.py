@@ -342,7 +342,8 @@ class SamplingFields(BaseModel):
 # apply_chat_template arguments the server sets itself; a request passing them would break rendering.
 RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict",
                             "return_tensors", "continue_final_message", "tokenizer_kwargs",
-                            "return_assistant_tokens_mask", "padding", "truncation", "max_length"}
+                            "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+                            "sanitize_control_tokens"}
 
 
 class ChatCompletionRequest(SamplingFields):

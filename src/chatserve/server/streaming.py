@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Optional, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2.exceptions import TemplateError
 
+from ..config import CHARS_PER_TOKEN
+from ..engine.chat_template import TemplateTimeout, chat_job, encode_chat
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import DEFAULTABLE, SamplingParams
@@ -36,14 +37,66 @@ def sampling_params(values: dict, defaults: dict) -> SamplingParams:
         raise engine_error(exc) from None
 
 
-async def render_chat(engine: AsyncEngine, messages: list[dict], **template_kwargs) -> list[int]:
-    """The tokenizer's own template, rendered by transformers' sandboxed Jinja on a worker thread
-    (a long conversation's rendering and tokenizing never stall other streams); it may reject a
-    conversation (e.g. roles that do not alternate), which is the client's to fix."""
+def prompt_char_limit(request: Request, engine: AsyncEngine) -> int:
+    limit = request.app.state.server_config.max_prompt_chars
+    return limit if limit is not None else CHARS_PER_TOKEN * engine.engine.max_model_len
+
+
+def text_chars(value) -> int:
+    """The characters of text in a request value: every string in it, dict keys included, at any depth."""
+    total, stack = 0, [value]
+    while stack:  # not recursive: a deeply nested value must not overflow the stack
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def check_text_size(request: Request, engine: AsyncEngine, value, param: str) -> None:
+    """400 when a request brings more text than any prompt could use, before it is rendered or
+    tokenized: a 4 MB prompt costs nothing but this count."""
+    limit, chars = prompt_char_limit(request, engine), text_chars(value)
+    if chars > limit:
+        why = "--max-prompt-chars" if request.app.state.server_config.max_prompt_chars is not None else \
+            f"{CHARS_PER_TOKEN} per token of the model's {engine.engine.max_model_len}-token context"
+        raise APIError(400, f"the request has {chars} characters of text; this server takes at most {limit} ({why}): "
+                            "shorten it", param=param, code="prompt_too_long")
+
+
+async def with_chat_template(request: Request, engine: AsyncEngine, work: Callable[[Callable[..., str]], T],
+                             param: str = "messages") -> T:
+    """work(render) on a template thread (a few, bounded: a stuck render holds no thread other work
+    needs), where render(messages, **template_kwargs) renders the chat template in a worker process
+    and returns its text, with the control tokens spelled in the messages marked: encode it with
+    encode_chat. A template that fails, or runs past --template-timeout, is the client's to fix: a
+    400 naming `param`."""
+    templates, tokenizer = request.app.state.templates, engine.engine.tokenizer
+    limit = prompt_char_limit(request, engine)
+
+    def render(messages: list[dict], **template_kwargs) -> str:
+        return templates.render(chat_job(tokenizer, messages, **template_kwargs), limit)
+
     try:
-        return await asyncio.to_thread(engine.engine.apply_chat_template, messages, **template_kwargs)
-    except (ValueError, TemplateError) as exc:
-        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        return await templates.call(work, render)
+    except TemplateTimeout:
+        raise APIError(400, f"the chat template took longer than {templates.timeout:g} s (--template-timeout) to "
+                            "render these messages", param=param, code="template_timeout") from None
+    except ValueError as exc:  # the template raised, or its output was too long
+        raise APIError(400, f"the chat template rejected the messages: {exc}", param=param) from None
+
+
+async def render_chat(request: Request, engine: AsyncEngine, messages: list[dict], **template_kwargs) -> list[int]:
+    """The prompt ids of a chat: the model's own template (or a trusted request's), rendered in a
+    worker process, control tokens spelled inside the messages encoded as plain text."""
+    check_text_size(request, engine, [messages, template_kwargs], "messages")
+    tokenizer = engine.engine.tokenizer
+    return await with_chat_template(
+        request, engine, lambda render: encode_chat(tokenizer, render(messages, **template_kwargs)))
 
 
 class RetryLater(APIError):
