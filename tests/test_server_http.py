@@ -1,0 +1,70 @@
+"""HTTP hardening against a real uvicorn server: streamed lines that line readers keep whole."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import requests
+from live_server import WAIT_S, live_server, tiny_engine_config
+from scripted_model import HI, REASONING, write_scripted_model
+
+# Characters str.splitlines ends a line at, which JSON may carry raw inside a string.
+LINE_BREAKING_ANSWER = "Paris\u2028Rome\u0085Oslo"
+
+
+@pytest.fixture(scope="module")
+def line_break_server(tmp_path_factory):
+    """The scripted model, whose greedy answer holds U+2028 and U+0085."""
+    model_dir, _ = write_scripted_model(tmp_path_factory.mktemp("scripted"), answer=LINE_BREAKING_ANSWER)
+    with live_server(tiny_engine_config(model=str(model_dir))) as srv:
+        yield srv
+
+
+def _data(lines) -> list:
+    """The JSON of each `data:` line (SSE) or each line (NDJSON), [DONE] left out."""
+    out = []
+    for line in lines:
+        line = line.decode() if isinstance(line, bytes) else line
+        if not line or line == "data: [DONE]":
+            continue
+        out.append(json.loads(line.removeprefix("data: ")))
+    return out
+
+
+def _streams(srv):
+    """(path, body, text of one parsed line) for every streaming route."""
+    model = srv.app.state.model_name
+    chat = {"model": model, "messages": HI, "max_tokens": 40, "temperature": 0, "stream": True}
+    yield "/v1/chat/completions", chat, lambda d: "".join(c["delta"].get("content") or "" for c in d["choices"])
+    yield "/infer", chat, lambda d: d["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("reader", ["requests", "httpx"])
+def test_line_separators_in_an_answer_keep_every_streamed_line_whole(line_break_server, reader):
+    srv = line_break_server
+    for path, body, text in _streams(srv):
+        if reader == "requests":
+            with requests.post(srv.url + path, json=body, stream=True, timeout=WAIT_S) as r:
+                assert r.status_code == 200
+                chunks = _data(r.iter_lines())
+        else:
+            with httpx.stream("POST", srv.url + path, json=body, timeout=WAIT_S) as r:
+                assert r.status_code == 200
+                chunks = _data(r.iter_lines())
+        streamed = "".join(text(d) for d in chunks)
+        assert LINE_BREAKING_ANSWER in streamed, (path, streamed)
+
+
+def test_line_separators_in_the_conversation_stream(line_break_server):
+    srv = line_break_server
+    conv = requests.post(f"{srv.url}/v1/conversations", json={"params": {"temperature": 0}}, timeout=WAIT_S).json()
+    with httpx.stream("POST", f"{srv.url}/v1/conversations/{conv['id']}/messages", timeout=WAIT_S,
+                      json={"content": HI[0]["content"], "max_tokens": 40}) as r:
+        assert r.status_code == 200
+        events = _data(r.iter_lines())
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == REASONING
+    assert "".join(d.get("content", "") for d in deltas) == LINE_BREAKING_ANSWER
+    assert events[-1]["type"] == "done" and events[-1]["message"]["content"] == LINE_BREAKING_ANSWER
