@@ -1,14 +1,22 @@
-"""HTTP hardening against a real uvicorn server: streamed lines that line readers keep whole."""
+"""HTTP hardening against a real uvicorn server: streamed lines that line readers keep whole,
+internal errors that tell the client an id and the log the rest."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import pytest
 import requests
 from live_server import WAIT_S, live_server, tiny_engine_config
 from scripted_model import HI, REASONING, write_scripted_model
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server() as srv:
+        yield srv
+
 
 # Characters str.splitlines ends a line at, which JSON may carry raw inside a string.
 LINE_BREAKING_ANSWER = "Paris\u2028Rome\u0085Oslo"
@@ -68,3 +76,23 @@ def test_line_separators_in_the_conversation_stream(line_break_server):
     assert "".join(d.get("reasoning_content", "") for d in deltas) == REASONING
     assert "".join(d.get("content", "") for d in deltas) == LINE_BREAKING_ANSWER
     assert events[-1]["type"] == "done" and events[-1]["message"]["content"] == LINE_BREAKING_ANSWER
+
+
+def test_an_internal_error_tells_the_client_an_id_and_the_log_the_detail(server, caplog):
+    caplog.set_level(logging.ERROR, logger="chatserve.server")
+    db = server.app.state.store.db
+    db.execute("ALTER TABLE conversations RENAME TO elsewhere")  # a real fault: SQLite raises
+    try:
+        r = requests.get(f"{server.url}/v1/conversations", timeout=WAIT_S)
+    finally:
+        db.execute("ALTER TABLE elsewhere RENAME TO conversations")
+    assert r.status_code == 500
+    error = r.json()["error"]
+    request_id = r.headers["X-Request-ID"]
+    assert request_id.startswith("req_") and request_id in error["message"]
+    assert (error["type"], error["code"], error["param"]) == ("server_error", "internal_error", None)
+    assert "conversations" not in error["message"] and "table" not in error["message"]
+    logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert logged and "no such table: conversations" in logged[0].getMessage() and logged[0].exc_info
+    # The server goes on serving.
+    assert requests.get(f"{server.url}/v1/conversations", timeout=WAIT_S).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Annotated, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -165,9 +166,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"internal server error: {exc}", "server_error")
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # The exception's text may hold paths, SQL or data of other users: it goes to the log only,
+        # under an id the client can quote.
+        request_id = f"req_{uuid.uuid4().hex}"
+        log.error("request %s (%s %s) failed: %r", request_id, request.method, request.url.path, exc, exc_info=exc)
+        response = error_response(500, f"internal server error; the server log has the details under request id "
+                                       f"{request_id}", "server_error", code="internal_error")
+        response.headers["X-Request-ID"] = request_id
+        return response
 
 
 # -- OpenAI API request bodies ----------------------------------------------------------------------
