@@ -1,5 +1,6 @@
 """HTTP hardening against a real uvicorn server: streamed lines that line readers keep whole,
-internal errors that tell the client an id and the log the rest."""
+internal errors that tell the client an id and the log the rest, Host headers checked against
+DNS rebinding."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import pytest
 import requests
 from live_server import WAIT_S, live_server, tiny_engine_config
 from scripted_model import HI, REASONING, write_scripted_model
+
+from chatserve.cli import build_parser
+from chatserve.config import ServerConfig
+from chatserve.server.app import configs_from_env, create_app
 
 @pytest.fixture(scope="module")
 def server():
@@ -96,3 +101,61 @@ def test_an_internal_error_tells_the_client_an_id_and_the_log_the_detail(server,
     assert logged and "no such table: conversations" in logged[0].getMessage() and logged[0].exc_info
     # The server goes on serving.
     assert requests.get(f"{server.url}/v1/conversations", timeout=WAIT_S).status_code == 200
+
+
+# -- the Host header (DNS rebinding) ---------------------------------------------------------------
+
+def get_as(srv, host: str, path: str = "/v1/conversations", **kwargs) -> requests.Response:
+    return requests.get(srv.url + path, headers={"Host": host}, timeout=WAIT_S, **kwargs)
+
+
+def test_a_foreign_host_header_is_a_400_and_loopback_names_are_served(server):
+    port = server.port
+    for host in (f"attacker.example:{port}", "attacker.example", f"localhost.attacker.example:{port}",
+                 f"127.0.0.1.nip.io:{port}"):
+        r = get_as(server, host)
+        assert r.status_code == 400, host
+        error = r.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_host")
+        assert "--allowed-host" in error["message"] and "data" not in r.json()
+    assert get_as(server, f"attacker.example:{port}", "/health").status_code == 400
+    for host in (f"localhost:{port}", f"LocalHost.:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost",
+                 f"127.0.0.2:{port}"):
+        assert get_as(server, host).status_code == 200, host
+
+
+def test_allowed_hosts_add_names_and_a_star_allows_any():
+    with live_server(server_config=ServerConfig(host="chat.lan", allowed_hosts=["Chat.Example", "other.example:9"]),
+                     wait_for_model=False) as srv:
+        for host in ("chat.lan", f"chat.lan:{srv.port}", "chat.example:443", "other.example"):
+            assert get_as(srv, host, "/v1/models").status_code == 200, host
+        assert get_as(srv, "attacker.example", "/v1/models").status_code == 400
+    with live_server(server_config=ServerConfig(allowed_hosts=["*"]), wait_for_model=False) as srv:
+        assert get_as(srv, "attacker.example", "/v1/models").status_code == 200
+
+
+def test_redirects_are_relative_whatever_the_host(server):
+    r = get_as(server, f"localhost:{server.port}", "/static", allow_redirects=False)
+    assert r.is_redirect and r.headers["location"] == "/static/"
+    r = requests.get(server.url + "/health/?x=1", allow_redirects=False, timeout=WAIT_S)
+    assert r.is_redirect and r.headers["location"] == "/health?x=1"
+
+
+def test_a_non_loopback_address_without_an_api_key_is_warned_about(caplog):
+    caplog.set_level(logging.WARNING, logger="chatserve.server")
+    create_app(tiny_engine_config(), ServerConfig(host="0.0.0.0"))
+    (warning,) = [rec for rec in caplog.records if "without an API key" in rec.getMessage()]
+    assert warning.levelname == "WARNING" and "0.0.0.0" in warning.getMessage()
+    caplog.clear()
+    create_app(tiny_engine_config(), ServerConfig(host="0.0.0.0", api_key="sesame"))
+    create_app(tiny_engine_config(), ServerConfig(host="::1"))
+    create_app(tiny_engine_config(), ServerConfig(host="localhost"))
+    assert not [rec for rec in caplog.records if "without an API key" in rec.getMessage()]
+
+
+def test_allowed_hosts_from_the_command_line_and_the_environment():
+    args = build_parser().parse_args(["serve", "--allowed-host", "chat.example", "--allowed-host", "*"])
+    assert args.allowed_host == ["chat.example", "*"]
+    _, server_config = configs_from_env({"CHATSERVE_ALLOWED_HOSTS": "chat.example, other.example"})
+    assert server_config.allowed_hosts == ["chat.example", "other.example"]
+    assert ServerConfig().allowed_hosts == [] and ServerConfig().host == "127.0.0.1"

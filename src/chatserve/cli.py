@@ -124,7 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import create_app
 
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
-                                 cors_origins=args.cors_origin, max_queue=args.max_queue,
+                                 cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
+                                 max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
                                  trust_request_chat_template=args.trust_request_chat_template)
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "open (default: $CHATSERVE_API_KEY, else none)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a name clients may reach the server by, in the Host header (repeatable; '*' for any). "
+                            "Loopback names, --host and the IP address a request arrived at are always accepted; other "
+                            "names get 400, so a web page cannot rebind its DNS name to this server")
     serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
                        help="most requests in flight (running or waiting); more get 429 with Retry-After at "
                             "once (default %(default)s)")

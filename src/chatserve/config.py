@@ -72,6 +72,9 @@ class ServerConfig:
     api_key: Optional[str] = None
     # Browser origins allowed to call the API (CORS); empty: same-origin only.
     cors_origins: list[str] = field(default_factory=list)
+    # Host header names accepted besides loopback names (localhost, 127.0.0.1, [::1]), `host` and the
+    # address a request arrived at; "*" accepts any. Others get 400: a defence against DNS rebinding.
+    allowed_hosts: list[str] = field(default_factory=list)
     # Requests in flight (running or waiting) beyond this get 429 with Retry-After at once, rather
     # than queueing without bound.
     max_queue: int = 256

@@ -6,6 +6,7 @@ or Ctrl-C the server drains: new requests get 503, every stream ends at once wit
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Mapping, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -76,9 +78,13 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
 
     app.add_middleware(BodyLimit, max_bytes=server_config.max_body_bytes,
                        rejected=app.state.metrics.rejected.labels("request_too_large"))
-    if server_config.cors_origins:  # added last, so outermost: error responses get CORS headers too
+    if server_config.cors_origins:  # added after the others, so outside them: their errors get CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=server_config.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(AllowedHosts, names=[server_config.host, *server_config.allowed_hosts])
+    if not server_config.api_key and not is_loopback(host_name(server_config.host)):
+        log.warning("listening on %s without an API key: anyone who can reach this address can read every stored "
+                    "conversation and generate; set --api-key (or CHATSERVE_API_KEY)", server_config.host)
 
     @app.get("/health")
     async def health(request: Request):
@@ -180,6 +186,67 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
+def host_name(host: str) -> str:
+    """The name in a Host header or a --host/--allowed-host value, lower case, without port,
+    brackets or a final dot: 'LocalHost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # name:port; more colons: a bare IPv6 address
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class AllowedHosts:
+    """400 for a request whose Host header names another server: a web page whose DNS name an
+    attacker rebinds to 127.0.0.1 would otherwise read, write and generate through a key-less
+    local server. Allowed: loopback names, `names` (the --host and every --allowed-host; "*" for
+    any), and the address the connection arrived at (an IP address cannot be rebound, so
+    `--host 0.0.0.0` still answers at http://<its IP>:<port>). Redirects go out relative, never
+    to whatever Host was sent."""
+
+    def __init__(self, app: ASGIApp, names: list[str]) -> None:
+        self.app, self.any, self.names = app, "*" in names, {host_name(name) for name in names}
+
+    def allowed(self, name: str, scope: Scope) -> bool:
+        server = scope.get("server") or ("",)
+        return self.any or is_loopback(name) or name in self.names or name == server[0]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = Headers(scope=scope).get("host")
+        # No Host at all (HTTP/1.0) is no browser's request, so no rebinding.
+        if host is not None and not self.allowed(name := host_name(host), scope):
+            response = error_response(400, f"the Host header {host!r} names a server other than this one (a "
+                                           "defence against DNS rebinding); to serve it under that name, start "
+                                           f"the server with --allowed-host {name or '*'}", code="invalid_host")
+            return await response(scope, receive, send)
+
+        async def send_relative(message) -> None:
+            if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+                message = {**message, "headers": [(key, _relative(value) if key.lower() == b"location" else value)
+                                                  for key, value in message["headers"]]}
+            await send(message)
+
+        await self.app(scope, receive, send_relative)
+
+
+def _relative(location: bytes) -> bytes:
+    """'http://host/static/' -> '/static/': a redirect stays on whichever name the client used."""
+    parts = urlsplit(location.decode("latin-1"))
+    return urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment)).encode("latin-1")
+
+
 async def _load(app: FastAPI, config: EngineConfig) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
@@ -227,7 +294,8 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
     CHATSERVE_NUM_KV_BLOCKS, ...), plus CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma
     separated), CHATSERVE_MAX_QUEUE, CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma
-    separated) and CHATSERVE_DB (the conversation store's SQLite file)."""
+    separated), CHATSERVE_ALLOWED_HOSTS (comma separated) and CHATSERVE_DB (the conversation
+    store's SQLite file)."""
     values = {}
     for f in fields(EngineConfig):
         text = environ.get(f"CHATSERVE_{f.name.upper()}")
@@ -245,5 +313,6 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
                           max_queue=int(environ.get("CHATSERVE_MAX_QUEUE", ServerConfig.max_queue)),
                           max_body_bytes=int(environ.get("CHATSERVE_MAX_BODY_BYTES", ServerConfig.max_body_bytes)),
                           model_aliases=listed("CHATSERVE_MODEL_ALIASES"),
+                          allowed_hosts=listed("CHATSERVE_ALLOWED_HOSTS"),
                           db_path=environ.get("CHATSERVE_DB") or None)
     return EngineConfig(**values), server
