@@ -1,11 +1,13 @@
 """HTTP hardening against a real uvicorn server: streamed lines that line readers keep whole,
 internal errors that tell the client an id and the log the rest, Host headers checked against
-DNS rebinding."""
+DNS rebinding, slow clients timed out while their request is read."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 
 import httpx
 import pytest
@@ -159,3 +161,105 @@ def test_allowed_hosts_from_the_command_line_and_the_environment():
     _, server_config = configs_from_env({"CHATSERVE_ALLOWED_HOSTS": "chat.example, other.example"})
     assert server_config.allowed_hosts == ["chat.example", "other.example"]
     assert ServerConfig().allowed_hosts == [] and ServerConfig().host == "127.0.0.1"
+
+
+# -- slow clients: bounds on reading a request ------------------------------------------------------
+
+HEADER_TIMEOUT, BODY_TIMEOUT = 1.0, 1.5
+
+
+@pytest.fixture(scope="module")
+def strict_server():
+    with live_server(server_config=ServerConfig(header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT)) as srv:
+        yield srv
+
+
+def trickle(srv, pieces, interval: float) -> tuple[bytes, float]:
+    """Send pieces one by one, `interval` seconds apart, over a raw socket, until the server
+    closes the connection; returns (all it sent back, seconds until it closed)."""
+    start = time.monotonic()
+    reply = b""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT_S) as sock:
+        sock.settimeout(interval)
+        for piece in pieces:
+            try:
+                sock.sendall(piece)
+            except OSError:  # closed by the server
+                break
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            reply += data
+            if not data:
+                return reply, time.monotonic() - start
+        sock.settimeout(WAIT_S)
+        while data := sock.recv(65536):
+            reply += data
+    return reply, time.monotonic() - start
+
+
+def test_a_slow_header_sender_is_disconnected(strict_server):
+    srv = strict_server
+    # One header line every 0.2 s: 100 of them would take 20 s.
+    head = [b"GET /health HTTP/1.1\r\nHost: localhost\r\n"] + [b"X-Slow: %d\r\n" % i for i in range(100)]
+    reply, elapsed = trickle(srv, head, 0.2)
+    assert reply == b"" and HEADER_TIMEOUT * 0.9 <= elapsed < HEADER_TIMEOUT + 5, elapsed
+    # A connection that sends nothing at all is closed too.
+    reply, elapsed = trickle(srv, [b""], 0.2)
+    assert reply == b"" and elapsed < HEADER_TIMEOUT + 5
+    assert requests.get(f"{srv.url}/health", timeout=WAIT_S).status_code == 200
+
+
+def test_a_slow_body_gets_408_and_the_connection_closes(strict_server):
+    srv = strict_server
+    body = json.dumps({"model": "dummy_model", "messages": HI, "max_tokens": 2}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    # The body, 4 bytes every 0.2 s: all of it would take several seconds.
+    reply, elapsed = trickle(srv, [head] + [body[i:i + 4] for i in range(0, len(body), 4)], 0.2)
+    assert elapsed < BODY_TIMEOUT + 5, elapsed
+    status, _, rest = reply.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout", reply
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower()
+    error = json.loads(payload)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+    assert srv.engine.requests == {}
+    metrics = requests.get(f"{srv.url}/metrics", timeout=WAIT_S).text
+    assert 'chatserve_requests_rejected_total{code="request_timeout"} 1.0' in metrics
+
+
+def test_requests_in_time_and_long_streams_are_not_cut(strict_server):
+    srv = strict_server
+    # Headers and body in pieces, each well within its bound, on one kept-alive connection.
+    body = json.dumps({"model": "dummy_model", "messages": HI, "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT_S) as sock:
+        for _ in range(2):
+            sock.sendall(b"POST /infer HTTP/1.1\r\nHost: localhost\r\n")
+            time.sleep(HEADER_TIMEOUT / 3)
+            sock.sendall(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            time.sleep(BODY_TIMEOUT / 3)
+            sock.sendall(body)
+            reply = sock.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200 OK"), reply
+            time.sleep(HEADER_TIMEOUT / 3)  # then the next request on the same connection
+    # A stream that lasts longer than both bounds together runs to its end.
+    step = srv.engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return step()
+
+    srv.engine.step = slow_step
+    try:
+        start = time.monotonic()
+        with requests.post(f"{srv.url}/v1/chat/completions", stream=True, timeout=WAIT_S,
+                           json={"model": "dummy_model", "messages": HI, "max_tokens": 80, "stream": True,
+                                 "ignore_eos": True}) as r:
+            chunks = _data(r.iter_lines())
+        elapsed = time.monotonic() - start
+    finally:
+        del srv.engine.step
+    assert elapsed > HEADER_TIMEOUT + BODY_TIMEOUT
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -122,11 +122,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server.app import create_app
+    from .server.connection import http_protocol
 
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                                  cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
                                  max_queue=args.max_queue,
-                                 max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                                 max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout,
+                                 body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout,
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
                                  trust_request_chat_template=args.trust_request_chat_template)
     try:
@@ -140,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _exit_quietly)
     # log_config=None: uvicorn's lines ("Uvicorn running on http://...") go through our logging format.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                http=http_protocol(server_config.header_timeout),
                 timeout_graceful_shutdown=server_config.shutdown_timeout)
     return 0
 
@@ -206,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "once (default %(default)s)")
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, metavar="BYTES",
                        help="largest request body accepted; larger gets 413 (default %(default)s = 4 MiB)")
+    serve.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout, metavar="SECONDS",
+                       help="close a connection whose request headers have not all arrived this long after it "
+                            "opened or after its previous response (default %(default)s)")
+    serve.add_argument("--body-timeout", type=float, default=ServerConfig.body_timeout, metavar="SECONDS",
+                       help="answer 408 and close the connection when a request body has not all arrived this "
+                            "long after its headers; responses, however long they stream, are not bounded "
+                            "(default %(default)s)")
     serve.add_argument("--shutdown-timeout", type=int, default=ServerConfig.shutdown_timeout, metavar="SECONDS",
                        help="after SIGTERM or Ctrl-C, wait at most this long for open connections before "
                             "exiting; streams end at once (default %(default)s)")

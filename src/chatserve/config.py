@@ -80,6 +80,13 @@ class ServerConfig:
     max_queue: int = 256
     # A request body larger than this gets 413 (chat histories are text: 4 MiB is a long book).
     max_body_bytes: int = 4 * 2**20
+    # Seconds a client may take to send a request's headers (from connecting, or from the previous
+    # response), then its body (from the headers): past them the connection closes, or the request
+    # gets 408. They bound reading a request, never a response, however long it streams. The header
+    # bound lives in uvicorn's protocol: `chatserve serve` sets it; under `uvicorn main:app` give
+    # --http chatserve.server.connection:HeaderTimeoutProtocol (CHATSERVE_HEADER_TIMEOUT).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
     # After SIGTERM or Ctrl-C, wait at most this long (seconds) for open connections before exiting;
     # streams end at once, so this bounds only slow uploads and stuck clients. `chatserve serve`
     # passes it to uvicorn; under `uvicorn main:app` give --timeout-graceful-shutdown instead.

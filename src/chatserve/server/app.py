@@ -72,12 +72,12 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.metrics = metrics.Metrics(app.state)
     install_error_handlers(app)
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+    @app.exception_handler(BodyRefused)
+    async def body_refused(_: Request, exc: BodyRefused) -> JSONResponse:
         return exc.response()
 
-    app.add_middleware(BodyLimit, max_bytes=server_config.max_body_bytes,
-                       rejected=app.state.metrics.rejected.labels("request_too_large"))
+    app.add_middleware(RequestBody, max_bytes=server_config.max_body_bytes, timeout=server_config.body_timeout,
+                       rejected=app.state.metrics.rejected)
     if server_config.cors_origins:  # added after the others, so outside them: their errors get CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=server_config.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
@@ -147,43 +147,65 @@ def _drain_on_signals(app: FastAPI, loop: asyncio.AbstractEventLoop) -> Callable
     return restore
 
 
-class BodyTooLarge(StarletteHTTPException):
-    """Raised while the body is read: FastAPI passes an HTTPException from its body reading on."""
+class BodyRefused(StarletteHTTPException):
+    """Raised while the body is read (FastAPI passes an HTTPException from its body reading on):
+    too large (413) or too slow (408). The connection closes: the rest of the body is not read."""
 
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"the request body is larger than this server accepts ({max_bytes} bytes)")
+    def __init__(self, status_code: int, message: str, code: str):
+        super().__init__(status_code, message)
+        self.code = code
 
     def response(self) -> JSONResponse:
-        return error_response(413, self.detail, code="request_too_large")
+        response = error_response(self.status_code, self.detail, code=self.code)
+        response.headers["Connection"] = "close"
+        return response
 
 
-class BodyLimit:
-    """413 for a request body over max_bytes: at once from Content-Length, else (a chunked body) as
-    soon as the bytes read pass the limit. It counts the body as the app reads it, buffering none."""
+class RequestBody:
+    """Bounds on reading a request body, counted as the app reads it, buffering none: 413 when it
+    passes max_bytes (at once from Content-Length, else as soon as the bytes read pass it), 408
+    when it has not all arrived `timeout` seconds after the headers. Once the body is in, reading
+    on (a stream watching for the client to leave) waits as long as it likes."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, rejected) -> None:
-        self.app, self.max_bytes, self.rejected = app, max_bytes, rejected
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, rejected) -> None:
+        self.app, self.max_bytes, self.timeout, self.rejected = app, max_bytes, timeout, rejected
+
+    def refuse(self, status_code: int, message: str, code: str) -> BodyRefused:
+        self.rejected.labels(code).inc()
+        return BodyRefused(status_code, message, code)
+
+    def too_large(self) -> BodyRefused:
+        return self.refuse(413, f"the request body is larger than this server accepts ({self.max_bytes} bytes)",
+                           "request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
-            self.rejected.inc()
-            return await BodyTooLarge(self.max_bytes).response()(scope, receive, send)
-        received = 0
+            return await self.too_large().response()(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline, received, complete = loop.time() + self.timeout, 0, False
 
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
+        async def bounded_receive():
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise self.refuse(408, f"the request body did not arrive within {self.timeout:g} seconds of its "
+                                       "headers", "request_timeout") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    self.rejected.inc()
-                    raise BodyTooLarge(self.max_bytes)
+                    raise self.too_large()
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, bounded_receive, send)
 
 
 def host_name(host: str) -> str:
@@ -294,8 +316,8 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
     CHATSERVE_NUM_KV_BLOCKS, ...), plus CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma
     separated), CHATSERVE_MAX_QUEUE, CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma
-    separated), CHATSERVE_ALLOWED_HOSTS (comma separated) and CHATSERVE_DB (the conversation
-    store's SQLite file)."""
+    separated), CHATSERVE_ALLOWED_HOSTS (comma separated), CHATSERVE_HEADER_TIMEOUT,
+    CHATSERVE_BODY_TIMEOUT and CHATSERVE_DB (the conversation store's SQLite file)."""
     values = {}
     for f in fields(EngineConfig):
         text = environ.get(f"CHATSERVE_{f.name.upper()}")
@@ -312,6 +334,8 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
                           cors_origins=listed("CHATSERVE_CORS_ORIGINS"),
                           max_queue=int(environ.get("CHATSERVE_MAX_QUEUE", ServerConfig.max_queue)),
                           max_body_bytes=int(environ.get("CHATSERVE_MAX_BODY_BYTES", ServerConfig.max_body_bytes)),
+                          body_timeout=float(environ.get("CHATSERVE_BODY_TIMEOUT", ServerConfig.body_timeout)),
+                          header_timeout=float(environ.get("CHATSERVE_HEADER_TIMEOUT", ServerConfig.header_timeout)),
                           model_aliases=listed("CHATSERVE_MODEL_ALIASES"),
                           allowed_hosts=listed("CHATSERVE_ALLOWED_HOSTS"),
                           db_path=environ.get("CHATSERVE_DB") or None)
