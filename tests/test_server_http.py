@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import requests
-from live_server import WAIT_S, live_server, tiny_engine_config
+from live_server import WAIT_S, healthy, live_server, tiny_engine_config, wait_until
 from scripted_model import HI, REASONING, write_scripted_model
 
 from chatserve.cli import build_parser
@@ -263,3 +268,34 @@ def test_requests_in_time_and_long_streams_are_not_cut(strict_server):
         del srv.engine.step
     assert elapsed > HEADER_TIMEOUT + BODY_TIMEOUT
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "chatserve.cli", "serve", "--port", "PORT", "--header-timeout", "1", "--num-kv-blocks",
+     "32", "--num-threads", "1", "--device", "cpu", "--db", ":memory:"],
+    [sys.executable, "-m", "uvicorn", "main:app", "--port", "PORT", "--http",
+     "chatserve.server.connection:HeaderTimeoutProtocol"],
+], ids=["chatserve_serve", "uvicorn_main_app"])
+def test_both_entry_points_bound_the_headers_and_check_the_host(command):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CHATSERVE_HEADER_TIMEOUT": "1", "CHATSERVE_NUM_KV_BLOCKS": "32",
+           "CHATSERVE_NUM_THREADS": "1", "CHATSERVE_DEVICE": "cpu", "CHATSERVE_DB": ":memory:"}
+    srv = SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port)
+    proc = subprocess.Popen([arg.replace("PORT", str(port)) for arg in command], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: healthy(srv.url) or proc.poll() is not None, "the server to load", timeout=60)
+        assert proc.poll() is None
+        head = [b"GET /health HTTP/1.1\r\nHost: localhost\r\n"] + [b"X-Slow: %d\r\n" % i for i in range(100)]
+        reply, elapsed = trickle(srv, head, 0.2)
+        assert reply == b"" and elapsed < 6, elapsed
+        assert get_as(srv, f"attacker.example:{port}", "/v1/models").status_code == 400
+        assert get_as(srv, f"localhost:{port}", "/v1/models").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(WAIT_S)
