@@ -137,6 +137,11 @@ def test_allowed_hosts_add_names_and_a_star_allows_any():
         for host in ("chat.lan", f"chat.lan:{srv.port}", "chat.example:443", "other.example"):
             assert get_as(srv, host, "/v1/models").status_code == 200, host
         assert get_as(srv, "attacker.example", "/v1/models").status_code == 400
+    # The wildcard address a server listens on is no name to reach it by (the "0.0.0.0 day").
+    with live_server(server_config=ServerConfig(host="0.0.0.0", allowed_hosts=["[::]"]), wait_for_model=False) as srv:
+        assert get_as(srv, f"0.0.0.0:{srv.port}", "/v1/models").status_code == 400
+        assert get_as(srv, f"[::]:{srv.port}", "/v1/models").status_code == 400
+        assert get_as(srv, f"127.0.0.1:{srv.port}", "/v1/models").status_code == 200
     with live_server(server_config=ServerConfig(allowed_hosts=["*"]), wait_for_model=False) as srv:
         assert get_as(srv, "attacker.example", "/v1/models").status_code == 200
 

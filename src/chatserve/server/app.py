@@ -15,7 +15,7 @@ import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI, Request
@@ -219,13 +219,15 @@ def host_name(host: str) -> str:
     return host.rstrip(".")
 
 
-def is_loopback(name: str) -> bool:
-    if name == "localhost":
-        return True
+def _address(name: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address, None]:
     try:
-        return ipaddress.ip_address(name).is_loopback
+        return ipaddress.ip_address(name)
     except ValueError:
-        return False
+        return None
+
+
+def is_loopback(name: str) -> bool:
+    return name == "localhost" or getattr(_address(name), "is_loopback", False)
 
 
 class AllowedHosts:
@@ -237,7 +239,10 @@ class AllowedHosts:
     to whatever Host was sent."""
 
     def __init__(self, app: ASGIApp, names: list[str]) -> None:
-        self.app, self.any, self.names = app, "*" in names, {host_name(name) for name in names}
+        self.app, self.any = app, "*" in names
+        # Not 0.0.0.0 or [::] of `--host 0.0.0.0`: no client reaches a server by that name, but some
+        # browsers let any web page send requests to http://0.0.0.0:PORT.
+        self.names = {name for name in map(host_name, names) if not getattr(_address(name), "is_unspecified", False)}
 
     def allowed(self, name: str, scope: Scope) -> bool:
         server = scope.get("server") or ("",)
