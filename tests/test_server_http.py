@@ -173,6 +173,13 @@ def test_allowed_hosts_from_the_command_line_and_the_environment():
     assert ServerConfig().allowed_hosts == [] and ServerConfig().host == "127.0.0.1"
 
 
+@pytest.mark.parametrize("flag", ["--header-timeout", "--body-timeout"])
+def test_a_timeout_that_is_not_positive_is_refused_at_start(flag):
+    out = subprocess.run([sys.executable, "-m", "chatserve.cli", "serve", flag, "0", "--db", ":memory:"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "timeouts must be > 0" in out.stderr, out.stderr
+
+
 # -- slow clients: bounds on reading a request ------------------------------------------------------
 
 HEADER_TIMEOUT, BODY_TIMEOUT = 1.0, 1.5

@@ -39,6 +39,8 @@ WEB_DIR = Path(__file__).parent / "web"
 def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig] = None) -> FastAPI:
     server_config = server_config or ServerConfig()
     engine_config.validate()  # a bad setting fails here, not in the background loader
+    if not (server_config.header_timeout > 0 and server_config.body_timeout > 0):
+        raise ValueError("the header and body timeouts must be > 0 seconds")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
