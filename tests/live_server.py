@@ -16,6 +16,7 @@ import uvicorn
 
 from chatserve.config import EngineConfig, ServerConfig
 from chatserve.server.app import create_app
+from chatserve.server.connection import http_protocol
 
 WAIT_S = 30.0  # generous bound for a loaded 2-core machine
 
@@ -59,7 +60,9 @@ def live_server(engine_config: Optional[EngineConfig] = None, server_config: Opt
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
+    # The protocol `chatserve serve` runs: its header timeout included.
+    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning",
+                                        http=http_protocol(server_config.header_timeout)))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

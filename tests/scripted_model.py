@@ -21,9 +21,10 @@ THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
 REASONING, ANSWER = "Let me think", "The capital of France is Paris."
 
 
-def write_scripted_model(path: Path) -> tuple[Path, list[int]]:
+def write_scripted_model(path: Path, answer: str = ANSWER) -> tuple[Path, list[int]]:
     """Write the scripted llama into path; returns (path, the script's token ids). Any chat
-    whose generation prompt ends like HI's (the ChatML "assistant\\n") gets the script."""
+    whose generation prompt ends like HI's (the ChatML "assistant\\n") gets the script, with
+    `answer` (whose tokens must differ from each other and the rest's) after the reasoning."""
     write_hf_model_dir(path, "llama")
     from transformers import AutoTokenizer
 
@@ -33,7 +34,7 @@ def write_scripted_model(path: Path) -> tuple[Path, list[int]]:
     prompt_end = tokenizer.apply_chat_template(HI, add_generation_prompt=True)
     prompt_end = (prompt_end["input_ids"] if hasattr(prompt_end, "keys") else prompt_end)[-1]
     ids = lambda text: tokenizer.encode(text, add_special_tokens=False)
-    script = [prompt_end, *ids(THINK_START), *ids(REASONING), *ids(THINK_END), *ids(ANSWER), *ids(IM_END)]
+    script = [prompt_end, *ids(THINK_START), *ids(REASONING), *ids(THINK_END), *ids(answer), *ids(IM_END)]
     assert len(set(script)) == len(script), "each scripted token must be unique"
 
     weights = load_file(path / "model.safetensors")

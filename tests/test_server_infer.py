@@ -165,7 +165,7 @@ def test_dropping_an_unstreamed_request_aborts_it(server, caplog):
     body = json.dumps({"model": "dummy_model", "messages": HELLO, "max_tokens": 450, "temperature": 0}).encode()
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn:
-        conn.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(b"POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_until(lambda: server.engine.requests, "the request to start")
         (request_id,) = server.engine.requests

@@ -173,11 +173,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server.app import create_app
+    from .server.connection import http_protocol
 
     host = f"[{args.host}]" if ":" in args.host else args.host
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
-                                 cors_origins=args.cors_origin, max_queue=args.max_queue,
-                                 max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                                 cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
+                                 max_queue=args.max_queue,
+                                 max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout,
+                                 body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout,
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
                                  served_model_name=args.served_model_name,
                                  trust_request_chat_template=args.trust_request_chat_template,
@@ -198,7 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     # log_config=None: uvicorn's lines ("Uvicorn running on http://...") go through our logging format.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           log_config=None, timeout_graceful_shutdown=server_config.shutdown_timeout))
+                                           log_config=None, http=http_protocol(server_config.header_timeout),
+                                           timeout_graceful_shutdown=server_config.shutdown_timeout))
     # Once uvicorn has shut down after SIGTERM or Ctrl-C it raises the signal again; the stop was
     # graceful by then, so exit 0 rather than die by the signal or a KeyboardInterrupt traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -277,11 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "open (default: $CHATSERVE_API_KEY, else none)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a name clients may reach the server by, in the Host header (repeatable; '*' for any). "
+                            "Loopback names, --host and the IP address a request arrived at are always accepted; other "
+                            "names get 400, so a web page cannot rebind its DNS name to this server")
     serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
                        help="most requests in flight (running or waiting); more get 429 with Retry-After at "
                             "once (default %(default)s)")
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, metavar="BYTES",
                        help="largest request body accepted; larger gets 413 (default %(default)s = 4 MiB)")
+    serve.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout, metavar="SECONDS",
+                       help="close a connection whose request headers have not all arrived this long after it "
+                            "opened or after its previous response (default %(default)s)")
+    serve.add_argument("--body-timeout", type=float, default=ServerConfig.body_timeout, metavar="SECONDS",
+                       help="answer 408 and close the connection when a request body has not all arrived this "
+                            "long after its headers; responses, however long they stream, are not bounded "
+                            "(default %(default)s)")
     serve.add_argument("--shutdown-timeout", type=int, default=ServerConfig.shutdown_timeout, metavar="SECONDS",
                        help="after SIGTERM or Ctrl-C, wait at most this long for open connections before "
                             "exiting; streams end at once (default %(default)s)")

@@ -82,11 +82,21 @@ class ServerConfig:
     api_key: Optional[str] = None
     # Browser origins allowed to call the API (CORS); empty: same-origin only.
     cors_origins: list[str] = field(default_factory=list)
+    # Host header names accepted besides loopback names (localhost, 127.0.0.1, [::1]), `host` and the
+    # address a request arrived at; "*" accepts any. Others get 400: a defence against DNS rebinding.
+    allowed_hosts: list[str] = field(default_factory=list)
     # Requests in flight (running or waiting) beyond this get 429 with Retry-After at once, rather
     # than queueing without bound.
     max_queue: int = 256
     # A request body larger than this gets 413 (chat histories are text: 4 MiB is a long book).
     max_body_bytes: int = 4 * 2**20
+    # Seconds a client may take to send a request's headers (from connecting, or from the previous
+    # response), then its body (from the headers): past them the connection closes, or the request
+    # gets 408. They bound reading a request, never a response, however long it streams. The header
+    # bound lives in uvicorn's protocol: `chatserve serve` sets it; under `uvicorn main:app` give
+    # --http chatserve.server.connection:HeaderTimeoutProtocol (CHATSERVE_HEADER_TIMEOUT).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
     # After SIGTERM or Ctrl-C, wait at most this long (seconds) for open connections before exiting;
     # streams end at once, so this bounds only slow uploads and stuck clients. `chatserve serve`
     # passes it to uvicorn; under `uvicorn main:app` give --timeout-graceful-shutdown instead.
@@ -119,6 +129,8 @@ class ServerConfig:
             raise ValueError("max_prompt_chars must be >= 1")
         if self.template_timeout <= 0 or self.template_workers < 1:
             raise ValueError("template_timeout must be > 0 and template_workers >= 1")
+        if not (self.header_timeout > 0 and self.body_timeout > 0):
+            raise ValueError("the header and body timeouts must be > 0 seconds")
 
 
 # A token is rarely longer than this many characters: text longer than this many per token of the

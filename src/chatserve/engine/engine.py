@@ -27,6 +27,13 @@ from .scheduler import Scheduler
 
 log = logging.getLogger("chatserve.engine")
 
+
+def internal_error(request_id: str) -> str:
+    """What a failed request's caller is told: the exception's text (which may hold paths or
+    data) stays in the log, found by the request id."""
+    return f"internal error in the engine; the log has the details under request id {request_id}"
+
+
 Prompt = Union[str, list[int], dict]
 
 
@@ -199,7 +206,7 @@ class Engine:
 
     def _fail(self, req: Request, exc: Exception) -> RequestOutput:
         log.error("request %s failed in the engine: %r", req.request_id, exc, exc_info=exc)
-        return self._finish(req, FinishReason.ERROR, error=f"internal error in the engine: {exc}")
+        return self._finish(req, FinishReason.ERROR, error=internal_error(req.request_id))
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
         req.token_ids.append(token)
@@ -242,8 +249,15 @@ class Engine:
         return out
 
     def finish_all(self, reason: FinishReason, error: Optional[str] = None) -> list[RequestOutput]:
-        """End every request (a step raised, or shutdown) rather than leave callers hanging."""
+        """End every request (shutdown) rather than leave callers hanging."""
         return [self._finish(req, reason, error=error) for req in list(self.requests.values())]
+
+    def fail_all(self, exc: Exception) -> list[RequestOutput]:
+        """A step raised: end every request with an error, the exception in the log under their ids."""
+        log.error("engine step failed; requests %s end with an error: %r", ", ".join(self.requests), exc,
+                  exc_info=exc)
+        return [self._finish(req, FinishReason.ERROR, error=internal_error(req.request_id))
+                for req in list(self.requests.values())]
 
     # -- offline ------------------------------------------------------------------------------
 
@@ -403,8 +417,7 @@ class AsyncEngine:
             try:
                 outputs = engine.step()
             except Exception as exc:  # keep serving: fail the requests in flight, not the thread
-                log.exception("engine step failed")
-                outputs = engine.finish_all(FinishReason.ERROR, f"internal error in the engine: {exc}")
+                outputs = engine.fail_all(exc)
             if aborting:
                 self.num_tokens_after_abort += sum(len(out.token_ids) for out in outputs
                                                    if out.request_id in aborting)

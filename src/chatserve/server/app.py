@@ -6,6 +6,7 @@ or Ctrl-C the server drains: new requests get 503, every stream ends at once wit
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -84,15 +86,19 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.metrics = metrics.Metrics(app.state)
     install_error_handlers(app, authenticate=check_api_key)
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+    @app.exception_handler(BodyRefused)
+    async def body_refused(_: Request, exc: BodyRefused) -> JSONResponse:
         return exc.response()
 
-    app.add_middleware(BodyLimit, max_bytes=server_config.max_body_bytes,
-                       rejected=app.state.metrics.rejected.labels("request_too_large"))
-    if server_config.cors_origins:  # added last, so outermost: error responses get CORS headers too
+    app.add_middleware(RequestBody, max_bytes=server_config.max_body_bytes, timeout=server_config.body_timeout,
+                       rejected=app.state.metrics.rejected)
+    if server_config.cors_origins:  # added after the others, so outside them: their errors get CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=server_config.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(AllowedHosts, names=[server_config.host, *server_config.allowed_hosts])
+    if not server_config.api_key and not is_loopback(host_name(server_config.host)):
+        log.warning("listening on %s without an API key: anyone who can reach this address can read every stored "
+                    "conversation and generate; set --api-key (or CHATSERVE_API_KEY)", server_config.host)
 
     @app.get("/health")
     async def health(request: Request):
@@ -155,43 +161,131 @@ def _drain_on_signals(app: FastAPI, loop: asyncio.AbstractEventLoop) -> Callable
     return restore
 
 
-class BodyTooLarge(StarletteHTTPException):
-    """Raised while the body is read: FastAPI passes an HTTPException from its body reading on."""
+class BodyRefused(StarletteHTTPException):
+    """Raised while the body is read (FastAPI passes an HTTPException from its body reading on):
+    too large (413) or too slow (408). The connection closes: the rest of the body is not read."""
 
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"the request body is larger than this server accepts ({max_bytes} bytes)")
+    def __init__(self, status_code: int, message: str, code: str):
+        super().__init__(status_code, message)
+        self.code = code
 
     def response(self) -> JSONResponse:
-        return error_response(413, self.detail, code="request_too_large")
+        response = error_response(self.status_code, self.detail, code=self.code)
+        response.headers["Connection"] = "close"
+        return response
 
 
-class BodyLimit:
-    """413 for a request body over max_bytes: at once from Content-Length, else (a chunked body) as
-    soon as the bytes read pass the limit. It counts the body as the app reads it, buffering none."""
+class RequestBody:
+    """Bounds on reading a request body, counted as the app reads it, buffering none: 413 when it
+    passes max_bytes (at once from Content-Length, else as soon as the bytes read pass it), 408
+    when it has not all arrived `timeout` seconds after the headers. Once the body is in, reading
+    on (a stream watching for the client to leave) waits as long as it likes."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, rejected) -> None:
-        self.app, self.max_bytes, self.rejected = app, max_bytes, rejected
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, rejected) -> None:
+        self.app, self.max_bytes, self.timeout, self.rejected = app, max_bytes, timeout, rejected
+
+    def refuse(self, status_code: int, message: str, code: str) -> BodyRefused:
+        self.rejected.labels(code).inc()
+        return BodyRefused(status_code, message, code)
+
+    def too_large(self) -> BodyRefused:
+        return self.refuse(413, f"the request body is larger than this server accepts ({self.max_bytes} bytes)",
+                           "request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
-            self.rejected.inc()
-            return await BodyTooLarge(self.max_bytes).response()(scope, receive, send)
-        received = 0
+            return await self.too_large().response()(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline, received, complete = loop.time() + self.timeout, 0, False
 
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
+        async def bounded_receive():
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise self.refuse(408, f"the request body did not arrive within {self.timeout:g} seconds of its "
+                                       "headers", "request_timeout") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    self.rejected.inc()
-                    raise BodyTooLarge(self.max_bytes)
+                    raise self.too_large()
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, bounded_receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header or a --host/--allowed-host value, lower case, without port,
+    brackets or a final dot: 'LocalHost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # name:port; more colons: a bare IPv6 address
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _address(name: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address, None]:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def is_loopback(name: str) -> bool:
+    return name == "localhost" or getattr(_address(name), "is_loopback", False)
+
+
+class AllowedHosts:
+    """400 for a request whose Host header names another server: a web page whose DNS name an
+    attacker rebinds to 127.0.0.1 would otherwise read, write and generate through a key-less
+    local server. Allowed: loopback names, `names` (the --host and every --allowed-host; "*" for
+    any), and the address the connection arrived at (an IP address cannot be rebound, so
+    `--host 0.0.0.0` still answers at http://<its IP>:<port>). Redirects go out relative, never
+    to whatever Host was sent."""
+
+    def __init__(self, app: ASGIApp, names: list[str]) -> None:
+        self.app, self.any = app, "*" in names
+        # Not 0.0.0.0 or [::] of `--host 0.0.0.0`: no client reaches a server by that name, but some
+        # browsers let any web page send requests to http://0.0.0.0:PORT.
+        self.names = {name for name in map(host_name, names) if not getattr(_address(name), "is_unspecified", False)}
+
+    def allowed(self, name: str, scope: Scope) -> bool:
+        server = scope.get("server") or ("",)
+        return self.any or is_loopback(name) or name in self.names or name == server[0]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = Headers(scope=scope).get("host")
+        # No Host at all (HTTP/1.0) is no browser's request, so no rebinding.
+        if host is not None and not self.allowed(name := host_name(host), scope):
+            response = error_response(400, f"the Host header {host!r} names a server other than this one (a "
+                                           "defence against DNS rebinding); to serve it under that name, start "
+                                           f"the server with --allowed-host {name or '*'}", code="invalid_host")
+            return await response(scope, receive, send)
+
+        async def send_relative(message) -> None:
+            if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+                message = {**message, "headers": [(key, _relative(value) if key.lower() == b"location" else value)
+                                                  for key, value in message["headers"]]}
+            await send(message)
+
+        await self.app(scope, receive, send_relative)
+
+
+def _relative(location: bytes) -> bytes:
+    """'http://host/static/' -> '/static/': a redirect stays on whichever name the client used."""
+    parts = urlsplit(location.decode("latin-1"))
+    return urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment)).encode("latin-1")
 
 
 async def _load(app: FastAPI, config: EngineConfig, on_error: Optional[Callable[[str], None]]) -> None:
@@ -276,7 +370,8 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
     CHATSERVE_NUM_KV_BLOCKS, CHATSERVE_OVERRIDE_GENERATION_CONFIG as JSON, ...), plus
     CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma separated), CHATSERVE_MAX_QUEUE,
-    CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma separated) and CHATSERVE_DB (the
+    CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma separated), CHATSERVE_ALLOWED_HOSTS
+    (comma separated), CHATSERVE_HEADER_TIMEOUT, CHATSERVE_BODY_TIMEOUT and CHATSERVE_DB (the
     conversation store's SQLite file)."""
     values = {}
     for f in fields(EngineConfig):
@@ -295,6 +390,9 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
                           cors_origins=listed("CHATSERVE_CORS_ORIGINS"),
                           max_queue=int(environ.get("CHATSERVE_MAX_QUEUE", ServerConfig.max_queue)),
                           max_body_bytes=int(environ.get("CHATSERVE_MAX_BODY_BYTES", ServerConfig.max_body_bytes)),
+                          body_timeout=float(environ.get("CHATSERVE_BODY_TIMEOUT", ServerConfig.body_timeout)),
+                          header_timeout=float(environ.get("CHATSERVE_HEADER_TIMEOUT", ServerConfig.header_timeout)),
                           model_aliases=listed("CHATSERVE_MODEL_ALIASES"),
+                          allowed_hosts=listed("CHATSERVE_ALLOWED_HOSTS"),
                           db_path=environ.get("CHATSERVE_DB") or None)
     return EngineConfig(**values), server

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import sqlite3
 import time
@@ -29,7 +28,7 @@ from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_text_size,
-                        get_engine, sampling_params, with_chat_template)
+                        get_engine, sampling_params, sse, with_chat_template)
 
 log = logging.getLogger("chatserve.server")
 
@@ -415,10 +414,6 @@ def title_from(content: str) -> Optional[str]:
 
 
 # -- one answer -----------------------------------------------------------------------------------
-
-
-def sse(event) -> str:
-    return f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
 
 
 class Answer:

@@ -5,7 +5,6 @@ stream=false gives one object with the whole message."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import AsyncIterator, Optional
@@ -17,7 +16,7 @@ from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from .protocol import InferRequest, error_response
 from .streaming import (GENERATION_ERRORS, ClosingStreamingResponse, Generation, check_api_key, check_capacity,
-                        check_model, get_engine, render_chat, sampling_params, unless_disconnected)
+                        check_model, get_engine, render_chat, sampling_params, stream_json, unless_disconnected)
 
 router = APIRouter()
 
@@ -50,10 +49,10 @@ async def infer(body: InferRequest, request: Request, engine: AsyncEngine = Depe
                         if out.error:
                             last["error"] = {"message": out.error, "type": "server_error", "param": None,
                                              "code": None}
-                        yield json.dumps(last) + "\n"
+                        yield stream_json(last) + "\n"
                         return
                     if out.text:  # empty while the detokenizer holds back part of a character
-                        yield json.dumps(chunk(out.text, None)) + "\n"
+                        yield stream_json(chunk(out.text, None)) + "\n"
             finally:
                 await gen.close()
 

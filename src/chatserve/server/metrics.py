@@ -19,7 +19,7 @@ router = APIRouter()
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-REJECTIONS = ("server_busy", "shutting_down", "request_too_large")
+REJECTIONS = ("server_busy", "shutting_down", "request_too_large", "request_timeout")
 
 
 class Metrics:

@@ -8,11 +8,10 @@ through the prefix cache) and interleaves their chunks as they come."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,7 +23,7 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Sampl
                        error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
 from .streaming import (GENERATION_ERRORS, MODEL_NOT_FOUND, ClosingStreamingResponse, Generation, check_api_key,
-                        check_capacity, check_model, check_text_size, get_engine, render_chat, sampling_params,
+                        check_capacity, check_model, check_text_size, get_engine, render_chat, sampling_params, sse,
                         unless_disconnected)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
@@ -225,10 +224,6 @@ def failed(choices: list[ChoiceState]) -> Optional[Response]:
                 (503, "service_unavailable_error")
             return error_response(status, c.error, kind)
     return None
-
-
-def sse(obj: Union[dict, str]) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def event_stream(gens: list[Generation], events: AsyncIterator[str]) -> Response:

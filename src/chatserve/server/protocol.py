@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import typing
+import uuid
 from typing import Annotated, Callable, Literal, Mapping, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -268,9 +269,15 @@ def install_error_handlers(app: FastAPI, authenticate: Optional[Callable[[Reques
         return response
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"internal server error: {exc}", "server_error")
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # The exception's text may hold paths, SQL or data of other users: it goes to the log only,
+        # under an id the client can quote.
+        request_id = f"req_{uuid.uuid4().hex}"
+        log.error("request %s (%s %s) failed: %r", request_id, request.method, request.url.path, exc, exc_info=exc)
+        response = error_response(500, f"internal server error; the server log has the details under request id "
+                                       f"{request_id}", "server_error", code="internal_error")
+        response.headers["X-Request-ID"] = request_id
+        return response
 
 
 # -- OpenAI API request bodies ----------------------------------------------------------------------

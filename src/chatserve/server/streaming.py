@@ -4,6 +4,7 @@ one request's engine stream with its usage and log line, and responses that abor
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
@@ -20,6 +21,22 @@ from .protocol import APIError, documented_errors, engine_error
 
 log = logging.getLogger("chatserve.server")
 T = TypeVar("T")
+
+
+# Characters that str.splitlines, and so requests' and httpx's iter_lines, end a line at. JSON may
+# carry them raw inside a string (a model can write U+2028); a streamed line holding one would
+# reach the client cut in two, so they are sent as escapes.
+_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
+def stream_json(obj) -> str:
+    """obj as JSON for one line of a stream (NDJSON or SSE): UTF-8 text, no line break inside."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
+def sse(event) -> str:
+    """One server-sent event: a JSON object, or a bare string such as "[DONE]"."""
+    return f"data: {event if isinstance(event, str) else stream_json(event)}\n\n"
 
 
 def sampling_params(values: dict, defaults: dict) -> SamplingParams:
