@@ -197,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
     serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
-                       help="most requests in flight (running or waiting); more get 429 with Retry-After at "
-                            "once (default %(default)s)")
+                       help="most generations in flight (running or waiting), counted per engine request: a chat "
+                            "completion with n takes n, a completion prompts x n; a request that does not fit "
+                            "gets 429 with Retry-After at once, one that asks for more than this (or 128) alone "
+                            "a 400 (default %(default)s)")
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, metavar="BYTES",
                        help="largest request body accepted; larger gets 413 (default %(default)s = 4 MiB)")
     serve.add_argument("--shutdown-timeout", type=int, default=ServerConfig.shutdown_timeout, metavar="SECONDS",

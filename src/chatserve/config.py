@@ -72,8 +72,8 @@ class ServerConfig:
     api_key: Optional[str] = None
     # Browser origins allowed to call the API (CORS); empty: same-origin only.
     cors_origins: list[str] = field(default_factory=list)
-    # Requests in flight (running or waiting) beyond this get 429 with Retry-After at once, rather
-    # than queueing without bound.
+    # Engine requests in flight (running or waiting; a chat's n choices count n, a completion's
+    # prompts x n) beyond this get 429 with Retry-After at once, rather than queueing without bound.
     max_queue: int = 256
     # A request body larger than this gets 413 (chat histories are text: 4 MiB is a long book).
     max_body_bytes: int = 4 * 2**20

@@ -120,7 +120,7 @@ async def start_generations(request: Request, engine: AsyncEngine, prompts: list
                             params: list[SamplingParams], request_id: str) -> list[Generation]:
     """One engine request per (prompt, params) pair, each past its first output, so a request the
     engine refuses is a 400 before anything streams."""
-    check_capacity(request)
+    check_capacity(request, len(prompts))
     gens = [Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, p, f"{request_id}-{i}"),
                        f"{request_id}-{i}") for i, (prompt_ids, p) in enumerate(zip(prompts, params))]
     try:
@@ -389,6 +389,8 @@ async def completions(body: CompletionRequest, request: Request,
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs are not computed)",
                        param="echo")
+    # Before tokenizing: a thousand prompts x n must not cost a thousand tokenizations to refuse.
+    check_capacity(request, body.num_prompts() * body.n, param="n" if body.n > 1 else "prompt")
     prompts = completion_prompts(body, engine)
     defaults = engine.engine.loaded.generation_config
     # Choice index = prompt index * n + choice within the prompt, as OpenAI numbers them.

@@ -284,6 +284,11 @@ class CompletionRequest(SamplingFields):
             raise ValueError("must be a non-empty string, list of strings, or list of token ids")
         return prompt
 
+    def num_prompts(self) -> int:
+        """How many prompts this is: a string or a list of token ids is one."""
+        prompt = self.prompt
+        return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+
     @field_validator("suffix")
     @classmethod
     def no_suffix(cls, suffix):

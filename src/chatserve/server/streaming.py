@@ -66,15 +66,28 @@ def shutting_down(message: str = "the server is shutting down; retry shortly") -
     return RetryLater(503, message, "service_unavailable_error", "shutting_down")
 
 
-def check_capacity(request: Request) -> None:
-    """429 when --max-queue requests are in flight (a bounded queue, not an unbounded wait), and
-    503 while the server drains for shutdown."""
+# Engine requests one HTTP request may start (completions: prompts x n), whatever --max-queue allows.
+MAX_ENGINE_REQUESTS_PER_REQUEST = 128
+
+
+def check_capacity(request: Request, count: int = 1, param: Optional[str] = "n") -> None:
+    """Room for `count` more engine requests (a chat's n choices, a completion's prompts x n):
+    --max-queue bounds engine requests in flight, not HTTP requests. A request that alone asks for
+    more than one request may have is a 400 (retrying never helps); 429 when the queue has no room
+    for it now (a bounded queue, not an unbounded wait); 503 while the server drains for shutdown."""
     state = request.app.state
+    max_queue = state.server_config.max_queue
+    limit = min(max_queue, MAX_ENGINE_REQUESTS_PER_REQUEST)
+    if count > limit:
+        raise APIError(400, f"this request asks for {count} generations (prompts x n); one request may ask for "
+                            f"at most {limit} on this server: send fewer prompts or a smaller n", param=param,
+                       code="too_many_generations")
     if state.draining:
         error = shutting_down()
-    elif state.in_flight >= state.server_config.max_queue:
-        error = RetryLater(429, f"the server is busy ({state.in_flight} requests in flight, at most "
-                                f"{state.server_config.max_queue}); retry shortly",
+    elif state.in_flight + count > max_queue:
+        wanted = f"{count} more" if count > 1 else "another"
+        error = RetryLater(429, f"the server is busy ({state.in_flight} generations in flight, at most "
+                                f"{max_queue}; this request needs {wanted}); retry shortly",
                            "rate_limit_exceeded", "server_busy")
     else:
         return
