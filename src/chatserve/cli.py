@@ -124,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import create_app
 
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+                                 api_key_file=args.api_key_file or None,
                                  cors_origins=args.cors_origin, max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                                  model_aliases=args.model_alias, db_path=args.db_path or None,
@@ -193,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     serve.add_argument("--api-key", default=os.environ.get("CHATSERVE_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on generating routes; /health and /metrics stay "
-                            "open (default: $CHATSERVE_API_KEY, else none)")
+                            "open. KEY is the key of the user named 'default', who also owns conversations stored "
+                            "before there were users (default: $CHATSERVE_API_KEY, else none)")
+    serve.add_argument("--api-key-file", default=os.environ.get("CHATSERVE_API_KEY_FILE"), metavar="PATH",
+                       help="users and their keys, one 'USER KEY' pair a line ('#' comments and blank lines "
+                            "allowed; a user may have several keys, a key only one user): requests need one of "
+                            "these keys (or --api-key's), and each user sees only the conversations their keys "
+                            "created; another's is a 404. A malformed file or a repeated key stops the start "
+                            "(default: $CHATSERVE_API_KEY_FILE, else none)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
     serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,

@@ -29,6 +29,7 @@ from ..engine.engine import AsyncEngine, Engine
 from . import conversations, infer, metrics, openai
 from .protocol import error_response, install_error_handlers
 from .store import Store
+from .streaming import Users
 
 log = logging.getLogger("chatserve.server")
 WEB_DIR = Path(__file__).parent / "web"
@@ -63,6 +64,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.started = int(time.time())
     app.state.load_error = None
     app.state.server_config = server_config
+    app.state.users = Users.from_config(server_config)  # a bad key file fails here, at start
     app.state.in_flight = 0
     app.state.store = None  # the conversation store, opened by the lifespan
     app.state.answers = {}  # conversation id -> its answer being generated (conversations.py)
@@ -225,7 +227,7 @@ def _parse(annotation: str, text: str):
 
 def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
-    CHATSERVE_NUM_KV_BLOCKS, ...), plus CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma
+    CHATSERVE_NUM_KV_BLOCKS, ...), plus CHATSERVE_API_KEY, CHATSERVE_API_KEY_FILE, CHATSERVE_CORS_ORIGINS (comma
     separated), CHATSERVE_MAX_QUEUE, CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma
     separated) and CHATSERVE_DB (the conversation store's SQLite file)."""
     values = {}
@@ -241,6 +243,7 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
         return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
 
     server = ServerConfig(api_key=environ.get("CHATSERVE_API_KEY") or None,
+                          api_key_file=environ.get("CHATSERVE_API_KEY_FILE") or None,
                           cors_origins=listed("CHATSERVE_CORS_ORIGINS"),
                           max_queue=int(environ.get("CHATSERVE_MAX_QUEUE", ServerConfig.max_queue)),
                           max_body_bytes=int(environ.get("CHATSERVE_MAX_BODY_BYTES", ServerConfig.max_body_bytes)),

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.sampling import SAMPLING_RANGES
+
 log = logging.getLogger("chatserve.server")
 
 
@@ -29,6 +31,14 @@ def whole_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(whole_unicode)]
 
 
+def sampling_field(name: str, default=None, **kwargs):
+    """A request field for the sampling value `name`: finite (JSON's Infinity and NaN are refused)
+    and in the engine's range for it, so the 400 names the field before anything is stored or run."""
+    allowed = SAMPLING_RANGES[name]
+    low = {"gt" if allowed.low_open else "ge": allowed.low}
+    return Field(default, **low, le=allowed.high, allow_inf_nan=False, **kwargs)
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Text
@@ -41,8 +51,8 @@ class InferRequest(BaseModel):
     # None: the model's generation_config default (sampling values), or until a stop condition
     # or the context is full (max_tokens).
     max_tokens: Optional[int] = Field(None, gt=0)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    temperature: Optional[float] = sampling_field("temperature")
+    top_p: Optional[float] = sampling_field("top_p")
     top_k: Optional[int] = Field(None, ge=-1)
     seed: Optional[int] = None
     stop: Union[Text, list[Text], None] = None
@@ -202,16 +212,16 @@ class SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=16)
     max_tokens: Optional[int] = Field(None, gt=0)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    temperature: Optional[float] = sampling_field("temperature")
+    top_p: Optional[float] = sampling_field("top_p")
+    presence_penalty: float = sampling_field("presence_penalty", 0.0)
+    frequency_penalty: float = sampling_field("frequency_penalty", 0.0)
     seed: Optional[int] = None
     stop: Union[Text, list[Text], None] = None
     user: Optional[Text] = None
     top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    min_p: Optional[float] = sampling_field("min_p")
+    repetition_penalty: Optional[float] = sampling_field("repetition_penalty")
     ignore_eos: bool = False
 
     @field_validator("stop")
