@@ -33,7 +33,9 @@ def server():
 
 def post(server, timeout: float = WAIT_S, **body) -> requests.Response:
     body = {"model": "dummy_model", "messages": HELLO, **body}
-    return requests.post(f"{server.url}/infer", json=body, timeout=timeout)
+    # json.dumps, not json=: it writes Infinity and NaN as JavaScript does, which requests refuses to.
+    return requests.post(f"{server.url}/infer", data=json.dumps(body), headers={"content-type": "application/json"},
+                         timeout=timeout)
 
 
 def assert_error(response: requests.Response, status: int, *words: str) -> dict:
@@ -124,7 +126,11 @@ def test_concurrent_requests_are_served_together(server):
     ({"temperature": "hot"}, "temperature", ["number"]),
     ({"max_tokens": 100_000}, "max_tokens", ["at most"]),
     ({"messages": [{"role": "user", "content": "hello " * 600}]}, "messages", ["shorten it"]),
-], ids=["empty", "role", "content", "model", "temperature", "max_tokens_over_context", "prompt_too_long"])
+    ({"temperature": 1e308}, "temperature", ["less than or equal to 2"]),
+    ({"temperature": float("inf")}, "temperature", ["finite number"]),
+    ({"top_p": float("nan")}, "top_p", ["finite number"]),
+], ids=["empty", "role", "content", "model", "temperature", "max_tokens_over_context", "prompt_too_long",
+        "temperature_huge", "temperature_infinity", "top_p_nan"])
 def test_bad_input_is_a_400_that_says_what_to_fix(server, body, param, words):
     assert assert_error(post(server, **body), 400, *words)["param"] == param
 

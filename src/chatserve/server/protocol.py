@@ -96,10 +96,10 @@ class ErrorResponse(BaseModel):
 
 
 def _param(loc) -> Optional[str]:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    """("body", "messages", 0, "role") -> "messages[0].role"; ("query", "limit") -> "limit"."""
     out = ""
     for part in loc:
-        if part == "body" and not out:
+        if part in ("body", "query") and not out:
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
