@@ -197,7 +197,8 @@ ERRORS = {
     400: "Bad input (type invalid_request_error; param names the field, e.g. 'content' or 'params.top_p'): a "
          "body that fails validation or is not JSON, a request that does not fit the tree (e.g. a parent_id "
          "that is a user message), or a prompt the model cannot take (too long, max_tokens over the context)",
-    401: "Without 'Authorization: Bearer <key>' when the server runs with --api-key (code invalid_api_key)",
+    401: "Without 'Authorization: Bearer <key>', or with an unknown key, when the server has keys (--api-key, "
+         "--api-key-file; code invalid_api_key)",
     404: "No such conversation of this user (type not_found_error, param id, code conversation_not_found: "
          "another user's conversation is not found either), or no such message in it (param message_id, or "
          "parent_id for POST .../messages; code message_not_found)",

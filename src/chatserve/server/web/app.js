@@ -569,7 +569,7 @@ function startRename(item) {
   if (!conversation) return;
   const field = el("input", "rename-field");
   field.type = "text";
-  field.maxLength = 200;
+  field.maxLength = 256; // the server's bound on a title
   field.value = conversation.title;
   field.setAttribute("aria-label", "Conversation title");
   let finished = false;
