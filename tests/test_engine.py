@@ -287,6 +287,8 @@ def test_top_k_past_the_vocabulary_keeps_every_token(qwen2_model):
                                  ("repetition_penalty", 1e308, "(0, 2]"), ("presence_penalty", -3, "[-2, 2]")):
         with pytest.raises(ValueError, match=re.escape(f"{name} must be in {allowed}")):
             SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        SamplingParams(seed=10**30)
     check_all_free(engine)
 
 

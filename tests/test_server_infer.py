@@ -129,8 +129,9 @@ def test_concurrent_requests_are_served_together(server):
     ({"temperature": 1e308}, "temperature", ["less than or equal to 2"]),
     ({"temperature": float("inf")}, "temperature", ["finite number"]),
     ({"top_p": float("nan")}, "top_p", ["finite number"]),
+    ({"seed": 10**30}, "seed", ["64 bits"]),
 ], ids=["empty", "role", "content", "model", "temperature", "max_tokens_over_context", "prompt_too_long",
-        "temperature_huge", "temperature_infinity", "top_p_nan"])
+        "temperature_huge", "temperature_infinity", "top_p_nan", "seed_huge"])
 def test_bad_input_is_a_400_that_says_what_to_fix(server, body, param, words):
     assert assert_error(post(server, **body), 400, *words)["param"] == param
 

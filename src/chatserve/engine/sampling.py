@@ -80,6 +80,8 @@ class SamplingParams:
             bad("max_tokens", "must be at least 1")
         if self.top_k < 0:
             bad("top_k", "must be >= 0 (0 or -1 turns it off)")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what a torch.Generator takes
+            bad("seed", "must fit in 64 bits")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if any(not s for s in self.stop):
