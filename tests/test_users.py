@@ -150,18 +150,21 @@ CREATE TABLE messages (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
 
 
 def test_a_store_from_before_users_belongs_to_the_default_user(tmp_path, key_file):
+    """Upgraded at open: an owner column (the default user's), and titles cut to the bound."""
     db = tmp_path / "old.sqlite3"
     with sqlite3.connect(db) as conn:
         conn.executescript(OLD_SCHEMA)
         conn.execute("INSERT INTO conversations VALUES ('conv_old', 'From before users', 1, 1, NULL, '{}', NULL)")
+        # From before titles were bounded, too: cut to 256 characters when the store opens.
+        conn.execute(f"INSERT INTO conversations VALUES ('conv_huge', '{'t' * 100_000}', 0, 0, NULL, '{{}}', NULL)")
     conn.close()
     with live_server(server_config=ServerConfig(api_key="default-key", api_key_file=str(key_file),
                                                 db_path=str(db))) as srv:
-        assert listed(srv.url, "default-key") == ["From before users"]
+        assert listed(srv.url, "default-key") == ["From before users", "t" * 256]
         assert listed(srv.url, "bob-key") == []
         not_found(call(srv.url, "bob-key", "GET", "/conv_old"))
     with live_server(server_config=ServerConfig(db_path=str(db))) as srv:  # without keys: the one local user
-        assert listed(srv.url, None) == ["From before users"]
+        assert listed(srv.url, None) == ["From before users", "t" * 256]
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT owner FROM conversations").fetchall() == [("default",)]
+        assert conn.execute("SELECT owner FROM conversations").fetchall() == [("default",), ("default",)]
     conn.close()

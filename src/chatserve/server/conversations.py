@@ -27,7 +27,7 @@ from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
 from .protocol import APIError, ErrorDetail, ErrorResponse, Text, sampling_field
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
-from .store import DEFAULT_TITLE, Store, new_id
+from .store import DEFAULT_TITLE, MAX_TITLE_CHARS, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, get_engine,
                         sampling_params)
 
@@ -39,7 +39,6 @@ SAVE_INTERVAL_S = 0.5  # how often a streaming answer's text so far is saved
 STOP_WAIT_S = 10.0  # how long /stop waits for the answer to record its end
 TITLE_CHARS = 60  # of a title taken from the first message
 # Bounds on what a conversation stores, so that a list or a page of them stays small.
-MAX_TITLE_CHARS = 256
 MAX_SYSTEM_PROMPT_CHARS = 32_768
 MAX_CONTENT_CHARS = 131_072  # one message
 LIST_LIMIT, MAX_LIST_LIMIT = 50, 100  # conversations per page of GET /v1/conversations

@@ -22,6 +22,7 @@ from ..config import DEFAULT_USER, data_dir
 log = logging.getLogger("chatserve.server")
 
 DEFAULT_TITLE = "New chat"
+MAX_TITLE_CHARS = 256  # the API refuses longer titles; longer ones stored before that are cut at open
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -111,6 +112,11 @@ class Store:
         if "owner" not in columns:  # from before users: every conversation belongs to the default user
             self.db.execute(f"ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT '{DEFAULT_USER}'")
             log.info("conversation store upgraded: existing conversations belong to user %r", DEFAULT_USER)
+        # Titles from before the bound: every list carries them, so a huge one would make each list huge.
+        cut = self.db.execute("UPDATE conversations SET title = substr(title, 1, ?) WHERE length(title) > ?",
+                              (MAX_TITLE_CHARS, MAX_TITLE_CHARS)).rowcount
+        if cut:
+            log.info("%d conversation title(s) longer than %d characters cut to that", cut, MAX_TITLE_CHARS)
 
     @classmethod
     def open(cls, path: Optional[str] = None) -> "Store":
