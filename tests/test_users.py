@@ -168,3 +168,11 @@ def test_a_store_from_before_users_belongs_to_the_default_user(tmp_path, key_fil
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT owner FROM conversations").fetchall() == [("default",), ("default",)]
     conn.close()
+
+
+def test_uvicorn_main_app_takes_the_key_file_from_the_environment(key_file):
+    from chatserve.server.app import configs_from_env
+
+    _, server = configs_from_env({"CHATSERVE_API_KEY_FILE": str(key_file), "CHATSERVE_API_KEY": "default-key"})
+    assert (server.api_key_file, server.api_key) == (str(key_file), "default-key")
+    assert Users.from_config(server).user("bob-key") == "bob"
