@@ -59,7 +59,14 @@ class API:
         return r.json()
 
     def list(self) -> list[dict]:
-        return self.call("GET", "")["data"]
+        """Every conversation, following the list's pages."""
+        out, query = [], {"limit": 100}
+        while True:
+            page = self.call("GET", "", params=query)
+            out += page["data"]
+            if not page["has_more"]:
+                return out
+            query["after"] = page["last_id"]
 
     def get(self, conv_id: str) -> dict:
         return self.call("GET", f"/{conv_id}")
@@ -200,6 +207,27 @@ def test_multiline_input(api, spawn):
 
     users = [m["content"] for m in api.only()["messages"] if m["role"] == "user"]
     assert users == ["alpha \nbeta", "gamma\n\ndelta"]
+
+
+def test_list_shows_fifty_at_a_time_and_list_more_the_next(api, spawn):
+    for i in range(55):
+        api.create(title=f"Topic {i:02d}")
+    child = spawn()
+    child.expect_exact(PROMPT)
+    child.sendline("/list")
+    child.expect(r"\* ?1\. Topic 54")
+    child.expect(r"50\. Topic 05")
+    child.expect_exact("More conversations: /list more")
+    child.expect_exact(PROMPT)
+    assert "Topic 04" not in child.before
+    child.sendline("/list more")
+    child.expect(r"51\. Topic 04")
+    child.expect(r"55\. Topic 00")
+    child.expect_exact(PROMPT)
+    assert "More conversations" not in child.before
+    command(child, "/switch 55", "Switched to 'Topic 00'")
+    command(child, "/list more", "error: nothing more to list")
+    quit_with_ctrl_d(child)
 
 
 def test_conversation_commands(api, spawn):

@@ -516,6 +516,51 @@ def test_errors_use_the_openai_shape(server):
     settled(server)
 
 
+def test_sizes_and_sampling_values_are_bounded(server):
+    """A title, system prompt or message over its bound, or a sampling value out of range (JSON's
+    Infinity included), is a 400 naming the field, and nothing is stored."""
+    conv_id = create(server, title="t" * 256, system_prompt="s" * 32_768)["id"]
+    before = get(server, conv_id)
+    too_long = [("POST", "", {"title": "t" * 257}, "title"),
+                ("POST", "", {"system_prompt": "s" * 32_769}, "system_prompt"),
+                ("PATCH", f"/{conv_id}", {"title": "t" * 257}, "title"),
+                ("PATCH", f"/{conv_id}", {"system_prompt": "s" * 32_769}, "system_prompt"),
+                ("POST", f"/{conv_id}/messages", {"content": "c" * 131_073}, "content")]
+    for method, path, body, param in too_long:
+        assert_error(call(server, method, path, json=body), 400, param, "at most")
+    out_of_range = [("POST", "", {"params": {"temperature": float("inf")}}, "params.temperature", "finite"),
+                    ("PATCH", f"/{conv_id}", {"params": {"temperature": float("nan")}}, "params.temperature", "finite"),
+                    ("PATCH", f"/{conv_id}", {"params": {"temperature": 2.5}}, "params.temperature", "2"),
+                    ("PATCH", f"/{conv_id}", {"params": {"top_p": 1e308}}, "params.top_p", "1"),
+                    ("POST", f"/{conv_id}/messages", {"content": "x", "temperature": float("inf")}, "temperature",
+                     "finite")]
+    for method, path, body, param, word in out_of_range:  # json.dumps writes Infinity and NaN as JavaScript does
+        assert_error(call(server, method, path, data=json.dumps(body), headers={"content-type": "application/json"}),
+                     400, param, word)
+    assert get(server, conv_id) == before
+    assert ok(call(server, "PATCH", f"/{conv_id}", json={"params": {"temperature": 2}}))["params"]["temperature"] == 2
+
+
+def test_the_list_is_paged():
+    with live_server(server_config=ServerConfig(db_path=":memory:")) as srv:
+        ids = [create(srv, title=f"c{i}")["id"] for i in range(5)][::-1]  # most recent first
+        first = ok(call(srv, "GET", "", params={"limit": 2}))
+        assert [c["id"] for c in first["data"]] == ids[:2]
+        assert (first["object"], first["first_id"], first["last_id"], first["has_more"]) == \
+            ("list", ids[0], ids[1], True)
+        second = ok(call(srv, "GET", "", params={"limit": 2, "after": first["last_id"]}))
+        assert [c["id"] for c in second["data"]] == ids[2:4] and second["has_more"]
+        # A conversation updated meanwhile moves to the top; the cursor stays where it was.
+        ok(call(srv, "PATCH", f"/{ids[4]}", json={"title": "renamed"}))
+        rest = ok(call(srv, "GET", "", params={"limit": 2, "after": second["last_id"]}))
+        assert (rest["data"], rest["first_id"], rest["last_id"], rest["has_more"]) == ([], None, None, False)
+        everything = ok(call(srv, "GET", ""))  # the default page holds 50
+        assert [c["id"] for c in everything["data"]] == [ids[4], *ids[:4]] and not everything["has_more"]
+        for params, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"after": "conv_nope"}, "after")):
+            assert_error(call(srv, "GET", "", params=params), 400, param)
+        assert ok(call(srv, "GET", "", params={"limit": 100}))["data"] == everything["data"]
+
+
 def test_a_bad_request_between_good_ones(server):
     conv_id = create(server)["id"]
     path = f"/{conv_id}/messages"
@@ -621,8 +666,9 @@ def test_the_response_models_keep_the_json_as_built(server):
     settled(server)
     with_messages = conversation_json(app, store, store.conversation(conv_id), with_messages=True)
     same(call(server, "GET", f"/{conv_id}"), with_messages)
-    same(call(server, "GET", ""), {"object": "list", "data": [conversation_json(app, store, c)
-                                                              for c in store.conversations()]})
+    listed = [conversation_json(app, store, c) for c in store.conversations(limit=50)]
+    same(call(server, "GET", ""), {"object": "list", "data": listed, "first_id": listed[0]["id"],
+                                   "last_id": listed[-1]["id"], "has_more": len(store.conversations()) > 50})
     answer_id = with_messages["current_message_id"]
     same(call(server, "POST", f"/{conv_id}/messages/{answer_id}/stop"),
          Tree(store.messages(conv_id)).json(store.message(conv_id, answer_id)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from collections import Counter
 
@@ -281,6 +282,13 @@ def test_top_k_past_the_vocabulary_keeps_every_token(qwen2_model):
     assert outs[0] == outs[1] and len(outs[0]) == 8
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         SamplingParams(temperature=float("inf"))
+    # One definition of the ranges (SAMPLING_RANGES), OpenAI's: the server's request models share it.
+    for name, value, allowed in (("temperature", 2.5, "[0, 2]"), ("top_p", 0, "(0, 1]"),
+                                 ("repetition_penalty", 1e308, "(0, 2]"), ("presence_penalty", -3, "[-2, 2]")):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be in {allowed}")):
+            SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        SamplingParams(seed=10**30)
     check_all_free(engine)
 
 

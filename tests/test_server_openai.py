@@ -189,6 +189,7 @@ def test_completions(server):
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", ["robot"]),
     ({"messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages", ["shorten it"]),
     ({"temperature": 3}, 400, "temperature", ["less than or equal to 2"]),
+    ({"extra_body": {"repetition_penalty": 1e308}}, 400, "repetition_penalty", ["less than or equal to 2"]),
     ({"max_tokens": 100_000}, 400, "max_tokens", ["at most"]),
     ({"top_logprobs": 2}, 400, "top_logprobs", ["logprobs: true"]),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["at most 4"]),
@@ -210,7 +211,7 @@ def test_completions(server):
     ({"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      400, "messages[1].tool_calls", ["not supported"]),
-], ids=["max_tokens", "empty", "role", "too_long", "temperature", "over_context", "top_logprobs", "stop", "n",
+], ids=["max_tokens", "empty", "role", "too_long", "temperature", "repetition_penalty", "over_context", "top_logprobs", "stop", "n",
         "tools", "unknown_model", "reserved_template_kwarg", "request_template", "image", "audio", "modalities",
         "functions", "tool_choice", "tool_calls_in_history"])
 def test_bad_requests_get_openai_errors(server, kwargs, status, param, words):

@@ -189,6 +189,46 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert after["chatserve_tokens_generated_after_disconnect_total"] == 0
 
 
+def completions(url: str, prompt, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/completions", json={"model": "dummy_model", "prompt": prompt, "max_tokens": 2,
+                                                         **body}, headers=AUTH, timeout=WAIT_S)
+
+
+def test_the_queue_counts_generations_not_http_requests(server):
+    """--max-queue 2: one request of prompts x n takes that many places, in every route."""
+    wait_until(lambda: idle(server.engine), "an idle engine")
+    before = scrape(server.url)
+    assert completions(server.url, ["a", "b"]).status_code == 200  # 2 fit an empty queue
+    with requests.Session() as s1:
+        # Seconds of work (ignore_eos: it cannot end early), held while the others are tried.
+        stream = s1.post(f"{server.url}/v1/completions", json={"model": "dummy_model", "prompt": "a", "stream": True,
+                         "max_tokens": 2000, "ignore_eos": True}, headers=AUTH, stream=True, timeout=WAIT_S)
+        lines = stream.iter_lines()  # kept: dropping the iterator would close the connection
+        assert stream.status_code == 200 and next(lines)
+        assert server.app.state.in_flight == 1
+        # One place is left: two prompts, or n=2, do not fit now (429, retry later)...
+        for r in (completions(server.url, ["a", "b"]), completions(server.url, "a", n=2),
+                  requests.post(f"{server.url}/v1/chat/completions", json={"model": "dummy_model", "messages": HELLO,
+                                "n": 2, "max_tokens": 2}, headers=AUTH, timeout=WAIT_S)):
+            error = assert_error(r, 429, "rate_limit_exceeded", "server_busy")
+            assert "needs 2 more" in error["message"] and r.headers["Retry-After"] == "1"
+        assert server.app.state.in_flight == 1 and len(server.engine.requests) == 1  # none of them started
+        assert completions(server.url, "a").status_code == 200  # ...one does
+        stream.close()
+    wait_until(lambda: server.app.state.in_flight == 0 and idle(server.engine), "the abort")
+    # More than the queue holds in one request can never be served: 400, not 429, even when idle.
+    for r, param in ((completions(server.url, ["a", "b", "c"]), "prompt"), (completions(server.url, "a", n=3), "n"),
+                     (completions(server.url, [[1, 2]] * 64, n=16), "n"),
+                     (requests.post(f"{server.url}/v1/chat/completions", json={"model": "dummy_model",
+                      "messages": HELLO, "n": 3}, headers=AUTH, timeout=WAIT_S), "n")):
+        error = assert_error(r, 400, "invalid_request_error", "too_many_generations")
+        assert error["param"] == param and "at most 2" in error["message"], error
+    assert server.engine.requests == {} and server.app.state.in_flight == 0
+    after = scrape(server.url)
+    assert after['chatserve_requests_rejected_total{code="server_busy"}'] == \
+        before['chatserve_requests_rejected_total{code="server_busy"}'] + 3
+
+
 # -- the body limit -------------------------------------------------------------------------------
 
 
@@ -358,11 +398,11 @@ def test_serve_exits_when_its_model_cannot_load_with_the_message_generate_gives(
 
 
 @pytest.mark.parametrize("args, words", [
-    (["generate", "--temperature", "-1"], ["argument --temperature", "temperature must be >= 0"]),
+    (["generate", "--temperature", "-1"], ["argument --temperature", "temperature must be in [0, 2]"]),
     (["generate", "--top-p", "2"], ["argument --top-p", "top_p must be in (0, 1]"]),
     (["generate", "--top-k", "x"], ["argument --top-k", "'x' is not an integer"]),
     (["generate", "--min-p", "nan"], ["argument --min-p", "finite"]),
-    (["generate", "--repetition-penalty", "0"], ["argument --repetition-penalty", "must be > 0"]),
+    (["generate", "--repetition-penalty", "0"], ["argument --repetition-penalty", "must be in (0, 2]"]),
     (["generate", "--max-tokens", "0"], ["argument --max-tokens", "at least 1"]),
     (["serve", "--override-generation-config", "{temperature: 0.7}"], ["not valid JSON"]),
     (["serve", "--override-generation-config", '["temperature"]'], ["must be a JSON object"]),

@@ -667,8 +667,11 @@ def test_reasoning_of_a_real_model(browser, reasoning_server):
 
 
 def test_api_key_from_settings(browser, server):
-    config = server.app.state.server_config
+    from chatserve.server.streaming import Users
+
+    config, state = server.app.state.server_config, server.app.state
     config.api_key = "web-secret"
+    state.users = Users.from_config(config)  # the keys are read at start: this server starts needing one now
     try:
         created = requests.post(f"{server.url}/v1/conversations", json={"title": "Behind a key"},
                                 headers={"Authorization": "Bearer web-secret"}, timeout=10)
@@ -688,3 +691,35 @@ def test_api_key_from_settings(browser, server):
             page.close()
     finally:
         config.api_key = None
+        state.users = Users.from_config(config)
+
+
+def test_the_sidebar_loads_older_conversations_a_page_at_a_time(browser, tmp_path):
+    """The list is paged (50 a page): "More conversations" and scrolling to the list's end each add a page."""
+    from chatserve.server.store import Store
+
+    db = tmp_path / "many.sqlite3"
+    store = Store.open(str(db))
+    try:
+        for i in range(110):
+            store.create_conversation(f"Chat {i:03d}", None, {"temperature": None, "top_p": None, "max_tokens": None})
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url)
+        try:
+            p = page.page
+            items, more = p.locator("#conversation-list .conversation"), p.locator("#more-conversations")
+            page.expect(items).to_have_count(50)
+            page.expect(items.first).to_contain_text("Chat 109")  # most recently updated first
+            page.expect(more).to_be_visible()
+            more.click()
+            page.expect(items).to_have_count(100)
+            page.expect(items.nth(99)).to_contain_text("Chat 010")
+            p.eval_on_selector("#conversation-list", "list => list.scrollTo(0, list.scrollHeight)")
+            page.expect(items).to_have_count(110)
+            page.expect(items.last).to_contain_text("Chat 000")
+            page.expect(more).to_be_hidden()
+            screenshot(p, "web-sidebar-more.png")
+        finally:
+            page.close()

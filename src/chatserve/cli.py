@@ -177,6 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     host = f"[{args.host}]" if ":" in args.host else args.host
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+                                 api_key_file=args.api_key_file or None,
                                  cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
                                  max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout,
@@ -278,7 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     serve.add_argument("--api-key", default=os.environ.get("CHATSERVE_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on generating routes; /health and /metrics stay "
-                            "open (default: $CHATSERVE_API_KEY, else none)")
+                            "open. KEY is the key of the user named 'default', who also owns conversations stored "
+                            "before there were users (default: $CHATSERVE_API_KEY, else none)")
+    serve.add_argument("--api-key-file", default=os.environ.get("CHATSERVE_API_KEY_FILE"), metavar="PATH",
+                       help="users and their keys, one 'USER KEY' pair a line ('#' comments and blank lines "
+                            "allowed; a user may have several keys, a key only one user): requests need one of "
+                            "these keys (or --api-key's), and each user sees only the conversations their keys "
+                            "created; another's is a 404. A malformed file or a repeated key stops the start "
+                            "(default: $CHATSERVE_API_KEY_FILE, else none)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -286,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "Loopback names, --host and the IP address a request arrived at are always accepted; other "
                             "names get 400, so a web page cannot rebind its DNS name to this server")
     serve.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
-                       help="most requests in flight (running or waiting); more get 429 with Retry-After at "
-                            "once (default %(default)s)")
+                       help="most generations in flight (running or waiting), counted per engine request: a chat "
+                            "completion with n takes n, a completion prompts x n; a request that does not fit "
+                            "gets 429 with Retry-After at once, one that asks for more than this (or 128) alone "
+                            "a 400 (default %(default)s)")
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes, metavar="BYTES",
                        help="largest request body accepted; larger gets 413 (default %(default)s = 4 MiB)")
     serve.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout, metavar="SECONDS",

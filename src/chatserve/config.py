@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_MODEL = "dummy_model"
+# The user of a server without keys, of --api-key, and the owner of conversations stored before
+# there were users.
+DEFAULT_USER = "default"
 
 
 def data_dir() -> Path:
@@ -78,15 +81,18 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     # When set, generating routes need "Authorization: Bearer <api_key>"; /health and /metrics stay
-    # open for probes and scrapers.
+    # open for probes and scrapers. It is the key of DEFAULT_USER.
     api_key: Optional[str] = None
+    # A file of users' keys, one "USER KEY" pair a line ("#" comments and blank lines allowed): each
+    # user sees only the conversations their keys created. A user may have several keys.
+    api_key_file: Optional[str] = None
     # Browser origins allowed to call the API (CORS); empty: same-origin only.
     cors_origins: list[str] = field(default_factory=list)
     # Host header names accepted besides loopback names (localhost, 127.0.0.1, [::1]), `host` and the
     # address a request arrived at; "*" accepts any. Others get 400: a defence against DNS rebinding.
     allowed_hosts: list[str] = field(default_factory=list)
-    # Requests in flight (running or waiting) beyond this get 429 with Retry-After at once, rather
-    # than queueing without bound.
+    # Engine requests in flight (running or waiting; a chat's n choices count n, a completion's
+    # prompts x n) beyond this get 429 with Retry-After at once, rather than queueing without bound.
     max_queue: int = 256
     # A request body larger than this gets 413 (chat histories are text: 4 MiB is a long book).
     max_body_bytes: int = 4 * 2**20

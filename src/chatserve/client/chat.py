@@ -25,6 +25,7 @@ except ImportError:  # Windows, or a Python built without it: plain input() stil
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PARAM_TYPES = {"temperature": float, "top_p": float, "max_tokens": int}
+LIST_PAGE, MAX_LIST_PAGE = 50, 100  # conversations a /list shows at once; the most the server gives a page
 NOT_REACHABLE_HINT = ("start one with `chatserve serve` (or chat with a model in-process: "
                       "`chatserve chat --model MODEL`)")
 
@@ -34,7 +35,8 @@ MULTILINE_HELP = ('Multi-line: end a line with \\ to continue on the next one, o
 COMMANDS_HELP = """\
 Commands:
   /new                    start a new conversation (stored once you send its first message)
-  /list                   list the stored conversations, most recently updated first
+  /list [more]            list the stored conversations, most recently updated first, 50 at a
+                          time; /list more shows the next 50
   /switch N|ID            resume conversation N of /list (or its id, or a unique start of it)
   /rename TITLE           rename this conversation
   /delete [N|ID]          delete a conversation (default: this one), after asking
@@ -112,8 +114,20 @@ class ChatAPI:
             body = {}
         return response.status_code, body if isinstance(body, dict) else {}
 
+    def page(self, limit: int = LIST_PAGE, after: Optional[str] = None) -> dict:
+        """One page of the conversations, most recently updated first: {"data", "has_more", "last_id", ...}."""
+        params = {"limit": limit, **({"after": after} if after else {})}
+        return self.request("GET", "/v1/conversations", params=params)
+
     def list(self) -> list[dict]:
-        return self.request("GET", "/v1/conversations")["data"]
+        """Every conversation, most recently updated first, a page at a time."""
+        out, after = [], None
+        while True:
+            page = self.page(MAX_LIST_PAGE, after)
+            out += page["data"]
+            if not page["has_more"] or not page["data"]:
+                return out
+            after = page["last_id"]
 
     def create(self, **fields) -> dict:
         return self.request("POST", "/v1/conversations", json=fields)
@@ -231,6 +245,7 @@ class Chat:
         self.conv: Optional[dict] = None  # None: a new chat, stored when its first message is sent
         self.branch: list[dict] = []  # the current branch, root first
         self.listed: list[dict] = []  # what /list showed last, for /switch N and /delete N
+        self.list_more = False  # /list more has more to show
         self.model = "?"
         self.commands: dict[str, Callable[[str], None]] = {
             "new": self.cmd_new, "list": self.cmd_list, "ls": self.cmd_list, "switch": self.cmd_switch,
@@ -292,7 +307,7 @@ class Chat:
 
     def start(self, new: bool = False) -> None:
         try:
-            conversations = self.api.list()
+            conversations = self.api.page(limit=1)["data"]
         except ChatError as exc:
             if exc.status == 404:
                 raise ChatError(f"the server at {self.api.url} has no conversations API (GET /v1/conversations "
@@ -578,22 +593,32 @@ class Chat:
         self.conv, self.branch = None, []
         self.note("New conversation (stored when you send its first message).")
 
-    def cmd_list(self, _rest: str) -> None:
-        self.listed = self.api.list()
+    def cmd_list(self, rest: str) -> None:
+        if rest not in ("", "more"):
+            raise ChatError("usage: /list, or /list more for the next 50")
+        more = rest == "more"
+        if more and not (self.listed and self.list_more):
+            raise ChatError("nothing more to list; /list starts from the most recent")
+        page = self.api.page(LIST_PAGE, self.listed[-1]["id"] if more else None)
+        first = len(self.listed) + 1 if more else 1
+        self.listed = (self.listed if more else []) + page["data"]
+        self.list_more = page["has_more"]
         if not self.listed:
             self.note("No stored conversations yet.")
             return
         current = (self.conv or {}).get("id")
         width = len(str(len(self.listed)))
-        for n, conv in enumerate(self.listed, 1):
+        for n, conv in enumerate(page["data"], first):
             mark = "*" if conv["id"] == current else " "
             self.say(f"{mark}{n:>{width}}. {printable(conv.get('title') or 'New chat')}  "
                      + self.style(f"{conv['id']}  {ago(conv.get('updated'))}", "dim"))
+        if self.list_more:
+            self.note("More conversations: /list more")
 
     def resolve(self, ref: str) -> dict:
         """A conversation from a /list number, an id, or a unique start of an id."""
         if ref.isdigit():
-            listed = self.listed or self.api.list()
+            listed = self.listed or self.api.page()["data"]
             n = int(ref)
             if not 1 <= n <= len(listed):
                 raise ChatError(f"no conversation #{n}: /list shows {len(listed)}")
@@ -642,7 +667,7 @@ class Chat:
         self.listed = [c for c in self.listed if c["id"] != target["id"]]
         self.note(f"Deleted {title!r}.")
         if self.conv is not None and target["id"] == self.conv["id"]:
-            remaining = self.api.list()
+            remaining = self.api.page(limit=1)["data"]
             if remaining:
                 self.load(remaining[0]["id"])
                 self.note(f"Now in {self.title()!r}.")

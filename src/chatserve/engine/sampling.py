@@ -12,6 +12,33 @@ import torch
 MAX_LOGPROBS = 20
 
 
+@dataclass(frozen=True)
+class Range:
+    """A sampling value's allowed range: [low, high], or (low, high] when low_open."""
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# The one definition of each sampling value's range (OpenAI's where it has one): SamplingParams
+# checks them, and the server's request models (server/protocol.py) build their fields from them,
+# so every route and the stored conversation params refuse the same values.
+SAMPLING_RANGES = {
+    "temperature": Range(0, 2),
+    "top_p": Range(0, 1, low_open=True),
+    "min_p": Range(0, 1),
+    "repetition_penalty": Range(0, 2, low_open=True),
+    "presence_penalty": Range(-2, 2),
+    "frequency_penalty": Range(-2, 2),
+}
+
+
 @dataclass
 class SamplingParams:
     max_tokens: Optional[int] = None  # None: until a stop condition or the context is full
@@ -46,25 +73,18 @@ class SamplingParams:
         def bad(name: str, rule: str) -> None:
             raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
+        for name, allowed in SAMPLING_RANGES.items():
+            value = getattr(self, name)
+            if not math.isfinite(value):
                 bad(name, "must be a finite number")
+            if value not in allowed:
+                bad(name, f"must be in {allowed}")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad("max_tokens", "must be at least 1")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
         if self.top_k < 0:
             bad("top_k", "must be >= 0 (0 or -1 turns it off)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what a torch.Generator takes
+            bad("seed", "must fit in 64 bits")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
                 bad(name, f"must be in [0, {MAX_LOGPROBS}]")

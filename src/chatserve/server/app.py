@@ -35,7 +35,7 @@ from ..engine.sampling import effective_sampling_defaults
 from . import conversations, infer, metrics, openai
 from .protocol import error_response, install_error_handlers
 from .store import Store
-from .streaming import check_api_key
+from .streaming import Users, check_api_key
 
 log = logging.getLogger("chatserve.server")
 WEB_DIR = Path(__file__).parent / "web"
@@ -77,6 +77,7 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
     app.state.started = int(time.time())
     app.state.load_error = None
     app.state.server_config = server_config
+    app.state.users = Users.from_config(server_config)  # a bad key file fails here, at start
     app.state.in_flight = 0
     app.state.store = None  # the conversation store, opened by the lifespan
     app.state.answers = {}  # conversation id -> its answer being generated (conversations.py)
@@ -369,10 +370,10 @@ def _parse(annotation: str, text: str):
 def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """CHATSERVE_<FIELD> for every EngineConfig field (CHATSERVE_MODEL, CHATSERVE_DEVICE,
     CHATSERVE_NUM_KV_BLOCKS, CHATSERVE_OVERRIDE_GENERATION_CONFIG as JSON, ...), plus
-    CHATSERVE_API_KEY, CHATSERVE_CORS_ORIGINS (comma separated), CHATSERVE_MAX_QUEUE,
-    CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma separated), CHATSERVE_ALLOWED_HOSTS
-    (comma separated), CHATSERVE_HEADER_TIMEOUT, CHATSERVE_BODY_TIMEOUT and CHATSERVE_DB (the
-    conversation store's SQLite file)."""
+    CHATSERVE_API_KEY, CHATSERVE_API_KEY_FILE, CHATSERVE_CORS_ORIGINS (comma separated),
+    CHATSERVE_MAX_QUEUE, CHATSERVE_MAX_BODY_BYTES, CHATSERVE_MODEL_ALIASES (comma separated),
+    CHATSERVE_ALLOWED_HOSTS (comma separated), CHATSERVE_HEADER_TIMEOUT, CHATSERVE_BODY_TIMEOUT and
+    CHATSERVE_DB (the conversation store's SQLite file)."""
     values = {}
     for f in fields(EngineConfig):
         text = environ.get(f"CHATSERVE_{f.name.upper()}")
@@ -387,6 +388,7 @@ def configs_from_env(environ: Mapping[str, str] = os.environ) -> tuple[EngineCon
         return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
 
     server = ServerConfig(api_key=environ.get("CHATSERVE_API_KEY") or None,
+                          api_key_file=environ.get("CHATSERVE_API_KEY_FILE") or None,
                           cors_origins=listed("CHATSERVE_CORS_ORIGINS"),
                           max_queue=int(environ.get("CHATSERVE_MAX_QUEUE", ServerConfig.max_queue)),
                           max_body_bytes=int(environ.get("CHATSERVE_MAX_BODY_BYTES", ServerConfig.max_body_bytes)),

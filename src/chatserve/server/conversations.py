@@ -16,7 +16,7 @@ from collections import defaultdict
 from contextlib import suppress
 from typing import AsyncIterator, Callable, Literal, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -24,9 +24,9 @@ from ..engine.chat_template import encode_chat
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
-from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors, example
+from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors, example, sampling_field
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
-from .store import DEFAULT_TITLE, Store, new_id
+from .store import DEFAULT_TITLE, MAX_TITLE_CHARS, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_text_size,
                         get_engine, sampling_params, sse, with_chat_template)
 
@@ -36,21 +36,28 @@ router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependenc
 
 SAVE_INTERVAL_S = 0.5  # how often a streaming answer's text so far is saved
 STOP_WAIT_S = 10.0  # how long /stop waits for the answer to record its end
-TITLE_CHARS = 60
+TITLE_CHARS = 60  # of a title taken from the first message
+# Bounds on what a conversation stores, so that a list or a page of them stays small.
+MAX_SYSTEM_PROMPT_CHARS = 32_768
+MAX_CONTENT_CHARS = 131_072  # one message
+LIST_LIMIT, MAX_LIST_LIMIT = 50, 100  # conversations per page of GET /v1/conversations
 
 # -- request bodies -------------------------------------------------------------------------------
 
 
 class Params(BaseModel):
     """Sampling values; null: the model's defaults (max_tokens: until a stop token or the context is full)."""
-    temperature: Optional[Float] = Field(None, ge=0, description="0: greedy; null: the model's default")
-    top_p: Optional[Float] = Field(None, gt=0, le=1, description="nucleus sampling; null: the model's default")
+    temperature: Optional[Float] = sampling_field("temperature", description="0: greedy, up to 2; null: the "
+                                                                           "model's default")
+    top_p: Optional[Float] = sampling_field("top_p", description="nucleus sampling, in (0, 1]; null: the "
+                                                                 "model's default")
     max_tokens: Optional[Int] = Field(None, gt=0, description="most tokens an answer may have; null: no limit "
                                                               "but a stop token or the context length")
 
 
 # A title is a non-empty string when sent (null is refused, not taken as "unset").
-Title = Field(None, min_length=1, description="absent: 'New chat' until the first message names it")
+Title = Field(None, min_length=1, max_length=MAX_TITLE_CHARS,
+              description="absent: 'New chat' until the first message names it")
 
 
 class CreateConversation(BaseModel):
@@ -58,16 +65,16 @@ class CreateConversation(BaseModel):
                             "params": {"temperature": 0.7}})
 
     title: Text = Title
-    system_prompt: Optional[Text] = None
+    system_prompt: Optional[Text] = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
     params: Optional[Params] = None
 
 
-class UpdateConversation(BaseModel):
+class UpdateConversation(CreateConversation):
     """Only the fields sent change; in params, only the keys sent (null unsets one)."""
     model_config = example({"title": "Trip planning"})
 
     title: Text = Title
-    system_prompt: Optional[Text] = None
+    system_prompt: Optional[Text] = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
     params: Optional[Params] = None
 
 
@@ -78,7 +85,7 @@ class Regenerate(Params):
 class EditMessage(Regenerate):
     model_config = example({"content": "Hello!"})
 
-    content: Text
+    content: Text = Field(max_length=MAX_CONTENT_CHARS)
 
 
 class PostMessage(EditMessage):
@@ -151,8 +158,13 @@ class ConversationWithMessages(Conversation):
 
 
 class ConversationList(BaseModel):
+    """One page of the list, as OpenAI's lists are: the next page is ?after=last_id, while has_more."""
     object: Literal["list"]
     data: list[Conversation] = Field(description="most recently updated first; without messages")
+    first_id: Optional[str] = Field(description="the first conversation's id; null for an empty page")
+    last_id: Optional[str] = Field(description="the last conversation's id (the next page's after); null for an "
+                                               "empty page")
+    has_more: bool = Field(description="whether more conversations follow this page")
 
 
 class DeletedConversation(BaseModel):
@@ -200,11 +212,14 @@ ERRORS = {
     400: "Bad input (type invalid_request_error; param names the field, e.g. 'content' or 'params.top_p'): a "
          "body that fails validation or is not JSON, a request that does not fit the tree (e.g. a parent_id "
          "that is a user message), or a prompt the model cannot take (too long, max_tokens over the context)",
-    404: "No such conversation (type not_found_error, param id, code conversation_not_found), or no such "
-         "message in it (param message_id, or parent_id for POST .../messages; code message_not_found)",
+    401: "Without 'Authorization: Bearer <key>', or with an unknown key, when the server has keys (--api-key, "
+         "--api-key-file; code invalid_api_key)",
+    404: "No such conversation of this user (type not_found_error, param id, code conversation_not_found: "
+         "another user's conversation is not found either), or no such message in it (param message_id, or "
+         "parent_id for POST .../messages; code message_not_found)",
     409: "The conversation is already answering (code conversation_busy, param null): wait for the stream's "
          "end, or stop the answer (POST .../messages/{message_id}/stop)",
-    429: "--max-queue requests are in flight (type rate_limit_exceeded, code server_busy): retry after "
+    429: "--max-queue generations are in flight (type rate_limit_exceeded, code server_busy): retry after "
          "Retry-After seconds",
     503: "The model is still loading (code model_not_ready), or the server is shutting down (code "
          "shutting_down, with Retry-After)",
@@ -258,8 +273,14 @@ def get_store(request: Request) -> Store:
     return store
 
 
-def find_conversation(store: Store, conv_id: str) -> dict:
-    conv = store.conversation(conv_id)
+def current_user(request: Request) -> str:
+    """The user check_api_key found (the router's dependency, so it has run)."""
+    return request.state.user
+
+
+def find_conversation(store: Store, conv_id: str, user: str) -> dict:
+    """The user's conversation, else 404: another user's is not found either."""
+    conv = store.conversation(conv_id, user)
     if conv is None:
         raise APIError(404, f"no conversation {conv_id!r}", "not_found_error", param="id",
                        code="conversation_not_found")
@@ -575,7 +596,7 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
             if exc.param == "messages":  # the engine's name for the prompt
                 exc.param = "content"
             raise
-        find_conversation(store, conv_id)  # it may have been deleted meanwhile
+        find_conversation(store, conv_id, current_user(request))  # it may have been deleted meanwhile
         store.start_answer(conv_id, user, assistant, prompt_ids, key, title)
     except BaseException:
         app.state.answers.pop(conv_id, None)
@@ -594,21 +615,33 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
 
 @router.post("", status_code=201, response_model=ConversationWithMessages, responses=errors(400))
 async def create_conversation(body: CreateConversation, request: Request, store: Store = Depends(get_store)) -> dict:
-    """A new conversation, with "messages": []."""
-    conv = store.create_conversation(body.title, body.system_prompt, (body.params or Params()).model_dump())
+    """A new conversation, with "messages": [], owned by the user whose key created it."""
+    conv = store.create_conversation(body.title, body.system_prompt, (body.params or Params()).model_dump(),
+                                     owner=current_user(request))
     return {**conversation_json(request.app, store, conv), "messages": []}
 
 
-@router.get("", response_model=ConversationList, responses=errors())
-async def list_conversations(request: Request, store: Store = Depends(get_store)) -> dict:
-    """Every conversation, most recently updated first, without messages."""
-    return {"object": "list", "data": [conversation_json(request.app, store, c) for c in store.conversations()]}
+@router.get("", response_model=ConversationList, responses=errors(400))
+async def list_conversations(request: Request, store: Store = Depends(get_store),
+                             limit: int = Query(LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT,
+                                                description="conversations on this page"),
+                             after: Optional[str] = Query(None, description="a conversation's id: the page starts "
+                                                          "after it (the last_id of the page before)")) -> dict:
+    """The user's conversations, most recently updated first, without messages, a page at a time."""
+    try:
+        convs = store.conversations(current_user(request), limit + 1, after)
+    except KeyError:
+        raise APIError(400, f"after: no conversation {after!r} to list after (deleted meanwhile?); list again from "
+                            "the start", param="after") from None
+    page = [conversation_json(request.app, store, c) for c in convs[:limit]]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(convs) > limit}
 
 
 @router.get("/{conv_id}", response_model=ConversationWithMessages, responses=errors(404))
 async def get_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
     """A conversation with the branch on show."""
-    return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
+    return conversation_json(request.app, store, find_conversation(store, conv_id, current_user(request)), with_messages=True)
 
 
 @router.patch("/{conv_id}", response_model=ConversationWithMessages, responses=errors(400, 404))
@@ -616,19 +649,19 @@ async def update_conversation(conv_id: str, body: UpdateConversation, request: R
                               store: Store = Depends(get_store)) -> dict:
     """Change the fields sent (rename: send title); in params, only the keys sent (null unsets one).
     Allowed while an answer streams: a new system prompt or params apply from the next answer."""
-    conv = find_conversation(store, conv_id)
+    conv = find_conversation(store, conv_id, current_user(request))
     sent = body.model_fields_set
     values = {name: getattr(body, name) for name in ("title", "system_prompt") if name in sent}
     if body.params is not None:
         values["params"] = {**conv["params"], **body.params.model_dump(include=body.params.model_fields_set)}
     store.update_conversation(conv_id, **values)
-    return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
+    return conversation_json(request.app, store, find_conversation(store, conv_id, current_user(request)), with_messages=True)
 
 
 @router.delete("/{conv_id}", response_model=DeletedConversation, responses=errors(404))
 async def delete_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
     """Delete a conversation and all its messages; an answer it is generating is stopped."""
-    find_conversation(store, conv_id)
+    find_conversation(store, conv_id, current_user(request))
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
     if answer is not None and request.app.state.engine is not None:
         request.app.state.engine.abort(answer.message_id)  # the message ids are the request ids
@@ -641,7 +674,7 @@ async def delete_conversation(conv_id: str, request: Request, store: Store = Dep
 async def post_message(conv_id: str, body: PostMessage, request: Request, store: Store = Depends(get_store),
                        engine: AsyncEngine = Depends(get_engine)) -> Response:
     """A new user message under parent_id, then its answer, streamed."""
-    conv = find_conversation(store, conv_id)
+    conv = find_conversation(store, conv_id, current_user(request))
     parent_id = body.parent_id if "parent_id" in body.model_fields_set else conv["current_message_id"]
     if parent_id is not None:
         find_message(store, conv_id, parent_id, "parent_id", "assistant",
@@ -654,7 +687,7 @@ async def post_message(conv_id: str, body: PostMessage, request: Request, store:
 async def edit_message(conv_id: str, message_id: str, body: EditMessage, request: Request,
                        store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
     """A new user message beside the user message message_id (same parent), then its answer, streamed."""
-    conv = find_conversation(store, conv_id)
+    conv = find_conversation(store, conv_id, current_user(request))
     msg = find_message(store, conv_id, message_id, role="user",
                        wrong_role="is an answer; edit a user message, or regenerate this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], body.content, body)
@@ -665,7 +698,7 @@ async def edit_message(conv_id: str, message_id: str, body: EditMessage, request
 async def regenerate(conv_id: str, message_id: str, request: Request, body: Optional[Regenerate] = None,
                      store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
     """A new answer beside the answer message_id (to the same user message), streamed. The body is optional."""
-    conv = find_conversation(store, conv_id)
+    conv = find_conversation(store, conv_id, current_user(request))
     msg = find_message(store, conv_id, message_id, role="assistant",
                        wrong_role="is a user message; regenerate an answer, or edit this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
@@ -676,7 +709,7 @@ async def stop(conv_id: str, message_id: str, request: Request, store: Store = D
     """Stop the answer message_id if it is generating (its text so far is kept, status stopped), and
     return it as saved; an answer already ended is returned as it is. (If its stream's reader stalls,
     it may still say generating after 10 s: no more tokens come, and it is saved once the stream ends.)"""
-    find_conversation(store, conv_id)
+    find_conversation(store, conv_id, current_user(request))
     find_message(store, conv_id, message_id, role="assistant",
                  wrong_role="is a user message; only an answer can be stopped")
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
@@ -693,8 +726,8 @@ async def stop(conv_id: str, message_id: str, request: Request, store: Store = D
 @router.post("/{conv_id}/switch", response_model=ConversationWithMessages, responses=errors(400, 404))
 async def switch(conv_id: str, body: Switch, request: Request, store: Store = Depends(get_store)) -> dict:
     """Show the branch through message_id, continued down by the most recently created child at each level."""
-    find_conversation(store, conv_id)
+    find_conversation(store, conv_id, current_user(request))
     find_message(store, conv_id, body.message_id)
     leaf = Tree(store.messages(conv_id)).leaf_below(body.message_id)
     store.update_conversation(conv_id, touch=False, current_message_id=leaf)
-    return conversation_json(request.app, store, find_conversation(store, conv_id), with_messages=True)
+    return conversation_json(request.app, store, find_conversation(store, conv_id, current_user(request)), with_messages=True)

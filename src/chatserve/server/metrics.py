@@ -60,7 +60,7 @@ class EngineCollector:
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"chatserve_{name}", doc, value=value)
 
-        yield gauge("requests_in_flight", "Generating requests the server holds (compared with --max-queue)",
+        yield gauge("requests_in_flight", "Engine requests the server holds, one per choice (compared with --max-queue)",
                     self.state.in_flight)
         yield gauge("requests_running", "Requests in the engine's running batch", stats.num_running if stats else 0)
         yield gauge("requests_waiting", "Requests waiting for the engine to admit them",

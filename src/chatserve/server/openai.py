@@ -128,7 +128,7 @@ async def start_generations(request: Request, engine: AsyncEngine, prompts: list
                             params: list[SamplingParams], request_id: str) -> list[Generation]:
     """One engine request per (prompt, params) pair, each past its first output, so a request the
     engine refuses is a 400 before anything streams."""
-    check_capacity(request)
+    check_capacity(request, len(prompts))
     gens = [Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, p, f"{request_id}-{i}"),
                        f"{request_id}-{i}") for i, (prompt_ids, p) in enumerate(zip(prompts, params))]
     try:
@@ -405,6 +405,8 @@ async def completions(body: CompletionRequest, request: Request,
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 generates nothing; it is allowed only with echo (to score a prompt)",
                        param="max_tokens")
+    # Before tokenizing: a thousand prompts x n must not cost a thousand tokenizations to refuse.
+    check_capacity(request, body.num_prompts() * body.n, param="n" if body.n > 1 else "prompt")
     prompts = await completion_prompts(request, body, engine)
     defaults = engine.engine.generation_config
     # echo with logprobs: the prompt's tokens come back with theirs (what lm-eval's loglikelihood

@@ -16,6 +16,8 @@ from pydantic import AfterValidator, BaseModel, Field, Strict, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
+from ..engine.sampling import SAMPLING_RANGES
+
 log = logging.getLogger("chatserve.server")
 
 
@@ -71,6 +73,14 @@ def example(body: dict) -> dict:
     return {"json_schema_extra": {"examples": [body]}}
 
 
+def sampling_field(name: str, default=None, **kwargs):
+    """A request field for the sampling value `name`: finite (JSON's Infinity and NaN are refused)
+    and in the engine's range for it, so the 400 names the field before anything is stored or run."""
+    allowed = SAMPLING_RANGES[name]
+    low = {"gt" if allowed.low_open else "ge": allowed.low}
+    return Field(default, **low, le=allowed.high, allow_inf_nan=False, **kwargs)
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Text
@@ -85,8 +95,8 @@ class InferRequest(BaseModel):
     # None: the model's generation_config default (sampling values), or until a stop condition
     # or the context is full (max_tokens).
     max_tokens: Optional[Int] = Field(None, gt=0)
-    temperature: Optional[Float] = Field(None, ge=0)
-    top_p: Optional[Float] = Field(None, gt=0, le=1)
+    temperature: Optional[Float] = sampling_field("temperature")
+    top_p: Optional[Float] = sampling_field("top_p")
     top_k: Optional[Int] = Field(None, ge=-1)
     seed: Optional[Int] = None
     stop: Stop = None
@@ -139,10 +149,10 @@ def documented_errors(descriptions: dict) -> dict:
 
 
 def _param(loc) -> Optional[str]:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    """("body", "messages", 0, "role") -> "messages[0].role"; ("query", "limit") -> "limit"."""
     out = ""
     for part in loc:
-        if part == "body" and not out:
+        if part in ("body", "query") and not out:
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
@@ -333,16 +343,16 @@ class SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: Int = Field(1, ge=1, le=16)
     max_tokens: Optional[Int] = Field(None, gt=0)
-    temperature: Optional[Float] = Field(None, ge=0, le=2)
-    top_p: Optional[Float] = Field(None, gt=0, le=1)
-    presence_penalty: Float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Float = Field(0.0, ge=-2, le=2)
+    temperature: Optional[Float] = sampling_field("temperature")
+    top_p: Optional[Float] = sampling_field("top_p")
+    presence_penalty: Float = sampling_field("presence_penalty", 0.0)
+    frequency_penalty: Float = sampling_field("frequency_penalty", 0.0)
     seed: Optional[Int] = None
     stop: Stop = None
     user: Optional[Text] = None
     top_k: Optional[Int] = Field(None, ge=-1)
-    min_p: Optional[Float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[Float] = Field(None, gt=0)
+    min_p: Optional[Float] = sampling_field("min_p")
+    repetition_penalty: Optional[Float] = sampling_field("repetition_penalty")
     ignore_eos: Bool = False
 
 
@@ -421,6 +431,11 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, list) and (not prompt or any(isinstance(p, (str, list)) and not p for p in prompt)):
             raise ValueError("must be a non-empty string, list of strings, or list of token ids")
         return prompt
+
+    def num_prompts(self) -> int:
+        """How many prompts this is: a string or a list of token ids is one."""
+        prompt = self.prompt
+        return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
 
     @field_validator("suffix")
     @classmethod

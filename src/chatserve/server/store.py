@@ -17,11 +17,12 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from ..config import data_dir
+from ..config import DEFAULT_USER, data_dir
 
 log = logging.getLogger("chatserve.server")
 
 DEFAULT_TITLE = "New chat"
+MAX_TITLE_CHARS = 256  # the API refuses longer titles; longer ones stored before that are cut at open
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated REAL NOT NULL,
     system_prompt TEXT,
     params TEXT NOT NULL,                -- JSON {"temperature", "top_p", "max_tokens"}
-    current_message_id TEXT
+    current_message_id TEXT,
+    owner TEXT NOT NULL DEFAULT 'default'   -- the user whose key created it (DEFAULT_USER)
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY,             -- creation order (siblings are listed in it)
@@ -54,6 +56,9 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 """
+# After the migrations: the owner column may be new.
+INDEXES = "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, updated);"
+assert DEFAULT_USER == "default"  # the owner column's default above
 
 # Every column but the token ids, which only the prompt builder and the cache check need.
 MESSAGE_COLUMNS = ("id, conversation_id, parent_id, role, content, reasoning_content, created, status, "
@@ -94,10 +99,24 @@ class Store:
             self.db.execute("PRAGMA synchronous = NORMAL")
         with self.db:
             self.db.executescript(SCHEMA)
+            self._migrate()
+            self.db.executescript(INDEXES)
             cut = self.db.execute("UPDATE messages SET status = 'stopped', finish_reason = 'abort' "
                                   "WHERE status = 'generating'").rowcount
         if cut:
             log.info("%d answer(s) cut off by the last shutdown marked stopped", cut)
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older chatserve up to SCHEMA."""
+        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(conversations)")}
+        if "owner" not in columns:  # from before users: every conversation belongs to the default user
+            self.db.execute(f"ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT '{DEFAULT_USER}'")
+            log.info("conversation store upgraded: existing conversations belong to user %r", DEFAULT_USER)
+        # Titles from before the bound: every list carries them, so a huge one would make each list huge.
+        cut = self.db.execute("UPDATE conversations SET title = substr(title, 1, ?) WHERE length(title) > ?",
+                              (MAX_TITLE_CHARS, MAX_TITLE_CHARS)).rowcount
+        if cut:
+            log.info("%d conversation title(s) longer than %d characters cut to that", cut, MAX_TITLE_CHARS)
 
     @classmethod
     def open(cls, path: Optional[str] = None) -> "Store":
@@ -119,21 +138,37 @@ class Store:
 
     # -- conversations ------------------------------------------------------------------------
 
-    def create_conversation(self, title: Optional[str], system_prompt: Optional[str], params: dict) -> dict:
+    def create_conversation(self, title: Optional[str], system_prompt: Optional[str], params: dict,
+                            owner: str = DEFAULT_USER) -> dict:
         now = time.time()
         conv_id = new_id("conv")
         with self.db:
-            self.db.execute("INSERT INTO conversations (id, title, created, updated, system_prompt, params) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (conv_id, title or DEFAULT_TITLE, now, now, system_prompt, json.dumps(params)))
+            self.db.execute("INSERT INTO conversations (id, title, created, updated, system_prompt, params, owner) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (conv_id, title or DEFAULT_TITLE, now, now, system_prompt, json.dumps(params), owner))
         return self.conversation(conv_id)
 
-    def conversation(self, conv_id: str) -> Optional[dict]:
-        row = self.db.execute("SELECT * FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+    def conversation(self, conv_id: str, owner: Optional[str] = None) -> Optional[dict]:
+        """The conversation; with owner, only if it is that user's (another's is None, as a missing one)."""
+        row = self.db.execute("SELECT * FROM conversations WHERE id = ? AND (? IS NULL OR owner = ?)",
+                              (conv_id, owner, owner)).fetchone()
         return _conversation(row) if row else None
 
-    def conversations(self) -> list[dict]:
-        rows = self.db.execute("SELECT * FROM conversations ORDER BY updated DESC, rowid DESC")
+    def conversations(self, owner: Optional[str] = None, limit: Optional[int] = None,
+                      after: Optional[str] = None) -> list[dict]:
+        """Most recently updated first: owner's (None: everyone's), at most limit, those after the
+        conversation `after` in that order (a cursor that stays put while others are added).
+        Raises KeyError when `after` is not one of them."""
+        where, args = ["(? IS NULL OR owner = ?)"], [owner, owner]
+        if after is not None:
+            cursor = self.db.execute("SELECT updated, rowid FROM conversations WHERE id = ? AND (? IS NULL OR "
+                                     "owner = ?)", (after, owner, owner)).fetchone()
+            if cursor is None:
+                raise KeyError(after)
+            where.append("(updated < ? OR (updated = ? AND rowid < ?))")
+            args += [cursor[0], cursor[0], cursor[1]]
+        rows = self.db.execute(f"SELECT * FROM conversations WHERE {' AND '.join(where)} "
+                               "ORDER BY updated DESC, rowid DESC LIMIT ?", (*args, -1 if limit is None else limit))
         return [_conversation(row) for row in rows]
 
     def update_conversation(self, conv_id: str, touch: bool = True, **values) -> None:

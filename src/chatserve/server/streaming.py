@@ -4,15 +4,18 @@ one request's engine stream with its usage and log line, and responses that abor
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..config import CHARS_PER_TOKEN
+from ..config import CHARS_PER_TOKEN, DEFAULT_USER, ServerConfig
 from ..engine.chat_template import TemplateTimeout, chat_job, encode_chat
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
@@ -133,15 +136,28 @@ def shutting_down(message: str = "the server is shutting down; retry shortly") -
     return RetryLater(503, message, "service_unavailable_error", "shutting_down")
 
 
-def check_capacity(request: Request) -> None:
-    """429 when --max-queue requests are in flight (a bounded queue, not an unbounded wait), and
-    503 while the server drains for shutdown."""
+# Engine requests one HTTP request may start (completions: prompts x n), whatever --max-queue allows.
+MAX_ENGINE_REQUESTS_PER_REQUEST = 128
+
+
+def check_capacity(request: Request, count: int = 1, param: Optional[str] = "n") -> None:
+    """Room for `count` more engine requests (a chat's n choices, a completion's prompts x n):
+    --max-queue bounds engine requests in flight, not HTTP requests. A request that alone asks for
+    more than one request may have is a 400 (retrying never helps); 429 when the queue has no room
+    for it now (a bounded queue, not an unbounded wait); 503 while the server drains for shutdown."""
     state = request.app.state
+    max_queue = state.server_config.max_queue
+    limit = min(max_queue, MAX_ENGINE_REQUESTS_PER_REQUEST)
+    if count > limit:
+        raise APIError(400, f"this request asks for {count} generations (prompts x n); one request may ask for "
+                            f"at most {limit} on this server: send fewer prompts or a smaller n", param=param,
+                       code="too_many_generations")
     if state.draining:
         error = shutting_down()
-    elif state.in_flight >= state.server_config.max_queue:
-        error = RetryLater(429, f"the server is busy ({state.in_flight} requests in flight, at most "
-                                f"{state.server_config.max_queue}); retry shortly",
+    elif state.in_flight + count > max_queue:
+        wanted = f"{count} more" if count > 1 else "another"
+        error = RetryLater(429, f"the server is busy ({state.in_flight} generations in flight, at most "
+                                f"{max_queue}; this request needs {wanted}); retry shortly",
                            "rate_limit_exceeded", "server_busy")
     else:
         return
@@ -172,11 +188,76 @@ def check_model(request: Request, model: str) -> None:
                        code="model_not_found")
 
 
-def check_api_key(request: Request) -> None:
-    key = request.app.state.server_config.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
-        raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                       code="invalid_api_key")
+class Users:
+    """Who a request's API key belongs to: --api-key is DEFAULT_USER's key, --api-key-file gives
+    one "USER KEY" pair a line. Only the keys' SHA-256 digests are kept, and a key is compared
+    with every one of them in constant time, so neither the match nor its place leaks by timing."""
+
+    def __init__(self, keys: dict[str, str]):  # key -> user
+        self.by_digest = {self.digest(key): user for key, user in keys.items()}
+
+    @staticmethod
+    def digest(key: str) -> bytes:
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> "Users":
+        """ValueError, naming the file and line, for a key file that cannot be read or is malformed."""
+        keys: dict[str, str] = {}
+        where: dict[str, str] = {}
+        if config.api_key:
+            keys[config.api_key], where[config.api_key] = DEFAULT_USER, "--api-key"
+        if config.api_key_file:
+            path = Path(config.api_key_file).expanduser()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read the API key file {path}: {exc}") from None
+            for number, line in enumerate(lines, 1):
+                fields = line.split()
+                if not fields or fields[0].startswith("#"):
+                    continue  # a blank line or a comment
+                here = f"{path}, line {number}"
+                if len(fields) < 2 or (len(fields) > 2 and not fields[2].startswith("#")):
+                    raise ValueError(f"{here}: expected 'USER KEY' (two words, then an optional # comment), "
+                                     f"got {len(fields)} word(s)")
+                user, key = fields[:2]
+                if key in keys:
+                    raise ValueError(f"{here}: this key is already given at {where[key]} (for user {keys[key]!r}); "
+                                     "each key must name one user")
+                keys[key], where[key] = user, here
+            if not keys:
+                raise ValueError(f"the API key file {path} holds no keys: add 'USER KEY' lines, or leave "
+                                 "--api-key-file out to run without keys")
+        return cls(keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_digest)
+
+    def user(self, key: str) -> Optional[str]:
+        given, found = self.digest(key), None
+        for digest, user in self.by_digest.items():  # no early exit: every key is compared
+            if hmac.compare_digest(digest, given):
+                found = user
+        return found
+
+
+def check_api_key(request: Request) -> str:
+    """The user making the request (kept as request.state.user), from its
+    'Authorization: Bearer KEY' header; 401 for a missing or unknown key. Without keys
+    configured, everyone is DEFAULT_USER. Logs the user (never the key) of each request."""
+    users: Users = request.app.state.users
+    user = DEFAULT_USER
+    if users:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        user = users.user(key.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            log.info("%s %s: refused, missing or unknown API key", request.method, request.url.path)
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    request.state.user = user
+    log.info("%s %s by user %s", request.method, request.url.path, user)
+    return user
 
 
 def get_engine(request: Request) -> AsyncEngine:
@@ -195,6 +276,7 @@ class Generation:
         self.outputs = outputs
         self.request_id = request_id
         self.start = time.monotonic()
+        self.user = getattr(request.state, "user", DEFAULT_USER)
         self.last: Optional[RequestOutput] = None
         self.pending: Optional[RequestOutput] = None
         self.last_token_time: Optional[float] = None
@@ -257,8 +339,9 @@ class Generation:
         finish = out.finish_reason if out.finished else "abort (client went away)"
         n, ttft = out.num_output_tokens, out.time_to_first_token
         rate = (n - 1) / (elapsed - ttft) if ttft is not None and n > 1 and elapsed > ttft else 0.0
-        log.info("request %s: %d prompt tokens (%d cached), %d output tokens, first token %s, "
-                 "%.1f tokens/s after it, finish %s", self.request_id, out.num_prompt_tokens, out.num_cached_tokens,
+        log.info("request %s (user %s): %d prompt tokens (%d cached), %d output tokens, first token %s, "
+                 "%.1f tokens/s after it, finish %s", self.request_id, self.user, out.num_prompt_tokens,
+                 out.num_cached_tokens,
                  n, "-" if ttft is None else f"{ttft * 1000:.0f} ms", rate, finish)
 
     def usage(self) -> dict:

@@ -6,11 +6,16 @@ import { renderMarkdown } from "./markdown.js";
 const API_KEY = "chatserve.apiKey";
 const LAST_CONVERSATION = "chatserve.lastConversation";
 const LIST_REFRESH_MS = 15000;
+const LIST_PAGE = 50; // conversations per page of the list; "More" (or scrolling to the end) adds one
+const MAX_LIST_LIMIT = 100; // the most the server gives in one page
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
   conversations: [], // the sidebar: conversations without messages, most recent first
+  listWanted: LIST_PAGE, // how many the sidebar shows: a page, and a page more for each "More"
+  listHasMore: false, // the server has more than the sidebar shows
+  listLoading: false, // a list request is in flight: scrolling asks for no more meanwhile
   current: null, // the open conversation, with the messages of its current branch
   streams: new Map(), // conversation id -> the answer streaming into it
   openReasoning: new Set(), // assistant message ids whose reasoning the user expanded
@@ -100,14 +105,41 @@ async function readEvents(body, onEvent) {
 
 // ---------------------------------------------------------------- conversations
 
+/** The first `wanted` conversations, a page at a time (the server pages its list). */
+async function fetchList(wanted) {
+  const data = [];
+  let after = null;
+  let hasMore = true;
+  while (hasMore && data.length < wanted) {
+    const query = new URLSearchParams({ limit: String(Math.min(MAX_LIST_LIMIT, wanted - data.length)) });
+    if (after) query.set("after", after);
+    const page = await api("GET", `/v1/conversations?${query}`);
+    data.push(...page.data);
+    hasMore = page.has_more && page.last_id !== null;
+    after = page.last_id;
+  }
+  return { data, hasMore };
+}
+
 async function refreshList() {
+  state.listLoading = true;
   try {
-    const list = await api("GET", "/v1/conversations");
-    state.conversations = list.data.filter((c) => !state.deleted.has(c.id));
+    const { data, hasMore } = await fetchList(state.listWanted);
+    state.conversations = data.filter((c) => !state.deleted.has(c.id));
+    state.listHasMore = hasMore;
     renderSidebar();
   } catch (error) {
     if (error.status !== 401) showBanner(`Could not list conversations: ${error.message}`);
+  } finally {
+    state.listLoading = false;
   }
+}
+
+/** One page more in the sidebar: the "More" button, or scrolling to the end of the list. */
+function loadMoreConversations() {
+  if (!state.listHasMore || state.listLoading) return;
+  state.listWanted = state.conversations.length + LIST_PAGE;
+  refreshList();
 }
 
 function remember(conversation) {
@@ -486,6 +518,7 @@ function renderSidebar() {
     previous = item;
   }
   for (const gone of items.values()) gone.remove();
+  $("more-conversations").hidden = !state.listHasMore;
   if (focused?.isConnected && document.activeElement !== focused) focused.focus(); // moving an item drops it
 }
 
@@ -536,7 +569,7 @@ function startRename(item) {
   if (!conversation) return;
   const field = el("input", "rename-field");
   field.type = "text";
-  field.maxLength = 200;
+  field.maxLength = 256; // the server's bound on a title
   field.value = conversation.title;
   field.setAttribute("aria-label", "Conversation title");
   let finished = false;
@@ -905,6 +938,11 @@ function bind() {
   });
   $("stop").addEventListener("click", stopAnswer);
   $("new-chat").addEventListener("click", onNewChat);
+  $("more-conversations").addEventListener("click", loadMoreConversations);
+  const list = $("conversation-list");
+  list.addEventListener("scroll", () => {
+    if (list.scrollTop + list.clientHeight >= list.scrollHeight - 40) loadMoreConversations();
+  });
   $("chat-settings").addEventListener("click", openSettings);
   $("settings-form").addEventListener("submit", saveSettings);
   $("settings-cancel").addEventListener("click", () => $("settings-dialog").close());
