@@ -34,7 +34,8 @@ class StructuredOutput:
     source: str = field(default="structured_outputs", compare=False)
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar") if getattr(self, name)]
+        given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar") 
+                 if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"{self.source}: give exactly one constraint (json, regex, choice or grammar), "
                              f"got {given or 'none'}")
@@ -61,6 +62,19 @@ class StructuredOutput:
 def _choice_grammar(choices: Sequence[str]) -> str:
     # A JSON string literal is a valid EBNF string literal in xgrammar's dialect.
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+# xgrammar (0.2.9) lets a string with maxLength/minLength hold raw control characters (a tab, a
+# NUL), which JSON forbids and strict parsers (pydantic's, json.loads) refuse: such strings take
+# the character class its unbounded strings use.
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def _json_schema_grammar(schema: str, strict: bool) -> str:
+    # Compact JSON (no free whitespace): a model cannot wander off into blank space.
+    grammar = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict))
+    return grammar.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
 def _compile_error(exc: Exception) -> str:
@@ -100,11 +114,10 @@ class GrammarCompiler:
         compiler = self._get_compiler()
         try:
             if spec.json_schema is not None:
-                # Compact JSON (no free whitespace): a model cannot wander off into blank space,
-                # and additionalProperties defaults to false (strict), as OpenAI's strict mode does.
-                compiled = compiler.compile_json_schema(spec.json_schema, any_whitespace=False, strict_mode=True)
+                # additionalProperties defaults to false (strict), as in OpenAI's strict mode.
+                compiled = compiler.compile_grammar(_json_schema_grammar(spec.json_schema, strict=True))
             elif spec.json_object:
-                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+                compiled = compiler.compile_grammar(_json_schema_grammar('{"type": "object"}', strict=False))
             elif spec.regex is not None:
                 compiled = compiler.compile_regex(spec.regex)
             elif spec.choice is not None:
