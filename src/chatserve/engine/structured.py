@@ -13,10 +13,12 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 # Compiled grammars kept per engine, by kind and text: a schema sent again is not recompiled.
 GRAMMAR_CACHE_SIZE = 256
@@ -71,9 +73,16 @@ _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
 
 
+def _xgrammar():
+    # Imported on first use (it takes seconds): a server that never constrains never pays.
+    import xgrammar
+
+    return xgrammar
+
+
 def _json_schema_grammar(schema: str, strict: bool) -> str:
     # Compact JSON (no free whitespace): a model cannot wander off into blank space.
-    grammar = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict))
+    grammar = str(_xgrammar().Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict))
     return grammar.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
@@ -100,6 +109,7 @@ class GrammarCompiler:
         # Built on first use: a server that never constrains never pays for the vocabulary scan.
         with self._lock:
             if self._compiler is None:
+                xgr = _xgrammar()
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids or None)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -135,7 +145,7 @@ class GrammarCompiler:
         return compiled
 
     def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.compile(spec))
+        return _xgrammar().GrammarMatcher(self.compile(spec))
 
 
 def apply_grammar_masks(logits: torch.Tensor, grammars: Sequence[Optional[xgr.GrammarMatcher]]) -> None:
@@ -144,6 +154,7 @@ def apply_grammar_masks(logits: torch.Tensor, grammars: Sequence[Optional[xgr.Gr
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return
+    xgr = _xgrammar()
     bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[1])
     for i in rows:
         grammars[i].fill_next_token_bitmask(bitmask, i)
