@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from chatserve import Engine, SamplingParams
 from chatserve.engine.structured import StructuredOutput
+from chatserve.models.dummy import write_hf_model_dir
 
 HI = [{"role": "user", "content": "Describe a person as JSON."}]
 
@@ -256,3 +257,20 @@ def test_bad_logit_bias_is_a_400(server, bias, words):
         with pytest.raises(openai.BadRequestError) as info:
             call()
         assert info.value.body["param"] == "logit_bias" and words in info.value.body["message"], info.value.body
+
+
+def test_logits_wider_than_the_tokenizer(tmp_path):
+    # Qwen2.5-style padding: 1,024 logits for a 1,000-token tokenizer. The padding rows are never
+    # allowed by a constraint, and logit_bias may still name them (they are the model's ids).
+    model_dir = write_hf_model_dir(tmp_path / "padded", "qwen2", vocab_size=1024)
+    engine = Engine(tiny_engine_config(model=str(model_dir)))
+    assert engine.loaded.config.vocab_size == 1024 and len(engine.tokenizer) == 1000
+    schema = SCHEMAS["nested_arrays_enums"]
+    spec = StructuredOutput.from_json_schema(schema, "test")
+    ids = [engine.add_request("JSON:", SamplingParams(max_tokens=200, seed=i, structured_output=spec,
+                                                      logit_bias={1010: 50})) for i in range(3)]
+    for result in engine.run_to_completion(ids).values():
+        assert result.finish_reason == "stop" and max(result.token_ids) < 1000
+        jsonschema.validate(json.loads(result.text), schema)
+    free = engine.add_request("Hi", SamplingParams(max_tokens=3, temperature=0, logit_bias={1010: 100}))
+    assert engine.run_to_completion([free])[free].token_ids == [1010] * 3
