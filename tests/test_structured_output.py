@@ -218,6 +218,10 @@ def test_grammars_are_cached_by_constraint():
     b = engine.grammars.compile(StructuredOutput.from_json_schema(json.dumps(SCHEMAS["flat_required"]), "y"))
     c = engine.grammars.compile(StructuredOutput(regex="a+"))
     assert a is b and c is not a
+    engine.grammars.cache_size = 2
+    engine.grammars.compile(StructuredOutput(choice=("x", "y")))  # evicts the least recently used: a
+    assert engine.grammars.compile(StructuredOutput(regex="a+")) is c
+    assert engine.grammars.compile(StructuredOutput.from_json_schema(SCHEMAS["flat_required"], "x")) is not a
 
 
 # -- logit_bias -----------------------------------------------------------------------------------
