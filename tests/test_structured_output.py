@@ -130,6 +130,19 @@ def test_regex_and_choice(server):
     assert len(seen) > 1  # the choice is the model's, not always the first
 
 
+def test_ebnf_grammar_and_json_in_structured_outputs(server):
+    grammar = 'root ::= "move " direction " " [1-9]\ndirection ::= "north" | "south" | "east" | "west"'
+    schema = SCHEMAS["bounded_numbers"]
+    for seed in range(3):
+        move = server.client.completions.create(model="dummy_model", prompt="Next:", max_tokens=20, seed=seed,
+                                                extra_body={"structured_outputs": {"grammar": grammar}}).choices[0]
+        assert move.finish_reason == "stop" and re.fullmatch(r"move (north|south|east|west) [1-9]", move.text)
+        answer = chat(server, seed=seed, extra_body={"structured_outputs": {"json": schema}}).choices[0]
+        jsonschema.validate(json.loads(answer.message.content), schema)
+        assert chat(server, seed=seed, extra_body={"guided_json": json.dumps(schema)}).choices[0].message.content \
+            == answer.message.content
+
+
 def test_streamed_constrained_output_is_valid_json(server):
     schema = SCHEMAS["nested_arrays_enums"]
     for seed in range(2):

@@ -36,7 +36,7 @@ class StructuredOutput:
     source: str = field(default="structured_outputs", compare=False)
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar") 
+        given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar")
                  if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"{self.source}: give exactly one constraint (json, regex, choice or grammar), "
