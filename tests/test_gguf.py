@@ -6,6 +6,7 @@ quantized runs are checked against their own fp32 dequantization by agreement.""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from live_server import WAIT_S, live_server
 
 from chatserve import Engine, EngineConfig, SamplingParams
+from chatserve.engine.structured import StructuredOutput
 from chatserve.models import gguf
 from chatserve.models.loader import ModelLoadError, load_model
 from chatserve.models.quantization import Int4Linear, Int8Embedding, Int8Linear
@@ -172,3 +174,17 @@ def test_bad_gguf_files_say_what_is_wrong(tmp_path):
         load_model(EngineConfig(model=str(broken), device="cpu"))
     with pytest.raises(ModelLoadError, match="nor a .gguf file"):
         load_model(EngineConfig(model=str(tmp_path / "missing.gguf"), device="cpu"))
+
+
+def test_structured_output_with_the_gguf_tokenizer(fp32):
+    # xgrammar's token table built from the GGUF-loaded tokenizer: a real model's greedy answer fits.
+    schema = {"type": "object", "properties": {"country": {"type": "string", "maxLength": 20},
+                                               "capital": {"type": "string", "maxLength": 20}},
+              "required": ["country", "capital"]}
+    engine = engine_of(fp32)
+    rid = engine.add_request({"prompt_token_ids": engine.apply_chat_template(FRANCE)}, SamplingParams(
+        temperature=0, max_tokens=40, structured_output=StructuredOutput.from_json_schema(schema, "test")))
+    result = engine.run_to_completion([rid])[rid]
+    assert result.finish_reason == "stop", result.text
+    answer = json.loads(result.text)
+    assert set(answer) == {"country", "capital"} and "Paris" in answer["capital"], answer

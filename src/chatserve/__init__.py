@@ -13,6 +13,7 @@ _EXPORTS = {
     "AsyncEngine": "chatserve.engine.engine",
     "EngineConfig": "chatserve.config",
     "SamplingParams": "chatserve.engine.sampling",
+    "StructuredOutput": "chatserve.engine.structured",
     "CompletionOutput": "chatserve.engine.request",
     "RequestOutput": "chatserve.engine.request",
 }

@@ -24,6 +24,7 @@ from .request import CompletionOutput, FinishReason, Request, RequestOutput
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
 from .scheduler import Scheduler
+from .structured import GrammarCompiler
 
 log = logging.getLogger("chatserve.engine")
 
@@ -72,6 +73,7 @@ class Engine:
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self.loaded.eos_token_ids
+        self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.num_preemptions = 0
         self._ids = itertools.count()
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB), max context %d tokens", num_blocks,
@@ -118,10 +120,18 @@ class Engine:
         if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(f"max_tokens={params.max_tokens} is too large: the prompt has {len(prompt_ids)} tokens "
                              f"and the context holds {self.max_model_len}, so at most {room} can be generated")
+        vocab = self.loaded.config.vocab_size
+        if any(token >= vocab for token in params.logit_bias):
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is out of range: this model's "
+                             f"token ids are 0 to {vocab - 1}")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
                                        params.skip_special_tokens)
-        return Request(request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params,
-                       params.max_tokens or room, self.eos_token_ids, detok)
+        req = Request(request_id or f"req-{uuid.uuid4().hex}", prompt_ids, params,
+                      params.max_tokens or room, self.eos_token_ids, detok)
+        if params.structured_output is not None:
+            # Compiled here, on the caller's thread (cached by constraint), never on the engine's.
+            req.grammar = self.grammars.matcher(params.structured_output)
+        return req
 
     def add(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -209,11 +219,17 @@ class Engine:
         return self._finish(req, FinishReason.ERROR, error=internal_error(req.request_id))
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
+        # Only freshly sampled tokens come here (a preempted request's recompute samples nothing
+        # until it has caught up), so each matcher advances exactly once per token.
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            raise RuntimeError(f"token {token} breaks the request's output constraint (is every token the "
+                               "constraint allows banned by logit_bias?)")
         req.token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
         reason = None
-        if token in req.stop_token_ids:
+        if token in req.stop_token_ids or (req.grammar is not None and req.grammar.is_terminated()):
+            # A complete grammar allows only a stop token next, which ends it even with ignore_eos.
             reason, req.stop_reason = FinishReason.STOP, token
             text = req.detokenizer.flush()
         else:

@@ -36,6 +36,8 @@ class Request:
         self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.detokenizer = detokenizer
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        # The structured-output matcher (params.structured_output), advanced once per generated token.
+        self.grammar = None
         self.status = RequestStatus.WAITING
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None

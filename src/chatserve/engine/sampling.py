@@ -8,8 +8,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .structured import StructuredOutput, apply_grammar_masks
+
 # Logprobs alternatives a request may ask for (OpenAI allows up to 20).
 MAX_LOGPROBS = 20
+# logit_bias values, as OpenAI bounds them; the lowest bans the token outright.
+MAX_LOGIT_BIAS = 100
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,17 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> added to its logit, in [-100, 100]; -100 bans the token (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # What the output must match (a JSON schema, a regex, ...): enforced by a token mask each step.
+    structured_output: Optional[StructuredOutput] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -90,6 +99,12 @@ class SamplingParams:
                 bad(name, f"must be in [0, {MAX_LOGPROBS}]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not (isinstance(bias, (int, float)) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], "
+                                 f"got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +169,20 @@ class SamplingRow:
     generator: Optional[torch.Generator]
     token_ids: list[int]
     num_prompt_tokens: int
+    grammar: Optional[object]  # an xgrammar GrammarMatcher, or None
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Every row's logit_bias, in place, in one indexed add; -100 bans (-inf), as OpenAI means it."""
+    index_rows, index_tokens, biases = [], [], []
+    for i, row in enumerate(rows):
+        for token, bias in row.params.logit_bias.items():
+            index_rows.append(i)
+            index_tokens.append(token)
+            biases.append(float("-inf") if bias <= -MAX_LOGIT_BIAS else float(bias))
+    dev = logits.device
+    logits.index_put_((torch.tensor(index_rows, device=dev), torch.tensor(index_tokens, device=dev)),
+                      torch.tensor(biases, dtype=logits.dtype, device=dev), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -209,9 +238,17 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
-        raw_logits = logits  # logprobs are the model's own, before penalties and filters
+        raw_logits = logits  # logprobs are the model's own, before penalties, biases and masks
+        biased = any(r.params.logit_bias for r in rows)
+        constrained = any(r.grammar is not None for r in rows)
+        if biased or constrained or any(r.params.has_penalties for r in rows):
+            logits = logits.clone()
         if any(r.params.has_penalties for r in rows):
-            logits = apply_penalties(logits.clone(), rows)
+            logits = apply_penalties(logits, rows)
+        if biased:
+            apply_logit_bias(logits, rows)
+        if constrained:
+            apply_grammar_masks(logits, [r.grammar for r in rows])
 
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]

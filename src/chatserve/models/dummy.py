@@ -264,13 +264,15 @@ def write_hf_model_dir(
     rope_scaling: dict[str, Any] | None = None,
     seed: int = 0,
     hub_style_config: bool = True,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny random fp32 model dir laid out like a hub download; return its path.
 
     Weights come from transformers' own model classes, so they double as the reference
     implementation. hub_style_config=True rewrites config.json into the form most hub
     checkpoints have (top-level ``rope_theta``, ``rope_scaling``, ``torch_dtype``);
-    False keeps transformers 5's own form (``rope_parameters``, ``dtype``).
+    False keeps transformers 5's own form (``rope_parameters``, ``dtype``). vocab_size pads the
+    embedding and output rows past the tokenizer's tokens, as many hub checkpoints (Qwen2.5) do.
     """
     import torch
     import transformers
@@ -289,7 +291,7 @@ def write_hf_model_dir(
     rope_parameters = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
 
     config = getattr(transformers, config_cls_name)(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

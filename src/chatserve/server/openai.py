@@ -63,7 +63,8 @@ def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int
     # Each of n choices draws differently, yet the same seed still gives the same answers.
     seed = None if body.seed is None else body.seed + choice
     return sampling_params({**values, "max_tokens": max_tokens, "logprobs": logprobs, "seed": seed,
-                            "prompt_logprobs": prompt_logprobs}, defaults)
+                            "prompt_logprobs": prompt_logprobs, "logit_bias": body.token_biases(),
+                            "structured_output": body.structured_output()}, defaults)
 
 
 def _bytes_to_unicode() -> dict[str, int]:

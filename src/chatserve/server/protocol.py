@@ -18,6 +18,8 @@ from starlette.routing import Match, Mount
 
 from ..engine.sampling import SAMPLING_RANGES
 
+from ..engine.structured import StructuredOutput
+
 log = logging.getLogger("chatserve.server")
 
 
@@ -354,6 +356,74 @@ class SamplingFields(BaseModel):
     min_p: Optional[Float] = sampling_field("min_p")
     repetition_penalty: Optional[Float] = sampling_field("repetition_penalty")
     ignore_eos: Bool = False
+    # Token id (as a string, OpenAI's JSON keys) -> bias in [-100, 100]; -100 bans the token.
+    logit_bias: Optional[dict[str, Float]] = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    response_format: Optional[dict] = None
+    # vLLM's structured outputs: {"json": schema, "regex": ..., "choice": [...], "grammar": ebnf,
+    # "json_object": true}, one of them; and its older spelling, guided_json and the rest.
+    structured_outputs: Optional[dict] = None
+    guided_json: Union[dict, str, None] = None
+    guided_regex: Optional[Text] = None
+    guided_choice: Optional[list[Text]] = None
+    guided_grammar: Optional[Text] = None
+
+    def token_biases(self) -> dict[int, float]:
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                biases[int(key)] = bias
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                               param="logit_bias") from None
+        return biases
+
+    def structured_output(self) -> Optional[StructuredOutput]:
+        """The one output constraint the request asks for, or None; a 400 for a malformed or
+        doubled one (a schema that does not compile is the engine's 400, when the request is made)."""
+        found: list[StructuredOutput] = []
+        try:
+            fmt = self.response_format or {}
+            kind = fmt.get("type", "text")
+            if kind == "json_object":
+                found.append(StructuredOutput(json_object=True, source="response_format"))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or "schema" not in spec:
+                    raise ValueError('response_format: a json_schema format needs "json_schema": '
+                                     '{"name": ..., "schema": {...}}')
+                found.append(StructuredOutput.from_json_schema(spec["schema"], "response_format"))
+            elif kind != "text":
+                raise ValueError(f"response_format: type must be text, json_object or json_schema, got {kind!r}")
+            so = dict(self.structured_outputs or {})
+            unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object"})
+            if unknown:
+                raise ValueError(f"structured_outputs: unknown key {unknown[0]!r} (use one of json, regex, choice, "
+                                 "grammar, json_object)")
+            for source, key, value in [("structured_outputs", k, v) for k, v in so.items() if v not in (None, False)] + [
+                    ("guided_json", "json", self.guided_json), ("guided_regex", "regex", self.guided_regex),
+                    ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar)]:
+                if value is None:
+                    continue
+                if key == "json":
+                    found.append(StructuredOutput.from_json_schema(value, source))
+                elif key == "json_object":
+                    found.append(StructuredOutput(json_object=True, source=source))
+                elif key == "choice":
+                    if not isinstance(value, list):
+                        raise ValueError(f"{source}: choice must be a list of strings")
+                    found.append(StructuredOutput(choice=tuple(value), source=source))
+                elif not isinstance(value, str) or not value:
+                    raise ValueError(f"{source}: {key} must be a non-empty string")
+                else:
+                    found.append(StructuredOutput(**{key: value, "source": source}))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
+        if len(found) > 1:
+            raise APIError(400, f"give one output constraint, not several ({found[0].source} and {found[1].source})",
+                           param=found[1].source)
+        return found[0] if found else None
+
 
 
 # apply_chat_template arguments the server sets itself; a request passing them would break rendering.
@@ -373,7 +443,6 @@ class ChatCompletionRequest(SamplingFields):
     # Passed to the chat template, e.g. {"enable_thinking": false} for Qwen3.
     chat_template_kwargs: Optional[dict] = None
     tools: Optional[list] = None
-    response_format: Optional[dict] = None
     # OpenAI's effort levels map onto the template's thinking switch (Qwen3's enable_thinking).
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     modalities: Optional[list[Literal["text", "audio"]]] = None
@@ -405,13 +474,6 @@ class ChatCompletionRequest(SamplingFields):
         if modalities and set(modalities) != {"text"}:
             raise ValueError('this model answers in text only: leave modalities out or send ["text"]')
         return modalities
-
-    @field_validator("response_format")
-    @classmethod
-    def text_only(cls, response_format):
-        if response_format and response_format.get("type", "text") != "text":
-            raise ValueError("only {\"type\": \"text\"} is supported (no JSON mode or schemas)")
-        return response_format
 
 
 class CompletionRequest(SamplingFields):
