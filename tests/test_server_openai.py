@@ -613,3 +613,25 @@ def test_operator_sampling_defaults_apply_on_every_route_and_are_shown(caplog):
             assert len({ask(temperature=1.5, top_p=1) for _ in range(3)}) > 1, ask.__name__
     assert ("default sampling (for requests that leave it unset): temperature 0, top_p 0.8, top_k 0, min_p 0.0, "
             "repetition_penalty 1.0 (temperature, top_p from --override-generation-config)") in caplog.text
+
+
+def test_vllm_prompt_logprobs_on_both_routes(server):
+    ids = server.engine.tokenizer.encode("The capital of France is Paris")
+    want = torch.log_softmax(server.engine.loaded.model.score(ids).float(), -1)
+    r = requests.post(f"{server.url}/v1/completions", timeout=WAIT_S, json={
+        "model": "dummy_model", "prompt": ids, "max_tokens": 2, "prompt_logprobs": 1}).json()
+    (choice,) = r["choices"]
+    plp = choice["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None and choice["logprobs"] is None
+    for p, (token, entry) in enumerate(zip(ids[1:], plp[1:])):
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(want[p, token].item(), abs=1e-4)
+        assert mine["rank"] == int((want[p] > want[p, token]).sum()) + 1
+        best = int(want[p].argmax())
+        assert entry[str(best)]["rank"] == 1 and len(entry) <= 2
+    chat_body = requests.post(f"{server.url}/v1/chat/completions", timeout=WAIT_S, json={
+        "model": "dummy_model", "messages": HI, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert chat_body["prompt_logprobs"][0] is None and len(chat_body["prompt_logprobs"]) == chat_body["usage"]["prompt_tokens"]
+    streamed = requests.post(f"{server.url}/v1/completions", timeout=WAIT_S, json={
+        "model": "dummy_model", "prompt": "Hi", "max_tokens": 1, "prompt_logprobs": 1, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"

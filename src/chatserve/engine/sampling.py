@@ -149,17 +149,19 @@ class TokenLogprob:
     token_id: int
     logprob: Optional[float]  # None only for a prompt's first token, which nothing predicts
     top: list[tuple[int, float]]  # the most likely alternatives, best first
+    rank: Optional[int] = None  # 1 + how many tokens are likelier (vLLM's rank)
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> list[TokenLogprob]:
     """Each row's log-probability of its token, and its k most likely tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1))[:, 0].tolist()
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1))
+    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
     tops = [[]] * len(token_ids)
     if k > 0:
         vals, ids = logprobs.topk(k, dim=-1)
         tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
-    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]
+    return [TokenLogprob(t, lp, top, rank) for t, lp, top, rank in zip(token_ids, chosen[:, 0].tolist(), tops, ranks)]
 
 
 class SamplingRow:

@@ -58,6 +58,11 @@ async def get_model(model_id: str, request: Request) -> dict:
 
 def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int], logprobs: Optional[int],
                   choice: int, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+    if body.prompt_logprobs is not None:
+        if body.stream:
+            raise APIError(400, "prompt_logprobs come with an unstreamed answer; leave stream out",
+                           param="prompt_logprobs")
+        prompt_logprobs = max(prompt_logprobs or 0, body.prompt_logprobs)
     values = body.model_dump(include={"presence_penalty", "frequency_penalty", "stop", "ignore_eos", "temperature",
                                       "top_p", "top_k", "min_p", "repetition_penalty"})
     # Each of n choices draws differently, yet the same seed still gives the same answers.
@@ -349,7 +354,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             message = {"role": "assistant", "content": content, "refusal": None, "reasoning_content": thought}
         answers.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
                         "logprobs": chat_logprobs(tokens, c.logprobs, top) if body.logprobs else None})
-    return JSONResponse({**base, "object": "chat.completion", "choices": answers, "usage": usage(gens, [0])})
+    extra = {} if body.prompt_logprobs is None else {
+        "prompt_logprobs": vllm_prompt_logprobs(tokens, choices[0].prompt_logprobs, body.prompt_logprobs)}
+    return JSONResponse({**base, "object": "chat.completion", "choices": answers, "usage": usage(gens, [0]), **extra})
 
 
 # -- /v1/completions ----------------------------------------------------------------------------
@@ -375,6 +382,21 @@ async def completion_prompts(request: Request, body: CompletionRequest, engine: 
             raise APIError(400, f"a prompt has {len(p)} tokens; this model's context holds at most {limit} "
                                 "(prompt and output together): shorten it", param="prompt")
     return prompts
+
+
+def vllm_prompt_logprobs(tokens: TokenText, entries: list[TokenLogprob], k: int) -> list[Optional[dict]]:
+    """vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: {logprob, rank,
+    decoded_token}} for the token itself and the k likeliest there."""
+    out: list[Optional[dict]] = []
+    for e in entries:
+        if e.logprob is None:
+            out.append(None)
+            continue
+        item = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": tokens(e.token_id)[0]}}
+        for rank, (token_id, logprob) in enumerate(e.top[:k], start=1):
+            item.setdefault(str(token_id), {"logprob": logprob, "rank": rank, "decoded_token": tokens(token_id)[0]})
+        out.append(item)
+    return out
 
 
 class LegacyLogprobs:
@@ -460,6 +482,8 @@ async def completions(body: CompletionRequest, request: Request,
     for c in choices:
         text, entries = answer_part("".join(c.text), c.logprobs)
         answers.append({"index": c.index, "text": echoes[c.index] + text, "finish_reason": c.finish_reason,
-                        "logprobs": LegacyLogprobs(tokens, first_offset(c.index))(c.prompt_logprobs + entries)
-                        if body.logprobs is not None else None})
+                        "logprobs": LegacyLogprobs(tokens, first_offset(c.index))(
+                            (c.prompt_logprobs if body.echo else []) + entries) if body.logprobs is not None else None})
+        if body.prompt_logprobs is not None:
+            answers[-1]["prompt_logprobs"] = vllm_prompt_logprobs(tokens, c.prompt_logprobs, body.prompt_logprobs)
     return JSONResponse({**base, "choices": answers, "usage": usage(gens, prompts_once, score_only)})

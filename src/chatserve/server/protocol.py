@@ -356,6 +356,8 @@ class SamplingFields(BaseModel):
     min_p: Optional[Float] = sampling_field("min_p")
     repetition_penalty: Optional[Float] = sampling_field("repetition_penalty")
     ignore_eos: Bool = False
+    # vLLM's: each prompt token's logprob (and the top k there), on an unstreamed answer.
+    prompt_logprobs: Optional[Int] = Field(None, ge=0, le=20)
     # Token id (as a string, OpenAI's JSON keys) -> bias in [-100, 100]; -100 bans the token.
     logit_bias: Optional[dict[str, Float]] = None
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
