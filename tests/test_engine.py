@@ -657,22 +657,3 @@ def test_prompt_logprobs_chunked_preempted_and_cached_equal_the_models_own(qwen2
     assert outs[rid][0].num_cached_tokens == 0  # scored whole, not read from the cache
     assert engine.num_preemptions > 0
     assert len(tokens_of(outs[other])) == 30
-
-
-def test_compiled_decode_step_matches_eager_with_one_graph(qwen2_model):
-    """--compile: the decode step through torch.compile (inductor, C++ wrapper) gives the eager
-    engine's greedy tokens, alone and batched, with one graph for every batch size and width
-    (a lone request decodes with a scratch second row, whose block no request ever gets)."""
-    from torch._dynamo.utils import counters
-
-    eager = make_engine(qwen2_model)
-    compiled = make_engine(qwen2_model, compile=True)
-    graphs = counters["stats"]["unique_graphs"]
-    assert compiled.runner.kv_cache.num_blocks == compiled.num_blocks + 1
-    for batch in ([random_prompt(5, 1)], [random_prompt(40, 2), random_prompt(3, 3), random_prompt(70, 4)]):
-        want = [eager.run_to_completion([eager.add_request({"prompt_token_ids": p}, greedy(24))]) for p in batch]
-        ids = [compiled.add_request({"prompt_token_ids": p}, greedy(24)) for p in batch]
-        got = compiled.run_to_completion(ids)
-        assert [got[i].token_ids for i in ids] == [next(iter(w.values())).token_ids for w in want]
-        check_all_free(compiled)
-    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation after the warm-up

@@ -31,10 +31,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(groups of 32) for every Linear layer, the output head and the embedding (int8). "
                         "Default: as the checkpoint stores them (safetensors at --dtype; a GGUF's Q4_0/Q4_1 "
                         "blocks run as int4 as they are, Q8_0/Q6_K as int8); none = dequantize a GGUF to --dtype")
-    g.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (inductor, C++ wrapper on the CPU): on small "
-                        "models decode is about 1.5x faster, but the first start compiles for minutes (2-3 on 2 "
-                        "cores; under a minute once cached in inductor's cache dir). Off by default")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (auto picks CUDA when present)")
     g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="dummy = random weights on the model's real config (benchmarks without weights)")

@@ -47,10 +47,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # CPU threads for torch; None leaves torch's default.
     num_threads: Optional[int] = None
-    # Compile the decode step (steps without prefill) with torch.compile (inductor; on the CPU with
-    # its C++ wrapper): per-op overhead goes, decode runs faster, but the start takes minutes the
-    # first time (cached on disk after). Off by default.
-    compile: bool = False
     seed: int = 0
     # Sampling defaults over the model's generation_config, for every request that leaves them unset
     # (vLLM's --override-generation-config), e.g. {"temperature": 0.7, "top_p": 0.8}; the keys are

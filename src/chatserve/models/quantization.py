@@ -221,18 +221,6 @@ class SplitEmbedding(nn.Module):
         return self.blocks[ids // self.block, :, ids % self.block]
 
 
-@torch.library.custom_op("chatserve::packed_linear", mutates_args=())
-def packed_linear(rows: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """oneDNN's linear on a weight reordered by _reorder_linear_weight. An op of its own, so that
-    torch.compile calls it as it is (inductor's lowering of the oneDNN op wants a frozen weight)."""
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [None], "")
-
-
-@packed_linear.register_fake
-def _(rows: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0], packed.shape[0])
-
-
 class PackedLinear(StoredLinear):
     """A bf16 Linear on the CPU with its weight reordered once into oneDNN's blocked layout, so
     each call skips the reorder that F.linear pays for a plain weight: 30 layers of 576x3072 bf16
@@ -250,4 +238,4 @@ class PackedLinear(StoredLinear):
     bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return packed_linear(rows, self.packed, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [None], "")
