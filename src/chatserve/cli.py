@@ -98,7 +98,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=sampling_value("max_tokens", int), default=256,
                    help="most tokens to generate (default %(default)s)")
     g.add_argument("--temperature", type=sampling_value("temperature", float), default=None,
-                   help="0 = greedy; >= 0")
+                   help="0 = greedy; in [0, 2]")
     g.add_argument("--top-p", type=sampling_value("top_p", float), default=None,
                    help="nucleus sampling: sample among the most likely tokens whose probabilities add up to "
                         "top_p; in (0, 1]")
@@ -108,7 +108,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="drop tokens below min_p x the top probability; in [0, 1]")
     g.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty", float), default=None,
                    help="divide the scores of tokens already in the prompt or the answer by this (> 1 repeats "
-                        "less, 1 = off); > 0")
+                        "less, 1 = off); in (0, 2]")
     g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="seed for this generation")
     g.add_argument("--stop", action="append", default=[], type=sampling_value("stop", str),
                    help="a stop string (repeatable)")
