@@ -70,8 +70,8 @@ class Page:
         from playwright.sync_api import expect
 
         self.expect = expect
-        self.context = browser.new_context(base_url=url, viewport={"width": 1280, "height": 820},
-                                           **context_options)
+        context_options.setdefault("viewport", {"width": 1280, "height": 820})
+        self.context = browser.new_context(base_url=url, **context_options)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -723,3 +723,36 @@ def test_the_sidebar_loads_older_conversations_a_page_at_a_time(browser, tmp_pat
             screenshot(p, "web-sidebar-more.png")
         finally:
             page.close()
+
+
+@pytest.mark.parametrize("count", [0, 3, 50])
+def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
+    """At 320, 390 and 768 px wide, with 0, 3 or 50 conversations (short titles and 256-character
+    ones), the page is never wider than the screen and New chat, Settings and Send are on it."""
+    from chatserve.server.store import MAX_TITLE_CHARS, Store
+
+    db = tmp_path / "phone.sqlite3"
+    store = Store.open(str(db))
+    try:
+        for i in range(count):
+            title = f"Chat {i}" if i % 3 else "A long title " + "x" * (MAX_TITLE_CHARS - 13)
+            store.create_conversation(title, None, {"temperature": None, "top_p": None, "max_tokens": None})
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        for width in (320, 390, 768):
+            page = Page(browser, srv.url, viewport={"width": width, "height": 844})
+            try:
+                p = page.page
+                page.expect(p.locator("#conversation-list .conversation")).to_have_count(count)
+                if count:  # the open conversation shows its buttons, which take room of their own
+                    p.locator("#conversation-list .conversation").first.click()
+                page.expect(p.locator("#send")).to_be_visible()
+                scroll_width, inner = p.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+                assert scroll_width <= inner, (width, count, scroll_width)
+                for button in ("#new-chat", "#chat-settings", "#send"):
+                    box = p.locator(button).bounding_box()
+                    assert box and box["x"] >= 0 and box["x"] + box["width"] <= inner, (width, count, button, box)
+                screenshot(p, f"web-phone-{width}-{count}.png")
+            finally:
+                page.close()
