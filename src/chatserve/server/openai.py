@@ -19,12 +19,14 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams, TokenLogprob, effective_sampling_defaults
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, documented_errors,
-                       error_response)
+from ..engine.structured import StructuredOutput
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields,
+                       documented_errors, error_response)
 from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning, split_reasoning
 from .streaming import (GENERATION_ERRORS, MODEL_NOT_FOUND, ClosingStreamingResponse, Generation, check_api_key,
                         check_capacity, check_model, check_text_size, get_engine, render_chat, sampling_params, sse,
                         unless_disconnected)
+from .tools import ForcedCallStream, ToolCallStream, call_schema, supports_tools
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -57,7 +59,8 @@ async def get_model(model_id: str, request: Request) -> dict:
 # -- shared by both completion routes ------------------------------------------------------------
 
 def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int], logprobs: Optional[int],
-                  choice: int, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                  choice: int, prompt_logprobs: Optional[int] = None,
+                  structured: Optional[StructuredOutput] = None) -> SamplingParams:
     if body.prompt_logprobs is not None:
         if body.stream:
             raise APIError(400, "prompt_logprobs come with an unstreamed answer; leave stream out",
@@ -69,7 +72,7 @@ def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int
     seed = None if body.seed is None else body.seed + choice
     return sampling_params({**values, "max_tokens": max_tokens, "logprobs": logprobs, "seed": seed,
                             "prompt_logprobs": prompt_logprobs, "logit_bias": body.token_biases(),
-                            "structured_output": body.structured_output()}, defaults)
+                            "structured_output": structured or body.structured_output()}, defaults)
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -293,6 +296,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         raise APIError(400, "chat_template_kwargs.chat_template: this server renders its model's own chat template "
                        "only (start it with --trust-request-chat-template to accept one from requests)",
                        param="chat_template_kwargs.chat_template")
+    tools, forced = tool_setup(body, tokenizer, template_kwargs.get("chat_template"))
+    if tools:
+        template_kwargs["tools"] = tools
     messages = [m.as_template_message() for m in body.messages]
     prompt_ids = await render_chat(request, engine, messages, **template_kwargs)
     reasoning = is_reasoning_model(tokenizer)
@@ -300,7 +306,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     top = body.top_logprobs or 0
     defaults = engine.engine.generation_config
     params = [choice_params(body, defaults, body.max_completion_tokens or body.max_tokens,
-                            top if body.logprobs else None, i) for i in range(body.n)]
+                            top if body.logprobs else None, i, structured=forced) for i in range(body.n)]
+
+    def tool_stream() -> Optional[ToolCallStream]:
+        return None if not tools else ForcedCallStream() if forced else ToolCallStream()
+
+    def with_calls(message: dict, calls: list[dict], finish_reason: Optional[str]) -> Optional[str]:
+        """Puts the calls on the message; the finish_reason the answer ends with."""
+        if not calls:
+            return finish_reason
+        message["tool_calls"] = calls if body.parallel_tool_calls is not False else calls[:1]
+        message["content"] = message.get("content") or None
+        return "tool_calls" if finish_reason == "stop" else finish_reason
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     gens = await start_generations(request, engine, [prompt_ids] * body.n, params, request_id)
     tokens = token_text(request, engine)
@@ -309,12 +326,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
     if body.stream:
         parsers = [ReasoningParser(opened) if reasoning else None for _ in gens]
+        calling = [tool_stream() for _ in gens]
+        finish_reasons: list[Optional[str]] = [None] * len(gens)
         started = [False] * len(gens)
         pending: list[list[TokenLogprob]] = [[] for _ in gens]
 
         def make_chunk(i: int, out: RequestOutput, last: bool) -> Optional[dict]:
             if last:
-                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
+                return {"index": i, "delta": {}, "logprobs": None,
+                        "finish_reason": finish_reasons[i] or out.finish_reason}
             pending[i].extend(out.logprobs or [])
             text = out.text
             delta: dict = {}
@@ -328,10 +348,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                     thought, text = thought + more_thought, text + more_text
                 if thought:
                     delta["reasoning_content"] = thought
+            if calling[i] is not None:
+                # Calls stream whole, one delta entry each, once the answer is complete.
+                text = calling[i].feed(text)
+                if out.finished:
+                    rest, calls = calling[i].finish()
+                    text += rest
+                    called: dict = {}
+                    finish_reasons[i] = with_calls(called, calls, out.finish_reason)
+                    if "tool_calls" in called:
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(called["tool_calls"])]
             if text or "role" in delta:
                 delta["content"] = text
             # Logprobs ride with the next chunk that carries text (or the last one).
-            if not (text or delta.get("reasoning_content") or "role" in delta or (out.finished and pending[i])):
+            if not (text or delta.get("reasoning_content") or "role" in delta or "tool_calls" in delta
+                    or (out.finished and pending[i])):
                 return None
             lp = chat_logprobs(tokens, pending[i], top) if body.logprobs and pending[i] else None
             pending[i] = []
@@ -352,11 +383,45 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         if reasoning:
             thought, content = split_reasoning(text, opened)
             message = {"role": "assistant", "content": content, "refusal": None, "reasoning_content": thought}
-        answers.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
+        finish_reason = c.finish_reason
+        if (calling := tool_stream()) is not None:
+            head = calling.feed(message["content"])
+            rest, calls = calling.finish()
+            message["content"] = head + rest
+            finish_reason = with_calls(message, calls, finish_reason)
+        answers.append({"index": c.index, "message": message, "finish_reason": finish_reason,
                         "logprobs": chat_logprobs(tokens, c.logprobs, top) if body.logprobs else None})
     extra = {} if body.prompt_logprobs is None else {
         "prompt_logprobs": vllm_prompt_logprobs(tokens, choices[0].prompt_logprobs, body.prompt_logprobs)}
     return JSONResponse({**base, "object": "chat.completion", "choices": answers, "usage": usage(gens, [0]), **extra})
+
+
+def tool_setup(body: ChatCompletionRequest, tokenizer,
+               request_template: Optional[str]) -> tuple[Optional[list[dict]], Optional[StructuredOutput]]:
+    """The tool definitions for the template (None when no tool may be called) and, for
+    tool_choice "required" or a named function, the constraint that makes the answer one call."""
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    if choice != "none" and not body.tools:
+        raise APIError(400, "tool_choice needs tools: declare the functions in 'tools'", param="tool_choice")
+    if choice == "none":
+        return None, None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    names = [t["function"]["name"] for t in tools]
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if named is not None and named not in names:
+        raise APIError(400, f"tool_choice names {named!r}, which is not among the tools ({', '.join(names)})",
+                       param="tool_choice")
+    template = request_template or (tokenizer.get_chat_template(None, tools)
+                                    if getattr(tokenizer, "chat_template", None) else "")
+    if not supports_tools(template):
+        raise APIError(400, "this model's chat template does not render tools, so it cannot call them; leave "
+                            "'tools' out", param="tools")
+    if choice == "auto":
+        return tools, None
+    if body.structured_output() is not None:
+        raise APIError(400, "tool_choice required or a named function already constrains the answer; leave "
+                            "response_format out", param="tool_choice")
+    return tools, StructuredOutput.from_json_schema(call_schema(tools, named), "tool_choice")
 
 
 # -- /v1/completions ----------------------------------------------------------------------------

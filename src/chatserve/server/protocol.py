@@ -299,19 +299,45 @@ class ContentPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text = Field(description="the arguments as a JSON string, as OpenAI sends them")
+
+
+class ToolCall(BaseModel):
+    id: Optional[Text] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: Optional[Text] = None
+    parameters: Optional[dict] = Field(None, description="the arguments' JSON schema")
+    strict: Optional[Bool] = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class OpenAIMessage(BaseModel):
     # "developer" is OpenAI's newer name for "system".
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, list[ContentPart], None] = None
     name: Optional[Text] = None
-    tool_calls: Optional[list] = None
-
-    @field_validator("tool_calls")
-    @classmethod
-    def no_tool_calls(cls, tool_calls):
-        if tool_calls:  # rather than dropped from the history without a word
-            raise ValueError("tool calls in the history are not supported by this server yet")
-        return tool_calls
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[Text] = None  # a tool message: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -330,7 +356,21 @@ class OpenAIMessage(BaseModel):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            # Templates write the arguments out themselves (`| tojson`): as an object where they parse.
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class StreamOptions(BaseModel):
@@ -444,13 +484,13 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[Int] = Field(None, ge=0, le=20)
     # Passed to the chat template, e.g. {"enable_thinking": false} for Qwen3.
     chat_template_kwargs: Optional[dict] = None
-    tools: Optional[list] = None
+    tools: Optional[list[ToolDefinition]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     # OpenAI's effort levels map onto the template's thinking switch (Qwen3's enable_thinking).
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     modalities: Optional[list[Literal["text", "audio"]]] = None
     functions: Optional[list] = None
     function_call: Union[str, dict, None] = None
-    tool_choice: Union[str, dict, None] = None
     parallel_tool_calls: Optional[Bool] = None
 
     @field_validator("chat_template_kwargs")
@@ -462,13 +502,13 @@ class ChatCompletionRequest(SamplingFields):
                              "variables to the template, e.g. {\"enable_thinking\": false})")
         return kwargs
 
-    @field_validator("tools", "functions", "function_call", "tool_choice")
+    @field_validator("functions", "function_call")
     @classmethod
-    def no_tools(cls, tools):
-        if tools and tools != "none":  # never silently ignored: a client relying on them must know
-            raise ValueError("tool calling is not supported by this server yet; leave 'tools', 'functions' "
-                             "and 'function_call' out")
-        return tools
+    def no_legacy_functions(cls, functions):
+        if functions:  # never silently ignored: a client relying on them must know
+            raise ValueError("the legacy 'functions' / 'function_call' are not supported: send 'tools' and "
+                             "'tool_choice' instead")
+        return functions
 
     @field_validator("modalities")
     @classmethod
