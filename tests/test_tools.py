@@ -142,3 +142,25 @@ def test_tool_errors(server):
         error = r.json()["error"]
         assert error["param"] == param and words in error["message"], (body, error)
     assert post().status_code == 200  # and the server keeps serving
+
+
+def test_langchain_structured_output_and_bound_tools(server):
+    """LangChain's ChatOpenAI against this server: with_structured_output (json_schema and
+    function_calling) gives a validated object, bind_tools with a forced tool gives a tool call."""
+    import langchain_openai
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        """The weather in a city."""
+        city: str = Field(max_length=20)
+        unit: str = Field(pattern="^(celsius|fahrenheit)$")
+
+    llm = langchain_openai.ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model="dummy_model",
+                                      max_tokens=120, temperature=0, max_retries=0, timeout=WAIT_S)
+    for method in ("json_schema", "function_calling"):
+        got = llm.with_structured_output(Weather, method=method).invoke("What is the weather in Paris?")
+        assert isinstance(got, Weather), (method, got)
+    message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
