@@ -164,3 +164,28 @@ def test_langchain_structured_output_and_bound_tools(server):
     (call,) = message.tool_calls
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+
+
+def test_auto_parses_a_call_the_model_writes_in_its_own_words(server):
+    """tool_choice auto end to end: the model's answer (made to be this text by a choice
+    constraint, since random weights write none by themselves) is parsed into tool_calls, the text
+    before the call stays content, unstreamed and streamed alike."""
+    said = 'Let me check.<tool_call>\n{"name": "get_time", "arguments": {"zone": 3}}\n</tool_call>'
+    kwargs = dict(model="dummy_model", messages=ASK, tools=[WEATHER, TIME], max_tokens=200,
+                  extra_body={"structured_outputs": {"choice": [said]}})
+    r = server.client.chat.completions.create(**kwargs)
+    (answer,) = r.choices
+    assert answer.finish_reason == "tool_calls" and answer.message.content == "Let me check."
+    (call,) = answer.message.tool_calls
+    assert arguments_of(call, TIME) == {"zone": 3}
+    content, calls, finish = "", [], None
+    for chunk in server.client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        calls += delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert content == "Let me check." and finish == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_time", {"zone": 3})]
+    # Without tools the same answer is plain text.
+    plain = server.client.chat.completions.create(**{**kwargs, "tools": None})
+    assert plain.choices[0].message.content == said and not plain.choices[0].message.tool_calls
