@@ -267,7 +267,11 @@ class Sampler:
 
         token_list = tokens.tolist()
         logprobs: list[Optional[TokenLogprob]] = [None] * len(rows)
-        for i, row in enumerate(rows):
-            if row.params.logprobs is not None:
-                logprobs[i] = logprobs_of(raw_logits[i:i + 1], [token_list[i]], row.params.logprobs)[0]
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if asked:  # one log-softmax and top-k for every row that asked, each keeping its own k
+            entries = logprobs_of(raw_logits[asked], [token_list[i] for i in asked],
+                                  max(rows[i].params.logprobs for i in asked))
+            for i, entry in zip(asked, entries):
+                entry.top = entry.top[:rows[i].params.logprobs]
+                logprobs[i] = entry
         return token_list, logprobs

@@ -71,8 +71,8 @@ def choice_params(body: SamplingFields, defaults: dict, max_tokens: Optional[int
     # Each of n choices draws differently, yet the same seed still gives the same answers.
     seed = None if body.seed is None else body.seed + choice
     return sampling_params({**values, "max_tokens": max_tokens, "logprobs": logprobs, "seed": seed,
-                            "prompt_logprobs": prompt_logprobs, "logit_bias": body.token_biases(),
-                            "structured_output": structured or body.structured_output()}, defaults)
+                            "prompt_logprobs": prompt_logprobs, "logit_bias": body.token_biases,
+                            "structured_output": structured or body.structured_output}, defaults)
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -418,7 +418,7 @@ def tool_setup(body: ChatCompletionRequest, tokenizer,
                             "'tools' out", param="tools")
     if choice == "auto":
         return tools, None
-    if body.structured_output() is not None:
+    if body.structured_output is not None:
         raise APIError(400, "tool_choice required or a named function already constrains the answer; leave "
                             "response_format out", param="tool_choice")
     return tools, StructuredOutput.from_json_schema(call_schema(tools, named), "tool_choice")

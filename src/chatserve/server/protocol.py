@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -410,6 +411,7 @@ class SamplingFields(BaseModel):
     guided_choice: Optional[list[Text]] = None
     guided_grammar: Optional[Text] = None
 
+    @functools.cached_property
     def token_biases(self) -> dict[int, float]:
         biases = {}
         for key, bias in (self.logit_bias or {}).items():
@@ -420,6 +422,7 @@ class SamplingFields(BaseModel):
                                param="logit_bias") from None
         return biases
 
+    @functools.cached_property
     def structured_output(self) -> Optional[StructuredOutput]:
         """The one output constraint the request asks for, or None; a 400 for a malformed or
         doubled one (a schema that does not compile is the engine's 400, when the request is made)."""
