@@ -50,3 +50,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels_built():
+    # Built (or found in the cache) before any engine starts, so every engine and server the tests
+    # start decodes on the native kernels (--native-kernels auto) rather than on whichever path a
+    # background build had reached; tests/test_native.py holds them to the PyTorch path.
+    import torch
+
+    from chatserve.models import native
+
+    native.start("on", torch.device("cpu"))

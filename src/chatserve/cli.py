@@ -45,6 +45,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="per-step token budget; longer prompts prefill in chunks (default %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    g.add_argument("--native-kernels", default=d.native_kernels, choices=["auto", "on", "off"],
+                   help="chatserve's C++ decode kernels for the CPU (fused norms, SiLU and paged attention; "
+                        "about 2x faster decode on small models), compiled once with the machine's C++ compiler "
+                        "and cached in ~/.cache/chatserve/kernels. auto = use them when cached, else build them "
+                        "in the background while decode runs on PyTorch ops (default); on = build before "
+                        "serving and fail if that is impossible; off = PyTorch ops only")
     g.add_argument("--engine-seed", dest="seed", type=int, default=d.seed,
                    help="seed of the engine's generator for unseeded requests (default %(default)s)")
     g.add_argument("--override-generation-config", type=generation_overrides, default={}, metavar="JSON",

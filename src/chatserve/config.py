@@ -48,6 +48,9 @@ class EngineConfig:
     # CPU threads for torch; None leaves torch's default.
     num_threads: Optional[int] = None
     seed: int = 0
+    # The native CPU decode kernels (models/native.py): "auto" (use them once built: a background
+    # build on first use), "on" (build before serving; fail if impossible) or "off".
+    native_kernels: str = "auto"
     # Sampling defaults over the model's generation_config, for every request that leaves them unset
     # (vLLM's --override-generation-config), e.g. {"temperature": 0.7, "top_p": 0.8}; the keys are
     # engine.sampling.DEFAULTABLE.
@@ -66,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.quantization not in (None, "int8", "int4", "none"):
             raise ValueError(f"quantization must be int8, int4 or none, got {self.quantization!r}")
+        if self.native_kernels not in ("auto", "on", "off"):
+            raise ValueError(f"native_kernels must be auto, on or off, got {self.native_kernels!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         from .engine.sampling import check_sampling_defaults  # torch: not for the light commands

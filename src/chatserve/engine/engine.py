@@ -69,7 +69,7 @@ class Engine:
                                  mcfg.max_position_embeddings, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.native_kernels)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self.loaded.eos_token_ids

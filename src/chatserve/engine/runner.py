@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from ..models import native
 from ..models.layers import AttentionMetadata, KVCache, PrefillSpan
 from ..models.loader import LoadedModel
 from .request import Request
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, native_kernels: str = "off"):
         cfg = loaded.config
+        # Decode-only steps on the CPU run on the native kernels once they are loaded (models/native.py).
+        self.native = native_kernels != "off" and loaded.device.type == "cpu"
+        native.start(native_kernels, loaded.device)
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = block_size
@@ -70,10 +76,12 @@ class ModelRunner:
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            lens = self._tensor(decode_lens)
+            lens = meta.decode_context_lens = self._tensor(decode_lens)
             attend = torch.arange(width * bs, device=self.device) < lens.unsqueeze(1)
             meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(~attend, float("-inf"))[
                 :, None, None, :]
-        logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
-                            self._tensor(logits_indices + prompt_indices))
+        ops = native.ops() if self.native and not prefills else None
+        run = self.model if ops is None else partial(self.model.decode, ops)
+        logits = run(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
+                     self._tensor(logits_indices + prompt_indices))
         return logits, sampled, scored

@@ -119,6 +119,7 @@ class AttentionMetadata:
     num_prefill_tokens: int = 0
     decode_block_tables: Optional[torch.Tensor] = None  # [D, max_blocks]
     decode_bias: Optional[torch.Tensor] = None  # [D, 1, 1, max_blocks * block_size] fp32: 0 attend, -inf not
+    decode_context_lens: Optional[torch.Tensor] = None  # [D] tokens of KV each decode attends to, its own included
 
 
 class KVCache:
@@ -309,3 +310,25 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, meta, *kv_cache.layer(i))
         x = self.model.norm(x[logits_indices])
         return self.compute_logits(x).float()
+
+    def decode(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+               kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+        """forward() for a step of decodes only, on the native kernels (`ops`, models/native.py):
+        per layer four calls besides the four matmuls. The residual stream `x` is added to in place;
+        `h` is always the normed input of the next sublayer."""
+        layers, eps = self.model.layers, self.config.rms_norm_eps
+        x = self.model.embed_tokens(input_ids)
+        h = ops.rms_norm(x, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            k_pool, v_pool = kv_cache.layer(i)
+            q_norm = None if attn.q_norm is None else attn.q_norm.weight
+            k_norm = None if attn.k_norm is None else attn.k_norm.weight
+            a = ops.decode_attention(attn.qkv_proj(h), self.rotary.cos, self.rotary.sin, positions, k_pool, v_pool,
+                                     meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                                     q_norm, k_norm, eps, attn.num_heads, attn.num_kv_heads, meta.block_size,
+                                     attn.scale)
+            h = ops.add_rms_norm(x, attn.o_proj(a), layer.post_attention_layernorm.weight, eps)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = ops.add_rms_norm(x, mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))), following.weight, eps)
+        return self.compute_logits(h[logits_indices]).float()

@@ -1,0 +1,286 @@
+// chatserve's CPU decode kernels: the small ops of a decoder layer fused, so a decode step runs a
+// handful of calls per layer instead of ~50 PyTorch ops (each a few microseconds of dispatch on the
+// CPU, which for a small model is as long as its matmuls). Built once by models/native.py and
+// loaded with torch.ops.load_library; the matmuls stay PyTorch's (quantized or not).
+//
+// Every op computes in fp32 and rounds to the activations' dtype where the PyTorch path does, so
+// both paths give the same tokens (tests/test_native.py holds them to each other).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;  // one AVX-512 register of floats: partial sums kept per lane
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+template <>
+inline float to_f<float>(float x) { return x; }
+template <>
+inline float to_f<c10::BFloat16>(c10::BFloat16 x) {
+  // The bit pattern shifted up: the compiler vectorises this, unlike the library conversion.
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }
+
+// Rounded to T and back: the value the PyTorch path holds after an op that outputs T.
+template <typename T>
+inline float round_to(float x) { return to_f<T>(from_f<T>(x)); }
+
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += to_f<A>(a[i + j]) * to_f<B>(b[i + j]);
+  float sum = 0.f;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; i < n; ++i) sum += to_f<A>(a[i]) * to_f<B>(b[i]);
+  return sum;
+}
+
+// RMSNorm of one row as models/layers.py's RMSNorm: normalised in fp32, rounded to T, times the
+// weight (a T by T product).
+template <typename T>
+inline void rms_row(const T* x, const T* w, T* out, int64_t n, float eps) {
+  float ss = dot<T, T>(x, x, n);
+  float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(to_f<T>(w[i]) * round_to<T>(to_f<T>(x[i]) * r));
+}
+
+// The same over fp32 values in place (per-head q/k norms of Qwen3), giving T-rounded values.
+template <typename T>
+inline void rms_row_f(float* x, const T* w, int64_t n, float eps) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
+  float ss = 0.f;
+  for (int j = 0; j < kLanes; ++j) ss += acc[j];
+  for (; i < n; ++i) ss += x[i] * x[i];
+  float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (i = 0; i < n; ++i) x[i] = round_to<T>(to_f<T>(w[i]) * round_to<T>(x[i] * r));
+}
+
+// Rows per parallel task: below this much work a task is not worth a thread.
+inline int64_t grain(int64_t work_per_item, int64_t min_work = 32768) {
+  return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_item));
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), name,
+              ": expected a contiguous 2-D CPU tensor");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1) && weight.is_contiguous(),
+              "rms_norm: weight must be [hidden] of the input's dtype");
+  auto out = at::empty_like(x);
+  const int64_t rows = x.size(0), n = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) rms_row<scalar_t>(xp + r * n, wp, op + r * n, n, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// x += delta (in place: the residual stream), then RMSNorm(x): the two ops between a layer's
+// sublayers in one pass.
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  check_rows(x, "add_rms_norm");
+  check_rows(delta, "add_rms_norm");
+  TORCH_CHECK(delta.sizes() == x.sizes() && delta.scalar_type() == x.scalar_type(),
+              "add_rms_norm: delta must match x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1) && weight.is_contiguous(),
+              "add_rms_norm: weight must be [hidden] of the input's dtype");
+  auto out = at::empty_like(x);
+  const int64_t rows = x.size(0), n = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dp = delta.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* row = xp + r * n;
+        const scalar_t* d = dp + r * n;
+        for (int64_t i = 0; i < n; ++i) row[i] = from_f<scalar_t>(to_f<scalar_t>(row[i]) + to_f<scalar_t>(d[i]));
+        rms_row<scalar_t>(row, wp, op + r * n, n, static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+// [rows, 2 * I] (gate, up) -> silu(gate) * up, [rows, I].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "silu_mul");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  auto out = at::empty({rows, n}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* gp = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows * n, 16384, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t r = k / n, i = k % n;
+        const float g = to_f<scalar_t>(gp[r * 2 * n + i]);
+        const float s = round_to<scalar_t>(g / (1.f + std::exp(-g)));
+        op[k] = from_f<scalar_t>(s * to_f<scalar_t>(gp[r * 2 * n + n + i]));
+      }
+    });
+  });
+  return out;
+}
+
+// One decode step of attention for a batch of single-token queries over the paged KV cache:
+// split the fused qkv rows, apply the per-head q/k norms (when given) and RoPE, write this token's
+// K and V at its slot, and attend over the sequence's context. out [rows, heads * head_dim].
+//   qkv [rows, (heads + 2 * kv_heads) * head_dim]; cos, sin [max_positions, head_dim] fp32 (sin with
+//   its first half negated, as RotaryEmbedding keeps it); positions, slots, context_lens [rows];
+//   k_pool, v_pool [num_slots, kv_heads, head_dim]; block_tables [rows, max_blocks].
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& positions, at::Tensor& k_pool, at::Tensor& v_pool,
+                            const at::Tensor& slots, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, const std::optional<at::Tensor>& q_norm,
+                            const std::optional<at::Tensor>& k_norm, double eps, int64_t heads,
+                            int64_t kv_heads, int64_t block_size, double scale) {
+  check_rows(qkv, "decode_attention");
+  const int64_t rows = qkv.size(0);
+  const int64_t dim = k_pool.size(2);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim, "decode_attention: qkv width");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == qkv.scalar_type() &&
+                  v_pool.scalar_type() == qkv.scalar_type() && k_pool.size(1) == kv_heads,
+              "decode_attention: the KV pools must be contiguous [slots, kv_heads, head_dim] of qkv's dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.size(1) == dim &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "decode_attention: cos/sin tables must be fp32 [positions, head_dim]");
+  for (const at::Tensor* t : {&positions, &slots, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == rows && t->is_contiguous(),
+                "decode_attention: positions, slots and context_lens must be int64 [rows]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == rows &&
+                  block_tables.is_contiguous(),
+              "decode_attention: block_tables must be int64 [rows, max_blocks]");
+  TORCH_CHECK(heads % kv_heads == 0, "decode_attention: heads must be a multiple of kv_heads");
+  const bool qk_norm = q_norm.has_value();
+  TORCH_CHECK(qk_norm == k_norm.has_value(), "decode_attention: q_norm and k_norm come together");
+  const int64_t width = qkv.size(1), group = heads / kv_heads, half = dim / 2;
+  const int64_t max_blocks = block_tables.size(1), num_slots = k_pool.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < num_slots, "decode_attention: slot out of range");
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < cos.size(0), "decode_attention: position out of range");
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= max_blocks * block_size, "decode_attention: context length out of range");
+  }
+  auto out = at::empty({rows, heads * dim}, qkv.options());
+  // The roped queries, fp32 (T-rounded values), [rows, heads, dim].
+  std::vector<float> q_all(rows * heads * dim);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "decode_attention", [&] {
+    using T = scalar_t;
+    const T* in = qkv.data_ptr<T>();
+    T* kp = k_pool.data_ptr<T>();
+    T* vp = v_pool.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const T* qn = qk_norm ? q_norm->data_ptr<T>() : nullptr;
+    const T* kn = qk_norm ? k_norm->data_ptr<T>() : nullptr;
+
+    // 1. Norms, RoPE and the K/V write, one (row, head) of q or k at a time.
+    at::parallel_for(0, rows * (heads + kv_heads), grain(dim * 8), [&](int64_t b, int64_t e) {
+      std::vector<float> h(dim);
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t r = k / (heads + kv_heads), hh = k % (heads + kv_heads);
+        const bool is_q = hh < heads;
+        const T* src = in + r * width + hh * dim;  // q heads then k heads, side by side
+        for (int64_t i = 0; i < dim; ++i) h[i] = to_f<T>(src[i]);
+        if (qk_norm) rms_row_f<T>(h.data(), is_q ? qn : kn, dim, static_cast<float>(eps));
+        const float* c = cos_p + pos[r] * dim;
+        const float* s = sin_p + pos[r] * dim;
+        // x * cos + roll(x, dim / 2) * signed_sin, with the tables rounded to T as the PyTorch path does.
+        float* dst_q = is_q ? q_all.data() + (r * heads + hh) * dim : nullptr;
+        T* dst_k = is_q ? nullptr : kp + (slot[r] * kv_heads + (hh - heads)) * dim;
+        for (int64_t i = 0; i < dim; ++i) {
+          const float rolled = h[i < half ? i + half : i - half];
+          const float v = round_to<T>(round_to<T>(h[i] * round_to<T>(c[i])) + rolled * round_to<T>(s[i]));
+          if (is_q) dst_q[i] = v; else dst_k[i] = from_f<T>(v);
+        }
+        if (!is_q) {
+          const T* vsrc = in + r * width + (heads + kv_heads + hh - heads) * dim;
+          T* vdst = vp + (slot[r] * kv_heads + (hh - heads)) * dim;
+          std::memcpy(vdst, vsrc, dim * sizeof(T));
+        }
+      }
+    });
+
+    // 2. Attention, one (row, query head) at a time, fp32 throughout.
+    int64_t longest = 0;
+    for (int64_t r = 0; r < rows; ++r) longest = std::max(longest, lens[r]);
+    at::parallel_for(0, rows * heads, grain(longest * dim * 2), [&](int64_t b, int64_t e) {
+      std::vector<float> scores(longest);
+      std::vector<float> acc(dim);
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t r = k / heads, hd = k % heads, g = hd / group, len = lens[r];
+        const int64_t* table = tables + r * max_blocks;
+        const float* q = q_all.data() + (r * heads + hd) * dim;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t sl = table[t / block_size] * block_size + t % block_size;
+          const float sc = dot<float, T>(q, kp + (sl * kv_heads + g) * dim, dim) * static_cast<float>(scale);
+          scores[t] = sc;
+          top = std::max(top, sc);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          scores[t] = std::exp(scores[t] - top);
+          total += scores[t];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t sl = table[t / block_size] * block_size + t % block_size;
+          const T* v = vp + (sl * kv_heads + g) * dim;
+          const float p = scores[t];
+          for (int64_t i = 0; i < dim; ++i) acc[i] += p * to_f<T>(v[i]);
+        }
+        T* dst = op + r * heads * dim + hd * dim;
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < dim; ++i) dst[i] = from_f<T>(acc[i] * inv);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chatserve, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
+        "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
+        "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
+        &decode_attention);
+}
