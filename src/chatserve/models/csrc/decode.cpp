@@ -36,6 +36,14 @@ inline float to_f<c10::BFloat16>(c10::BFloat16 x) {
 
 template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
+template <>
+inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
+  // Round to nearest even, as c10's conversion, without its NaN branch, so loops vectorise.
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
 
 // Rounded to T and back: the value the PyTorch path holds after an op that outputs T.
 template <typename T>
@@ -51,6 +59,27 @@ inline float dot(const A* a, const B* b, int64_t n) {
   for (int j = 0; j < kLanes; ++j) sum += acc[j];
   for (; i < n; ++i) sum += to_f<A>(a[i]) * to_f<B>(b[i]);
   return sum;
+}
+
+// exp(x) in a form the compiler vectorises (std::exp is a scalar call: for the softmax and SiLU
+// of a decode step it was most of their time): 2^(x log2 e) as 2^integer, put in the exponent
+// bits, times a degree-6 polynomial for 2^fraction; about 1e-7 relative error.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float whole = std::floor(t);
+  const float f = t - whole;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
 }
 
 // RMSNorm of one row as models/layers.py's RMSNorm: normalised in fp32, rounded to T, times the
@@ -139,12 +168,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* gp = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows * n, 16384, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        const int64_t r = k / n, i = k % n;
-        const float g = to_f<scalar_t>(gp[r * 2 * n + i]);
-        const float s = round_to<scalar_t>(g / (1.f + std::exp(-g)));
-        op[k] = from_f<scalar_t>(s * to_f<scalar_t>(gp[r * 2 * n + n + i]));
+    at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* g = gp + r * 2 * n;
+        const scalar_t* u = g + n;
+        scalar_t* o = op + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const float x = to_f<scalar_t>(g[i]);
+          o[i] = from_f<scalar_t>(round_to<scalar_t>(x / (1.f + fast_exp(-x))) * to_f<scalar_t>(u[i]));
+        }
       }
     });
   });
@@ -254,9 +286,9 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
         }
         float total = 0.f;
         for (int64_t t = 0; t < len; ++t) {
-          scores[t] = std::exp(scores[t] - top);
-          total += scores[t];
+          scores[t] = fast_exp(scores[t] - top);
         }
+        for (int64_t t = 0; t < len; ++t) total += scores[t];
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < len; ++t) {
           const int64_t sl = table[t / block_size] * block_size + t % block_size;
