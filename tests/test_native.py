@@ -102,11 +102,16 @@ def test_decode_step_matches_pytorch_path(ops, tiny_model_dir, storage):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(kv_native.data, kv.data, atol=1e-5, rtol=1e-5)
     else:
-        # bf16 activations: the two paths round at the same points but sum in other orders.
-        scale = expected.abs().max()
-        assert (got - expected).abs().max() <= 0.03 * scale
-        assert (got.argmax(-1) == expected.argmax(-1)).all()
-        torch.testing.assert_close(kv_native.data.float(), kv.data.float(), atol=0.05, rtol=0.02)
+        # bf16 activations (and int8 ones inside the integer kernel): the two paths round at other
+        # points and sum in other orders.
+        def rel(a, b):
+            return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+        # bf16 comes out bit-exact today; int8 activations cost the most.
+        bound = {"bfloat16": 1e-3, "int4": 0.02, "int8": 0.05}[storage]
+        assert rel(got, expected) <= bound, rel(got, expected)
+        assert rel(kv_native.data, kv.data) <= bound, rel(kv_native.data, kv.data)
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 2 / 3
 
 
 def test_engine_greedy_tokens_are_the_same_with_and_without_the_kernels(ops, qwen3_dir, caplog):
@@ -128,3 +133,22 @@ def test_native_kernels_flag(tmp_path):
 
     args = build_parser().parse_args(["serve", "--native-kernels", "off"])
     assert args.native_kernels == "off"
+
+
+def test_int8_kernel_is_the_int8_matmul(ops):
+    if not ops.int8_gemv_available():
+        pytest.skip("this CPU has no AVX-512 VNNI: int8 layers keep PyTorch's kernel")
+    from chatserve.models.quantization import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.quantize(torch.randn(200, 128) * 0.05, torch.randn(200))  # 200: not a multiple of 4
+    deq = layer.qweight.float() * layer.scales.float().unsqueeze(1)
+    for rows in (1, 3, 4, 7, 32):
+        x = torch.randn(rows, 128).bfloat16()
+        expected = x.float() @ deq.t()
+        got = ops.int8_gemv(x, layer.qweight, layer.scales)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 200)
+        # Activations in int8 blocks of 32, as llama.cpp's Q8_0 dot products: ~0.5% error.
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        ops.int8_gemv(torch.randn(1, 96), torch.zeros(8, 96, dtype=torch.int8), torch.ones(8))

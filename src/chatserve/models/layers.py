@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantization import Int8Linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -314,9 +316,18 @@ class CausalLM(nn.Module):
     def decode(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """forward() for a step of decodes only, on the native kernels (`ops`, models/native.py):
-        per layer four calls besides the four matmuls. The residual stream `x` is added to in place;
-        `h` is always the normed input of the next sublayer."""
+        per layer four calls besides the four matmuls, and int8 matmuls on the native integer
+        kernel. The residual stream `x` is added to in place; `h` is always the normed input of the
+        next sublayer."""
         layers, eps = self.model.layers, self.config.rms_norm_eps
+        int8 = ops.int8_gemv_available()
+
+        def linear(layer: nn.Module, rows: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+            if int8 and type(layer) is Int8Linear and layer.in_features % 64 == 0:
+                out = ops.int8_gemv(rows, layer.qweight, layer.scales, out_dtype)
+                return out if layer.bias is None else out + layer.bias
+            return layer(rows)
+
         x = self.model.embed_tokens(input_ids)
         h = ops.rms_norm(x, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
@@ -324,11 +335,14 @@ class CausalLM(nn.Module):
             k_pool, v_pool = kv_cache.layer(i)
             q_norm = None if attn.q_norm is None else attn.q_norm.weight
             k_norm = None if attn.k_norm is None else attn.k_norm.weight
-            a = ops.decode_attention(attn.qkv_proj(h), self.rotary.cos, self.rotary.sin, positions, k_pool, v_pool,
-                                     meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+            a = ops.decode_attention(linear(attn.qkv_proj, h), self.rotary.cos, self.rotary.sin, positions, k_pool,
+                                     v_pool, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                      q_norm, k_norm, eps, attn.num_heads, attn.num_kv_heads, meta.block_size,
                                      attn.scale)
-            h = ops.add_rms_norm(x, attn.o_proj(a), layer.post_attention_layernorm.weight, eps)
+            h = ops.add_rms_norm(x, linear(attn.o_proj, a), layer.post_attention_layernorm.weight, eps)
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h = ops.add_rms_norm(x, mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))), following.weight, eps)
-        return self.compute_logits(h[logits_indices]).float()
+            h = ops.add_rms_norm(x, linear(mlp.down_proj, ops.silu_mul(linear(mlp.gate_up_proj, h))),
+                                 following.weight, eps)
+        h = h[logits_indices]
+        head = self._modules.get("lm_head")
+        return (F.linear(h, self.model.embed_tokens.weight) if head is None else linear(head, h, torch.float32)).float()
