@@ -164,13 +164,17 @@ def check_chatserve() -> None:
                          "'file.gguf', quantization=None|'int8'|'int4')), which are not there in this checkout")
 
 
+# --native-kernels: chatserve's C++ decode kernels, "on" (built before anything is measured) or "off".
+NATIVE_KERNELS = "on"
+
+
 class Chatserve:
     def __init__(self, path: Path, dtype: str, quantization: Optional[str], num_kv_blocks: int):
         from chatserve import Engine, EngineConfig
 
         self.engine = Engine(EngineConfig(model=str(path), dtype=dtype, device="cpu", quantization=quantization,
                                           num_threads=NUM_THREADS, num_kv_blocks=num_kv_blocks, block_size=BLOCK_SIZE,
-                                          max_num_batched_tokens=MAX_BATCH_TOKENS))
+                                          max_num_batched_tokens=MAX_BATCH_TOKENS, native_kernels=NATIVE_KERNELS))
 
     @staticmethod
     def _greedy(max_tokens: int):
@@ -767,6 +771,9 @@ def main() -> None:
     parser.add_argument("--quant-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="activation dtype for Q8_0/Q4 files in chatserve "
                              "(auto: bfloat16 on CPUs with native bf16)")
+    parser.add_argument("--native-kernels", default="on", choices=["on", "off"],
+                        help="chatserve's C++ decode kernels (models/native.py): on (default; built before "
+                             "measuring) or off (PyTorch ops alone)")
     parser.add_argument("--rss-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -786,9 +793,17 @@ def main() -> None:
         args.quant_dtype = str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", "")
     torch.set_num_threads(NUM_THREADS)
     s = Settings.quick() if args.quick else Settings()
+    global NATIVE_KERNELS
+    NATIVE_KERNELS = args.native_kernels
+    native_line = "off (PyTorch ops alone)"
+    if args.native_kernels == "on":
+        from chatserve.models import native
+
+        native.start("on", torch.device("cpu"))
+        native_line = f"on; int8 matmuls on AVX-512 VNNI: {'yes' if native.ops().integer_kernels_available() else 'no'}"
 
     print(f"CPU: {cpu_description()}")
-    print(f"threads: {NUM_THREADS} on both sides; torch {torch.__version__}")
+    print(f"threads: {NUM_THREADS} on both sides; torch {torch.__version__}; chatserve's native decode kernels {native_line}")
     if not args.skip_reference:
         print(llama_cpp_description())
         print(f"llama.cpp: its defaults (f16 KV cache, flash attention auto), n_batch = n_ubatch = {MAX_BATCH_TOKENS}")
@@ -807,7 +822,7 @@ def main() -> None:
               f"rerun on a quiet machine")
     out = RESULTS_DIR / f"llamacpp-{args.model}.json"
     write_json(rows, out, cpu=cpu_description(), num_threads=NUM_THREADS, quick=args.quick,
-               quant_activation_dtype=args.quant_dtype, settings=dataclasses.asdict(s), models=per_model,
+               quant_activation_dtype=args.quant_dtype, native_kernels=args.native_kernels, settings=dataclasses.asdict(s), models=per_model,
                total_seconds=total, cpu_share_of_other_processes=runner.cpu.shares)
     print(f"wrote {out}")
     if any(m.get("errors") for m in per_model.values()):

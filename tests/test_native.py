@@ -136,7 +136,7 @@ def test_native_kernels_flag(tmp_path):
 
 
 def test_int8_kernel_is_the_int8_matmul(ops):
-    if not ops.int8_gemv_available():
+    if not ops.integer_kernels_available():
         pytest.skip("this CPU has no AVX-512 VNNI: int8 layers keep PyTorch's kernel")
     from chatserve.models.quantization import Int8Linear
 

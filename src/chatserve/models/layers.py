@@ -320,7 +320,7 @@ class CausalLM(nn.Module):
         kernel. The residual stream `x` is added to in place; `h` is always the normed input of the
         next sublayer."""
         layers, eps = self.model.layers, self.config.rms_norm_eps
-        int8 = ops.int8_gemv_available()
+        int8 = ops.integer_kernels_available()
 
         def linear(layer: nn.Module, rows: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
             if int8 and type(layer) is Int8Linear and layer.in_features % 64 == 0:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import EngineConfig
-from . import ARCHITECTURES
+from . import ARCHITECTURES, native
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
 from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, QuantizedLinear, StoredLinear,
@@ -251,8 +251,11 @@ class WeightLoader:
     the run dtype or as quantized Linear layers, and says what it did. The parts of a fused Linear
     (q/k/v, gate/up) wait for each other, then load as one."""
 
-    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str]):
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str],
+                 native_int4: bool = False):
         self.model, self.device, self.dtype, self.quantization = model, device, dtype, quantization
+        # int4 layers in the native kernel's layout (models/native.py) rather than PyTorch's.
+        self.native_int4 = native_int4
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.linear = linear_weight_names(model)
         # The checkpoint's own names and shapes, in an unfused model's parameter order, and for
@@ -331,9 +334,9 @@ class WeightLoader:
                           values: Optional[torch.Tensor] = None) -> QuantizedLinear:
         groups = source.int4_groups() if method == "int4" and source.int4_groups else None
         if groups is not None and Int4Linear.fits(tuple(source.shape)):
-            layer = Int4Linear(*groups, INT4_GROUP_SIZE)
+            layer = Int4Linear(*groups, INT4_GROUP_SIZE, native=self.native_int4)
         else:
-            layer = quantize_linear(method, source.values() if values is None else values)
+            layer = quantize_linear(method, source.values() if values is None else values, native=self.native_int4)
         kind = "int4" if isinstance(layer, Int4Linear) else "int8"
         self.kinds[kind] += 1
         if source.stored_as != "float":
@@ -395,8 +398,8 @@ class WeightLoader:
 
 
 def load_weights(model: CausalLM, path: Path, device: torch.device, dtype: torch.dtype,
-                 quantization: Optional[str] = None) -> None:
-    loader = WeightLoader(model, device, dtype, quantization)
+                 quantization: Optional[str] = None, native_int4: bool = False) -> None:
+    loader = WeightLoader(model, device, dtype, quantization, native_int4)
     for st, name in iter_checkpoint(path):
         shape = tuple(st.header[name]["shape"])
         loader.put(name, WeightSource(shape, lambda st=st, name=name: st.tensor(name),
@@ -405,10 +408,10 @@ def load_weights(model: CausalLM, path: Path, device: torch.device, dtype: torch
 
 
 def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, device: torch.device,
-                      dtype: torch.dtype, quantization: Optional[str]) -> None:
+                      dtype: torch.dtype, quantization: Optional[str], native_int4: bool = False) -> None:
     from . import gguf
 
-    loader = WeightLoader(model, device, dtype, quantization)
+    loader = WeightLoader(model, device, dtype, quantization, native_int4)
     tensors = list(gguf.iter_tensors(reader, raw_config))
     for name, tensor in tqdm(tensors, desc="Loading weights", unit="tensor", disable=None, leave=False):
         loader.put(name, WeightSource(tensor.shape, tensor.dequantize, tensor.type_name,
@@ -417,10 +420,10 @@ def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, dev
 
 
 def init_random_weights(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int,
-                        quantization: Optional[str] = None) -> None:
+                        quantization: Optional[str] = None, native_int4: bool = False) -> None:
     """--load-format dummy: the real architecture's shapes, random values (deterministic per seed)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    loader = WeightLoader(model, device, dtype, quantization)
+    loader = WeightLoader(model, device, dtype, quantization, native_int4)
     for name, shape in list(loader.checkpoint_shapes.items()):
         if name.endswith("norm.weight"):
             value = torch.ones(shape)
@@ -495,12 +498,17 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model_cfg = cls.read_config(raw)
     dtype = resolve_dtype(config.dtype, device)
     model = build_model(cls, model_cfg, device)
+    # The native kernels (when cached, or built now with --native-kernels on) load before the
+    # weights: int4 layers then take the native int4 kernel's layout.
+    native.start(config.native_kernels, device)
+    ops = native.ops() if config.native_kernels != "off" else None
+    native_int4 = ops is not None and ops.integer_kernels_available()
     if load_format == "dummy":
-        init_random_weights(model, device, dtype, config.seed, quantization)
+        init_random_weights(model, device, dtype, config.seed, quantization, native_int4)
     elif reader is not None:
-        load_gguf_weights(model, reader, raw, path, device, dtype, quantization)
+        load_gguf_weights(model, reader, raw, path, device, dtype, quantization, native_int4)
     else:
-        load_weights(model, path, device, dtype, quantization)
+        load_weights(model, path, device, dtype, quantization, native_int4)
     model.eval()
     name = config.model if path is None else config.model.rstrip("/")
     log.info("loaded %s (%s) on %s in %s", name, arch, device, str(dtype).replace("torch.", ""))

