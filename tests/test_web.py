@@ -183,10 +183,50 @@ def test_page_and_static_files_are_served(server):
     index = requests.get(f"{server.url}/", timeout=10)
     assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="/static/app.js">' in index.text
-    for name, kind in [("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css")]:
+    for name, kind in [("app.js", "javascript"), ("render.js", "javascript"), ("style.css", "text/css"),
+                       ("vendor/markdown-it/markdown-it.esm.min.js", "javascript"),
+                       ("vendor/dompurify/purify.es.js", "javascript"),
+                       ("vendor/highlight.js/highlight.min.js", "javascript"),
+                       ("vendor/katex/katex.min.js", "javascript"), ("vendor/katex/katex.min.css", "text/css"),
+                       ("vendor/katex/fonts/KaTeX_Main-Regular.woff2", "font/woff2")]:
         response = requests.get(f"{server.url}/static/{name}", timeout=10)
         assert response.status_code == 200 and kind in response.headers["content-type"], name
-    assert requests.get(f"{server.url}/static/nothing.js", timeout=10).status_code == 404
+    for gone in ("nothing.js", "markdown.js"):  # markdown.js: the hand-written renderer, replaced by render.js
+        assert requests.get(f"{server.url}/static/{gone}", timeout=10).status_code == 404
+
+
+def test_vendored_files_ship_in_the_package():
+    """Every vendored file is package data (a wheel holds the page's libraries, fonts included),
+    with its licence beside it and its package named in vendor/README.md."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from chatserve.server.app import WEB_DIR
+
+    patterns = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["chatserve"]
+    package = WEB_DIR.parents[1]  # src/chatserve
+    shipped = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    vendor = WEB_DIR / "vendor"
+    files = [path for path in vendor.rglob("*") if path.is_file()]
+    assert len(files) > 20 and set(files) <= shipped, sorted(str(f) for f in set(files) - shipped)
+    readme = (vendor / "README.md").read_text()
+    for library in ("markdown-it", "dompurify", "highlight.js", "katex"):
+        assert (vendor / library / "LICENSE").is_file(), library
+        assert library in readme.lower(), library
+
+
+def render(page: "Page", text: str) -> str:
+    """text through the page's own renderer (render.js), into div#rendered; returns its HTML."""
+    return page.page.evaluate("""async (text) => {
+        const { renderMarkdown } = await import("/static/render.js");
+        document.querySelector("#rendered")?.remove();
+        const root = document.createElement("div");
+        root.id = "rendered";
+        root.className = "markdown";
+        root.append(renderMarkdown(text));
+        document.body.append(root);
+        return root.innerHTML;
+    }""", text)
 
 
 def test_markdown_renderer(page):
@@ -196,14 +236,7 @@ def test_markdown_renderer(page):
         "```python", "print('<script>')", "```", "", "Bare https://example.org/x, snake_case_name stays.",
         "", INJECTION,
     ])
-    html = page.page.evaluate("""async (text) => {
-        const { renderMarkdown } = await import("/static/markdown.js");
-        const root = document.createElement("div");
-        root.id = "rendered";
-        root.append(renderMarkdown(text));
-        document.body.append(root);
-        return root.innerHTML;
-    }""", text)
+    html = render(page, text)
     root = page.page.locator("#rendered")
     assert root.locator("h1").inner_text() == "Title"
     paragraph = root.locator("p").first
@@ -211,10 +244,11 @@ def test_markdown_renderer(page):
     assert paragraph.locator("em").inner_text() == "italic"
     assert paragraph.locator("code").inner_text() == "code <b>x</b>"
     assert paragraph.locator("a").get_attribute("href") == "https://example.com/a?b=1"
+    assert paragraph.locator("a").get_attribute("rel") == "noopener noreferrer nofollow"
     assert paragraph.locator("br").count() == 1
     assert root.locator("ul > li").count() == 3 and root.locator("ul > li > ul > li").inner_text() == "nested"
     assert root.locator("ol > li").all_inner_texts() == ["first", "second"]
-    assert root.locator("pre > code.language-python").inner_text() == "print('<script>')"
+    assert root.locator("pre > code.language-python").inner_text().strip() == "print('<script>')"
     assert root.locator("a[href='https://example.org/x']").inner_text() == "https://example.org/x"
     assert "snake_case_name" in root.inner_text()
     # The injection attempts are text, nothing else.
@@ -225,6 +259,147 @@ def test_markdown_renderer(page):
     assert "<img src=x onerror=" in shown and "[a link](javascript:window.__pwned=1)" in shown
     assert root.locator("strong", has_text="still bold").count() == 1
     assert page.page.evaluate("window.__pwned") is None
+
+
+# Markdown that puts the injection payloads where markup is built around them: table cells, a code
+# block's info string (which becomes a class name), link targets and texts, and math (TeX that
+# KaTeX typesets).
+INJECTION_IN_MARKUP = "\n".join([
+    "| <script>window.__pwned = 'cell'</script> | <img src=x onerror=\"window.__pwned='cell'\"> |",
+    "|---|---|",
+    "| [cell link](javascript:window.__pwned='cell') | <a href=\"javascript:alert(1)\">click</a> |",
+    "",
+    "```python\" onmouseover=\"window.__pwned='info'\" x=\"",
+    "print(1)",
+    "```",
+    "",
+    "```<img src=x onerror=\"window.__pwned='info'\">",
+    "code",
+    "```",
+    "",
+    "[upper](JaVaScRiPt:window.__pwned='link') [data](data:text/html,<script>window.__pwned=1</script>)",
+    "[relative](/v1/conversations) [<img src=x onerror=\"window.__pwned='label'\">](https://example.com/ok)",
+    "[title](https://example.com/t \"x\\\" onmouseover=\\\"window.__pwned='title'\") <javascript:alert(1)>",
+    "![image](https://example.com/pixel.png)",
+    "",
+    "Math $<img src=x onerror=\"window.__pwned='math'\">$ and $</span><script>window.__pwned='m'</script>$",
+    "",
+    "$$\\href{javascript:window.__pwned='href'}{click} \\url{javascript:alert(1)} \\htmlId{x}{y}$$",
+    "",
+    "\\[ \\includegraphics{https://example.com/x.png} \\]",
+])
+
+
+def test_injection_in_tables_code_links_and_math(browser, server):
+    page = Page(browser, server.url, bypass_csp=True)  # the renderer alone must keep it inert
+    try:
+        check_injection_in_markup(page)
+    finally:
+        page.close()
+
+
+def check_injection_in_markup(page: "Page") -> None:
+    html = render(page, INJECTION_IN_MARKUP)
+    root = page.page.locator("#rendered")
+    assert root.locator("table th, table td").count() == 4  # the table itself is markup, its cells text
+    assert root.locator("script, img, iframe, object, embed, svg image, [onerror], [onmouseover], "
+                        "a[href^='javascript' i], a[href^='data' i], a[href^='/']").count() == 0, html
+    assert "<script" not in html and "<img" not in html
+    shown = root.inner_text()
+    assert "<script>window.__pwned = 'cell'</script>" in shown
+    assert "[cell link](javascript:window.__pwned='cell')" in shown
+    # Links: only the absolute https ones are links, the others their text; an image is only a link
+    # to it (never fetched by itself).
+    assert root.locator("a").evaluate_all("links => links.map(a => a.href)") == [
+        "https://example.com/ok", "https://example.com/t", "https://example.com/pixel.png"]
+    assert "<img src=x onerror=" in root.locator("a").first.inner_text()
+    assert "relative" in shown and "image" in shown
+    # Math: KaTeX typeset what it could and shows the rest as text; no links, no HTML from TeX.
+    math = root.locator(".math")
+    assert math.evaluate_all("nodes => nodes.map((n) => Boolean(n.querySelector('.katex, .katex-error')))") == [
+        True] * 4
+    assert math.locator("a, [href]").count() == 0
+    assert "\\href" in math.nth(2).inner_text()  # untrusted: shown as the command, not run
+    page.page.wait_for_timeout(100)  # an onerror handler would have run by now
+    assert page.page.evaluate("window.__pwned") is None
+
+
+RICH = """| Model | Params | Context |
+|:------|------:|--------:|
+| Qwen2.5 | 0.5B | 32768 |
+| SmolLM2 | 135M | 8192 |
+
+```python
+def area(r: float) -> float:
+    return 3.14159 * r ** 2
+```
+
+The energy is $E = mc^2$, and the roots of $ax^2 + bx + c = 0$ are
+
+$$
+x = \\frac{-b \\pm \\sqrt{b^2 - 4ac}}{2a}
+$$
+
+which costs $5 or $10 to say."""
+
+
+def test_tables_highlighted_code_and_math(browser, server, db_path):
+    """A stored answer with a table, a fenced code block naming its language, inline and display
+    math: the page (under its own Content-Security-Policy) shows a <table>, code coloured by
+    highlight.js, and formulas typeset by KaTeX in its own fonts, served by this server."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "Rich answer", "Show me everything", RICH)
+    finally:
+        store.close()
+    page = Page(browser, server.url)
+    try:
+        p = page.page
+        p.evaluate("""() => {
+            window.__violations = [];
+            document.addEventListener("securitypolicyviolation",
+                                      (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`));
+        }""")
+        page.sidebar_item("Rich answer").click()
+        content = page.last_answer().locator(".content")
+        table = content.locator("table")
+        page.expect(table.locator("th")).to_have_text(["Model", "Params", "Context"])
+        page.expect(table.locator("tbody tr")).to_have_count(2)
+        page.expect(table.locator("tbody tr").first.locator("td")).to_have_text(["Qwen2.5", "0.5B", "32768"])
+        assert table.locator("td").nth(1).evaluate("td => getComputedStyle(td).textAlign") == "right"
+
+        code = content.locator("pre > code.hljs.language-python")
+        page.expect(code.locator(".hljs-keyword").first).to_have_text("def")
+        page.expect(code.locator(".hljs-title")).to_have_text("area")
+        assert code.locator(".hljs-number").count() >= 2
+        keyword, plain = code.locator(".hljs-keyword").first.evaluate(
+            "k => [getComputedStyle(k).color, getComputedStyle(k.closest('code')).color]")
+        assert keyword != plain  # coloured by the page's palette
+
+        inline = content.locator("p .katex:not(.katex-display .katex)")
+        page.expect(inline).to_have_count(2)
+        assert inline.first.locator("annotation").text_content() == "E = mc^2"  # the MathML for screen readers
+        display = content.locator(".katex-display")
+        page.expect(display).to_have_count(1)
+        assert display.locator("annotation").text_content() == "x = \\frac{-b \\pm \\sqrt{b^2 - 4ac}}{2a}"
+        assert display.locator(".mfrac").count() == 1 and display.locator(".sqrt").count() == 1
+        assert "costs $5 or $10 to say" in content.inner_text()  # dollars, not math
+        # KaTeX's layout is there (its struts' heights: styles the CSP would refuse as attributes) and
+        # its fonts came from this server.
+        assert display.locator(".katex-html").evaluate(
+            "html => [...html.querySelectorAll('span')].filter((s) => s.style.height).length") > 3
+        fonts = p.evaluate("""async () => {
+            await document.fonts.ready;
+            return [...document.fonts].filter((f) => f.family.includes("KaTeX") && f.status === "loaded")
+                                      .map((f) => f.family);
+        }""")
+        assert "KaTeX_Main" in fonts and "KaTeX_Math" in fonts, fonts
+        assert p.evaluate("window.__violations") == []
+        screenshot(p, "web-rich.png")
+    finally:
+        page.close()
 
 
 def test_answer_streams_in_and_stops(page):

@@ -1,7 +1,8 @@
 // The chat page: a client of the conversations API (docs/conversations-api.md). Plain DOM, no
-// framework, no build step. Model output goes through renderMarkdown, which only ever sets text.
+// framework, no build step. Model output goes through renderMarkdown (render.js): Markdown, then
+// sanitized, before it becomes nodes.
 
-import { renderMarkdown } from "./markdown.js";
+import { renderMarkdown } from "./render.js";
 
 const API_KEY = "chatserve.apiKey";
 const LAST_CONVERSATION = "chatserve.lastConversation";
