@@ -402,6 +402,44 @@ def test_tables_highlighted_code_and_math(browser, server, db_path):
         page.close()
 
 
+COPY_CODE = "for i in range(3):\n\tprint(f\"<{i}>  é ✓\")   \n\n# done"
+COPY_ANSWER = f"Here is **the loop**:\n\n```python\n{COPY_CODE}\n```\n\nAnd a shell one:\n\n```\nls -la ~\n```\n"
+
+
+def test_copy_buttons_put_the_exact_text_on_the_clipboard(browser, server, db_path):
+    """Each answer has a Copy button (its Markdown, as the model wrote it) and each code block one
+    (the code alone, exactly: tabs, trailing spaces, blank lines, no fence)."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "Copy me", "A loop, please", COPY_ANSWER)
+    finally:
+        store.close()
+    page = Page(browser, server.url, permissions=["clipboard-read", "clipboard-write"])
+    try:
+        p = page.page
+        clipboard = lambda: p.evaluate("navigator.clipboard.readText()")  # noqa: E731
+        page.sidebar_item("Copy me").click()
+        answer = page.last_answer()
+        blocks = answer.locator(".code-block")
+        page.expect(blocks).to_have_count(2)
+        page.expect(blocks.first.locator(".code-language")).to_have_text("python")
+        blocks.first.locator("button.copy").click()
+        page.expect(blocks.first.locator("button.copy")).to_have_text("Copied")
+        assert clipboard() == COPY_CODE
+        blocks.nth(1).locator("button.copy").click()
+        assert clipboard() == "ls -la ~"
+        answer.locator(".message-meta button.copy").click()
+        page.expect(answer.locator(".message-meta button.copy")).to_have_text("Copied")
+        assert clipboard() == COPY_ANSWER
+        page.expect(answer.locator(".message-meta button.copy")).to_have_text("Copy")  # after a moment
+        page.expect(page.messages("user").locator("button.copy")).to_have_count(0)
+        screenshot(p, "web-copy.png")
+    finally:
+        page.close()
+
+
 def test_answer_streams_in_and_stops(page):
     p = page.page
     page.new_chat()

@@ -2,7 +2,7 @@
 // framework, no build step. Model output goes through renderMarkdown (render.js): Markdown, then
 // sanitized, before it becomes nodes.
 
-import { renderMarkdown } from "./render.js";
+import { copyButton, renderMarkdown } from "./render.js";
 
 const API_KEY = "chatserve.apiKey";
 const LAST_CONVERSATION = "chatserve.lastConversation";
@@ -680,7 +680,8 @@ function messageNode(message) {
   } else {
     const again = button("Regenerate", "icon-button regenerate", () => regenerate(message), "Answer again");
     again.disabled = busy || message.status === "generating";
-    actions.append(again);
+    // The answer as the model wrote it (Markdown), read when clicked: it may still be streaming in.
+    actions.append(copyButton(() => message.content ?? "", "Copy this answer"), again);
   }
   meta.append(actions);
   if (message.role === "assistant") {

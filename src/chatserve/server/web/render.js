@@ -65,9 +65,7 @@ export function renderMarkdown(text) {
     link.target = "_blank";
     link.rel = "noopener noreferrer nofollow";
   }
-  for (const code of fragment.querySelectorAll("pre > code[class*='language-']")) {
-    if (code.querySelector("[class^='hljs-']")) code.classList.add("hljs");
-  }
+  for (const pre of fragment.querySelectorAll("pre")) codeBlock(pre);
   for (const node of fragment.querySelectorAll(".math")) {
     katex.render(node.textContent, node, {
       displayMode: node.classList.contains("math-display"),
@@ -76,6 +74,61 @@ export function renderMarkdown(text) {
     });
   }
   return fragment;
+}
+
+/** A fenced code block gets a bar above it: its language, and a button that copies the code. */
+function codeBlock(pre) {
+  const code = pre.querySelector(":scope > code");
+  if (!code) return;
+  const language = [...code.classList].find((name) => name.startsWith("language-"))?.slice(9) ?? "";
+  if (code.querySelector("[class^='hljs-']")) code.classList.add("hljs");
+  const block = document.createElement("div");
+  block.className = "code-block";
+  const bar = document.createElement("div");
+  bar.className = "code-bar";
+  const label = document.createElement("span");
+  label.className = "code-language";
+  label.textContent = language;
+  const copy = copyButton(() => code.textContent.replace(/\n$/, ""), "Copy code");
+  bar.append(label, copy);
+  pre.replaceWith(block);
+  block.append(bar, pre);
+}
+
+/** A "Copy" button: puts text() on the clipboard, then says "Copied" a moment. */
+export function copyButton(text, title) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "icon-button copy";
+  button.textContent = "Copy";
+  button.title = title;
+  button.setAttribute("aria-label", title);
+  button.addEventListener("click", async () => {
+    const done = await copyText(text());
+    button.textContent = done ? "Copied" : "Copy failed";
+    clearTimeout(button.reset);
+    button.reset = setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  });
+  return button;
+}
+
+/** The clipboard API where the page is a secure context (https, localhost); over plain http from
+ * another machine it is missing, and the old copy command on a hidden text area still works. */
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "offscreen";
+    document.body.append(area);
+    area.select();
+    const done = document.execCommand("copy");
+    area.remove();
+    return done;
+  }
 }
 
 // ---------------------------------------------------------------- math
