@@ -938,13 +938,10 @@ def test_the_sidebar_loads_older_conversations_a_page_at_a_time(browser, tmp_pat
             page.close()
 
 
-@pytest.mark.parametrize("count", [0, 3, 50])
-def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
-    """At 320, 390 and 768 px wide, with 0, 3 or 50 conversations (short titles and 256-character
-    ones), the page is never wider than the screen and New chat, Settings and Send are on it."""
+def store_conversations(db: Path, count: int) -> None:
+    """count conversations with no messages: short titles, and every third one of the longest title."""
     from chatserve.server.store import MAX_TITLE_CHARS, Store
 
-    db = tmp_path / "phone.sqlite3"
     store = Store.open(str(db))
     try:
         for i in range(count):
@@ -952,20 +949,100 @@ def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
             store.create_conversation(title, None, {"temperature": None, "top_p": None, "max_tokens": None})
     finally:
         store.close()
+
+
+PHONE = 768  # below this width the conversations are a drawer
+WIDTHS = (320, 390, 768, 1024, 1440)
+
+# Every button on show smaller than 24x24 px (WCAG 2.2's minimum target size).
+SMALL_TARGETS = """() => [...document.querySelectorAll("button, summary, select, a[href]")]
+    .filter((b) => b.checkVisibility({ visibilityProperty: true }))
+    .map((b) => [b.id || b.className || b.textContent, b.getBoundingClientRect()])
+    .filter(([, r]) => r.width > 0 && (r.width < 24 || r.height < 24))
+    .map(([name, r]) => `${name} ${Math.round(r.width)}x${Math.round(r.height)}`)"""
+
+
+@pytest.mark.parametrize("count", [0, 3, 50])
+def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
+    """At 320 to 1440 px wide, with 0, 3 or 50 conversations (short titles and 256-character ones),
+    the page is never wider than the screen; New chat, Settings and Send are on it and clickable;
+    every button is at least 24x24 px. Below 768 px the conversations are in a drawer, closed."""
+    db = tmp_path / "phone.sqlite3"
+    store_conversations(db, count)
     with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
-        for width in (320, 390, 768):
+        for width in WIDTHS:
             page = Page(browser, srv.url, viewport={"width": width, "height": 844})
             try:
                 p = page.page
                 page.expect(p.locator("#conversation-list .conversation")).to_have_count(count)
                 if count:  # the open conversation shows its buttons, which take room of their own
-                    p.locator("#conversation-list .conversation").first.click()
+                    if width < PHONE:
+                        p.click("#menu")
+                    p.locator("#conversation-list .conversation").first.locator(".open").click()
+                    page.expect(p.locator("#app.drawer-open")).to_have_count(0)
                 page.expect(p.locator("#send")).to_be_visible()
                 scroll_width, inner = p.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
                 assert scroll_width <= inner, (width, count, scroll_width)
-                for button in ("#new-chat", "#chat-settings", "#send"):
+                new_chat = "#new-chat-top" if width < PHONE else "#new-chat"
+                for button in (new_chat, "#chat-settings", "#send"):
                     box = p.locator(button).bounding_box()
                     assert box and box["x"] >= 0 and box["x"] + box["width"] <= inner, (width, count, button, box)
+                    assert box["y"] >= 0 and box["y"] + box["height"] <= 844, (width, count, button, box)
+                    p.locator(button).click(trial=True, timeout=5000)  # nothing covers it
+                if width < PHONE:
+                    page.expect(p.locator("#sidebar")).to_be_hidden()
+                    page.expect(p.locator("#new-chat")).to_be_hidden()
+                else:
+                    page.expect(p.locator("#menu")).to_be_hidden()
+                    page.expect(p.locator("#new-chat-top")).to_be_hidden()
+                assert p.evaluate(SMALL_TARGETS) == [], width
                 screenshot(p, f"web-phone-{width}-{count}.png")
+                if width < PHONE:  # the drawer open: no wider either, its buttons as big
+                    p.click("#menu")
+                    page.expect(p.locator("#sidebar")).to_be_in_viewport()
+                    p.wait_for_timeout(300)  # the slide-in
+                    assert p.evaluate("document.documentElement.scrollWidth") <= inner
+                    assert p.evaluate(SMALL_TARGETS) == [], width
+                    screenshot(p, f"web-phone-{width}-{count}-drawer.png")
             finally:
                 page.close()
+
+
+def test_conversations_drawer_on_phones(browser, tmp_path):
+    """Below 768 px: the menu button opens the drawer; Esc, the backdrop, choosing a conversation
+    or starting a new one close it; while it is open the chat behind it takes no focus."""
+    db = tmp_path / "drawer.sqlite3"
+    store_conversations(db, 3)
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url, viewport={"width": 390, "height": 844})
+        try:
+            p, expect = page.page, page.expect
+            sidebar, menu = p.locator("#sidebar"), p.locator("#menu")
+            expect(sidebar).to_be_hidden()
+            expect(menu).to_have_attribute("aria-expanded", "false")
+            menu.click()
+            expect(sidebar).to_be_visible()
+            expect(menu).to_have_attribute("aria-expanded", "true")
+            expect(p.locator("#conversation-list .conversation.active .open")).to_be_focused()
+            assert p.evaluate("document.querySelector('#chat').inert") is True
+            p.keyboard.press("Escape")
+            expect(sidebar).to_be_hidden()
+            expect(menu).to_be_focused()
+
+            p.keyboard.press("Enter")  # the menu button, from the keyboard
+            expect(sidebar).to_be_visible()
+            p.mouse.click(380, 400)  # the backdrop, right of the drawer
+            expect(sidebar).to_be_hidden()
+
+            menu.click()
+            page.sidebar_item("Chat 1").locator(".open").click()
+            expect(sidebar).to_be_hidden()
+            expect(p.locator("#chat-title")).to_have_text("Chat 1")
+
+            menu.click()
+            p.click("#new-chat")
+            expect(sidebar).to_be_hidden()
+            expect(p.locator("#empty-state")).to_be_visible()
+            expect(p.locator("#input")).to_have_attribute("placeholder", "Message")
+        finally:
+            page.close()

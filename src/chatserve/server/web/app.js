@@ -529,7 +529,10 @@ function sidebarItem(id) {
   const open = el("button", "open");
   open.type = "button";
   open.append(el("span", "warm-dot"), el("span", "title"));
-  open.addEventListener("click", () => openConversation(id));
+  open.addEventListener("click", () => {
+    closeDrawer();
+    openConversation(id);
+  });
   open.addEventListener("keydown", (event) => {
     if (event.key === "F2") {
       event.preventDefault();
@@ -790,7 +793,10 @@ function editBox(message) {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       submit();
-    } else if (event.key === "Escape") cancel();
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      cancel();
+    }
   });
   const actions = el("div", "edit-actions");
   actions.append(button("Cancel", "button ghost", cancel), button("Send", "button primary save-edit", submit));
@@ -918,6 +924,36 @@ async function showModel() {
   }
 }
 
+// ---------------------------------------------------------------- the drawer (phones)
+
+// Below 768 px the conversations are a drawer over the chat: the header's menu button opens it;
+// choosing a conversation, starting a new one, the backdrop or Esc close it.
+const phone = matchMedia("(max-width: 767.98px)");
+const drawerOpen = () => phone.matches && $("app").classList.contains("drawer-open");
+
+function openDrawer() {
+  $("app").classList.add("drawer-open");
+  $("menu").setAttribute("aria-expanded", "true");
+  $("chat").inert = true; // the chat behind the drawer takes no focus or clicks meanwhile
+  const active = $("conversation-list").querySelector(".active .open, .open");
+  (active ?? $("new-chat")).focus();
+}
+
+function closeDrawer() {
+  if (!$("app").classList.contains("drawer-open")) return;
+  const hadFocus = $("sidebar").contains(document.activeElement);
+  $("app").classList.remove("drawer-open");
+  $("menu").setAttribute("aria-expanded", "false");
+  $("chat").inert = false;
+  if (hadFocus && phone.matches) $("menu").focus();
+}
+
+/** Screen-size details: the short placeholder on phones, the drawer shut on leaving them. */
+function fitScreen() {
+  $("input").placeholder = phone.matches ? "Message" : "Message (Enter to send, Shift+Enter for a new line)";
+  if (!phone.matches) closeDrawer();
+}
+
 // ---------------------------------------------------------------- wiring
 
 function autosize(area) {
@@ -939,7 +975,17 @@ function bind() {
     sendMessage();
   });
   $("stop").addEventListener("click", stopAnswer);
-  $("new-chat").addEventListener("click", onNewChat);
+  for (const id of ["new-chat", "new-chat-top"]) {
+    $(id).addEventListener("click", () => {
+      closeDrawer();
+      onNewChat();
+    });
+  }
+  $("menu").addEventListener("click", () => (drawerOpen() ? closeDrawer() : openDrawer()));
+  $("drawer-backdrop").addEventListener("click", closeDrawer);
+  phone.addEventListener("change", fitScreen);
+  fitScreen();
+  document.addEventListener("keydown", onGlobalKey);
   $("more-conversations").addEventListener("click", loadMoreConversations);
   const list = $("conversation-list");
   list.addEventListener("scroll", () => {
@@ -951,6 +997,16 @@ function bind() {
   setInterval(() => {
     if (document.visibilityState === "visible") refreshList();
   }, LIST_REFRESH_MS);
+}
+
+/** Esc anywhere the focused control has no use for it: closes the drawer. */
+function onGlobalKey(event) {
+  if (event.key !== "Escape" || event.defaultPrevented || event.isComposing) return;
+  if (document.querySelector("dialog[open]")) return; // the dialog's own Esc closes it
+  if (drawerOpen()) {
+    event.preventDefault();
+    closeDrawer();
+  }
 }
 
 async function start() {
