@@ -646,8 +646,9 @@ def test_conversations_switch_rename_delete_and_reload(page):
         fresh.close()
 
 
-def store_exchange(store, title: str, question: str, answer: str, reasoning=None) -> None:
-    """A conversation with one question and its finished answer, written straight into the store."""
+def store_exchange(store, title: str, question: str, answer: str, reasoning=None, status: str = "complete") -> None:
+    """A conversation with one question and its finished (or stopped) answer, written straight into
+    the store."""
     from chatserve.server.store import new_id
 
     conversation = store.create_conversation(title, None, {"temperature": None, "top_p": None, "max_tokens": None})
@@ -657,8 +658,8 @@ def store_exchange(store, title: str, question: str, answer: str, reasoning=None
     store.start_answer(conversation["id"], user, reply, [], "", None)
     stats = {"prompt_tokens": 31, "cached_tokens": 16, "completion_tokens": 118, "time_to_first_token": 0.042,
              "tokens_per_second": 57.3}
-    store.save_answer(conversation["id"], reply["id"], answer, reasoning, [], status="complete",
-                      finish_reason="stop", stats=stats)
+    store.save_answer(conversation["id"], reply["id"], answer, reasoning, [], status=status,
+                      finish_reason="stop" if status == "complete" else None, stats=stats)
 
 
 SHOWCASE = """## Reversing a list in Python
@@ -1006,6 +1007,75 @@ def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
                     screenshot(p, f"web-phone-{width}-{count}-drawer.png")
             finally:
                 page.close()
+
+
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
+# axe-core's serious and critical violations on the page as it is now, one line each.
+AXE_RUN = """async () => {
+    const result = await axe.run(document, { resultTypes: ["violations"] });
+    return result.violations.filter((v) => v.impact === "serious" || v.impact === "critical")
+        .flatMap((v) => v.nodes.map((n) => `${v.id} (${v.impact}): ${n.target.join(" ")}: ${n.failureSummary}`));
+}"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_accessibility_with_axe(browser, tmp_path, theme):
+    """axe-core, injected into the page, finds no serious or critical violation (contrast, names,
+    roles, ...) in either theme: on an answer just streamed (warm cache badge, stats), a stored one
+    with a table, code, math, reasoning and the stopped badge, the settings dialog, and on a phone
+    with the drawer open."""
+    db = tmp_path / "axe.sqlite3"
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db))
+    try:
+        store_exchange(store, "Rich answer", "Show me everything", RICH + "\n\n" + SHOWCASE,
+                       reasoning="Tables, code and math.", status="stopped")
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url, color_scheme=theme)
+        try:
+            p = page.page
+            page.context.add_init_script(path=str(AXE))  # not subject to the page's CSP, as a <script> would be
+            page.reload()
+
+            def check(where: str) -> None:
+                assert p.evaluate(AXE_RUN) == [], f"{theme}, {where}"
+
+            # axe runs, and sees what it should: a grey-on-grey canary fails its contrast rule.
+            p.evaluate("""() => {
+                const canary = document.createElement("p");
+                canary.id = "canary";
+                canary.textContent = "canary";
+                canary.style.cssText = "color: #999; background: #aaa";  // CSSOM: allowed by the CSP
+                document.body.append(canary);
+            }""")
+            canary = p.evaluate(AXE_RUN)
+            p.evaluate("document.querySelector('#canary').remove()")
+            assert any(line.startswith("color-contrast (serious)") for line in canary), canary
+            page.new_chat()
+            page.settings(max_tokens=8)
+            page.send("Hello")
+            page.wait_answer()
+            page.expect(p.locator("#cache-badge.warm")).to_be_visible()
+            check("a streamed answer")
+            page.sidebar_item("Rich answer").click()
+            page.expect(page.last_answer().locator(".badge.stopped")).to_be_visible()
+            page.last_answer().locator("details.reasoning summary").click()
+            check("a stored answer")
+            p.click("#chat-settings")
+            check("the settings dialog")
+            p.click("#settings-cancel")
+            p.set_viewport_size({"width": 390, "height": 844})
+            check("a phone")
+            p.click("#menu")
+            page.expect(p.locator("#sidebar")).to_be_in_viewport()
+            p.wait_for_timeout(300)  # the slide-in
+            check("a phone, the drawer open")
+            screenshot(p, f"web-axe-{theme}.png")
+        finally:
+            page.close()
 
 
 def test_conversations_drawer_on_phones(browser, tmp_path):

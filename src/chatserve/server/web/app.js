@@ -935,8 +935,8 @@ function openDrawer() {
   $("app").classList.add("drawer-open");
   $("menu").setAttribute("aria-expanded", "true");
   $("chat").inert = true; // the chat behind the drawer takes no focus or clicks meanwhile
-  const active = $("conversation-list").querySelector(".active .open, .open");
-  (active ?? $("new-chat")).focus();
+  const list = $("conversation-list");
+  (list.querySelector(".active .open") ?? list.querySelector(".open") ?? $("new-chat")).focus();
 }
 
 function closeDrawer() {
