@@ -91,9 +91,11 @@ class Page:
         assert not self.errors, f"JavaScript errors on the page: {self.errors}"
 
     def new_chat(self) -> None:
+        """A new chat: a draft on the page, in no list until its first message."""
         self.page.click("#new-chat")
         self.expect(self.page.locator("#empty-state")).to_be_visible()
-        self.expect(self.page.locator("#conversation-list .conversation.active")).to_have_text("New chat")
+        self.expect(self.page.locator("#chat-title")).to_have_text("New chat")
+        self.expect(self.page.locator("#conversation-list .conversation.active")).to_have_count(0)
 
     def settings(self, **fields) -> None:
         self.page.click("#chat-settings")
@@ -139,16 +141,20 @@ def screenshot(p, name: str) -> None:
     p.screenshot(path=str(ARTIFACTS / name))
 
 
-def stop_long_answer(page: Page) -> None:
-    """Asks for a long answer and clicks Stop once its text streams in; checks it ends stopped with
-    its partial text. The random model may end an answer by itself with its stop token before the
-    click lands: then it asks again."""
+def stop_long_answer(page: Page, keyboard: bool = False) -> None:
+    """Asks for a long answer and clicks Stop (or, keyboard, types it and presses Enter, then Esc)
+    once its text streams in; checks it ends stopped with its partial text. The random model may
+    end an answer by itself with its stop token before the click lands: then it asks again."""
     from playwright.sync_api import Error as PlaywrightError
 
     p = page.page
     for attempt in range(5):
         answers = page.messages("assistant").count()
-        page.send(f"Tell me a long story, take {attempt + 1}")
+        if keyboard:
+            page.page.keyboard.type(f"Tell me a long story, take {attempt + 1}")
+            page.page.keyboard.press("Enter")
+        else:
+            page.send(f"Tell me a long story, take {attempt + 1}")
         # The new answer streaming in: its text shown, the Stop button up, the conversation marked
         # busy in the sidebar (or it ended already).
         p.wait_for_function("""(count) => {
@@ -161,7 +167,10 @@ def stop_long_answer(page: Page) -> None:
         }""", arg=answers)
         if page.last_answer().get_attribute("data-status") == "generating":
             try:  # force: no waiting for the button to hold still while the page re-renders each frame
-                p.click("#stop", timeout=2000, force=True)
+                if keyboard:
+                    p.keyboard.press("Escape")
+                else:
+                    p.click("#stop", timeout=2000, force=True)
             except PlaywrightError:  # the answer ended meanwhile, and the button went away
                 pass
         page.expect(page.last_answer()).to_have_attribute("data-status", re.compile("stopped|complete"))
@@ -492,6 +501,54 @@ def test_answer_streams_in_and_stops(page):
     assert page.last_answer().locator(".content").inner_text() == partial
 
 
+def tab_to(p, selector: str, limit: int = 200) -> None:
+    """Presses Tab until the focus is on selector."""
+    for _ in range(limit):
+        if p.evaluate("(s) => document.activeElement?.matches(s) ?? false", selector):
+            return
+        p.keyboard.press("Tab")
+    pytest.fail(f"Tab never reached {selector}")
+
+
+def test_keyboard_only(page):
+    """Without a mouse: a new chat, settings, a message typed and sent, Esc stops its answer,
+    Regenerate, and the version arrows, the focus staying on them as the versions change."""
+    p, expect = page.page, page.expect
+    tab_to(p, "#new-chat")
+    p.keyboard.press("Enter")
+    expect(p.locator("#chat-title")).to_have_text("New chat")
+    expect(p.locator("#input")).to_be_focused()
+    tab_to(p, "#chat-settings")
+    p.keyboard.press("Enter")
+    expect(p.locator("#settings-dialog")).to_be_visible()
+    tab_to(p, "#setting-max-tokens")
+    p.keyboard.type(str(LONG_ANSWER))
+    p.keyboard.press("Enter")  # submits the form
+    expect(p.locator("#settings-dialog")).to_be_hidden()
+    tab_to(p, "#input")
+    stop_long_answer(page, keyboard=True)
+    expect(page.questions()).to_have_text([re.compile("Tell me a long story")] * page.questions().count())
+    first = page.last_answer().get_attribute("data-id")
+
+    tab_to(p, "#messages article.assistant:last-of-type button.regenerate")
+    p.keyboard.press("Enter")
+    expect(page.last_answer()).not_to_have_attribute("data-id", first)
+    p.keyboard.press("Escape")  # stops it, unless it ended already
+    expect(page.last_answer()).to_have_attribute("data-status", re.compile("stopped|complete"))
+    expect(p.locator("#send")).to_be_visible()
+    second = page.last_answer().get_attribute("data-id")
+    nav = page.last_answer().locator(".branch-nav")
+    expect(nav.locator(".branch-index")).to_have_text("2/2")
+    tab_to(p, "#messages article.assistant:last-of-type .branch-nav button.prev")
+    p.keyboard.press("Enter")
+    expect(page.last_answer()).to_have_attribute("data-id", first)
+    expect(nav.locator(".branch-index")).to_have_text("1/2")
+    expect(nav.locator("button.next")).to_be_focused()  # the arrow pressed is disabled at the end
+    p.keyboard.press("Enter")
+    expect(page.last_answer()).to_have_attribute("data-id", second)
+    expect(nav.locator("button.prev")).to_be_focused()
+
+
 def test_edit_regenerate_and_branch_arrows(page):
     p = page.page
     page.new_chat()
@@ -618,7 +675,10 @@ def test_conversations_switch_rename_delete_and_reload(page):
 
     # Delete the open one: the conversation that takes its place in the list opens.
     page.new_chat()
-    new = p.locator("#conversation-list .conversation.active")
+    page.send("gamma message")
+    page.wait_answer()
+    new = page.sidebar_item("gamma message")
+    expect(new).to_have_class(re.compile("active"))
     p.once("dialog", lambda dialog: dialog.accept())
     new.hover()
     new.locator("button.delete").click()

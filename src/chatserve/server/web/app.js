@@ -6,6 +6,7 @@ import { copyButton, renderMarkdown } from "./render.js";
 
 const API_KEY = "chatserve.apiKey";
 const LAST_CONVERSATION = "chatserve.lastConversation";
+const THEME = "chatserve.theme"; // read by theme.js too
 const LIST_REFRESH_MS = 15000;
 const LIST_PAGE = 50; // conversations per page of the list; "More" (or scrolling to the end) adds one
 const MAX_LIST_LIMIT = 100; // the most the server gives in one page
@@ -17,7 +18,7 @@ const state = {
   listWanted: LIST_PAGE, // how many the sidebar shows: a page, and a page more for each "More"
   listHasMore: false, // the server has more than the sidebar shows
   listLoading: false, // a list request is in flight: scrolling asks for no more meanwhile
-  current: null, // the open conversation, with the messages of its current branch
+  current: null, // the open conversation, with the messages of its current branch; or a draft (below)
   streams: new Map(), // conversation id -> the answer streaming into it
   openReasoning: new Set(), // assistant message ids whose reasoning the user expanded
   editing: null, // id of the user message being edited in place
@@ -176,30 +177,35 @@ async function openConversation(id) {
   renderConversation({ scroll: true });
 }
 
-async function newConversation(extra = {}) {
-  const conversation = await api("POST", "/v1/conversations", extra);
-  conversation.messages ??= [];
-  state.current = conversation;
-  state.editing = null;
+/** A new chat is a draft, on this page only, until its first message: then the server stores it
+ * (with the settings chosen meanwhile), so no empty conversations pile up in the list. */
+function draft() {
+  return { id: null, draft: true, title: "New chat", system_prompt: null, params: {}, messages: [] };
+}
+
+/** Store the draft on the server; it becomes the conversation (the same object: the page may hold it). */
+async function storeDraft(conversation) {
+  const body = {};
+  if (conversation.system_prompt) body.system_prompt = conversation.system_prompt;
+  const params = Object.fromEntries(Object.entries(conversation.params).filter(([, v]) => v !== null));
+  if (Object.keys(params).length) body.params = params;
+  const stored = await api("POST", "/v1/conversations", body);
+  Object.assign(conversation, stored, { draft: false, messages: [] });
   localStorage.setItem(LAST_CONVERSATION, conversation.id);
   remember(conversation);
   renderSidebar();
-  renderConversation();
   return conversation;
 }
 
-async function onNewChat() {
-  if (state.current && state.current.messages?.length === 0 && state.current.title === "New chat") {
-    $("input").focus(); // already on a new, empty conversation
-    return;
+function onNewChat() {
+  if (!state.current?.draft) {
+    state.current = draft();
+    state.editing = null;
+    renderSidebar();
+    renderConversation();
   }
-  try {
-    await newConversation();
-    hideBanner();
-    $("input").focus();
-  } catch (error) {
-    showBanner(`Could not start a conversation: ${error.message}`);
-  }
+  hideBanner();
+  $("input").focus();
 }
 
 /** Merge a conversation the server sent into every copy the page holds (the open one, the one an
@@ -421,13 +427,17 @@ async function sendMessage() {
   const content = input.value;
   if (!content.trim()) return;
   if (state.current && state.streams.has(state.current.id)) return;
-  let conversation = state.current;
-  if (!conversation) {
+  const conversation = state.current ?? (state.current = draft());
+  if (conversation.draft) {
+    if (conversation.storing) return; // Enter twice: the first one stores it
+    conversation.storing = true;
     try {
-      conversation = await newConversation();
+      await storeDraft(conversation);
     } catch (error) {
       showBanner(`Could not start a conversation: ${error.message}`);
       return;
+    } finally {
+      conversation.storing = false;
     }
   }
   input.value = "";
@@ -619,6 +629,7 @@ function renderConversation({ scroll = false } = {}) {
   const conversation = state.current;
   const container = $("messages");
   const stick = scroll || nearBottom(container);
+  const focus = focusedControl(container);
   renderHeader();
   container.replaceChildren();
   if (!conversation || !conversation.messages?.length) {
@@ -632,10 +643,37 @@ function renderConversation({ scroll = false } = {}) {
   }
   updateComposer();
   if (stick) container.scrollTop = container.scrollHeight;
+  if (focus) refocus(container, focus);
+  updateToBottom();
+}
+
+/** The message button that has the focus, as (message's place, button's class): a re-render
+ * replaces every node, and the keyboard user's place must not go back to the top of the page. */
+function focusedControl(container) {
+  const active = document.activeElement;
+  const article = active?.closest?.("#messages article");
+  if (!article || active.tagName !== "BUTTON") return null;
+  return { index: [...container.children].indexOf(article), className: active.className };
+}
+
+function refocus(container, { index, className }) {
+  const article = container.children[index];
+  const buttons = [...(article?.querySelectorAll("button") ?? [])].filter((b) => !b.disabled);
+  // The same button, else its enabled neighbour (the other version arrow at either end), else any.
+  const same = buttons.find((b) => b.className === className);
+  const sibling = buttons.find((b) => b.parentElement.className === "branch-nav" && /prev|next/.test(className));
+  (same ?? sibling ?? buttons[0])?.focus();
 }
 
 function nearBottom(container) {
   return container.scrollHeight - container.scrollTop - container.clientHeight < 80;
+}
+
+/** The scroll-to-bottom button: on show while the messages are scrolled up from their end. */
+function updateToBottom() {
+  const container = $("messages");
+  const hidden = nearBottom(container);
+  if ($("to-bottom").hidden !== hidden) $("to-bottom").hidden = hidden;
 }
 
 function updateComposer() {
@@ -687,6 +725,8 @@ function messageNode(message) {
     actions.append(copyButton(() => message.content ?? "", "Copy this answer"), again);
   }
   meta.append(actions);
+  const time = timestamp(message.created);
+  if (time) meta.append(time);
   if (message.role === "assistant") {
     const badge = statusBadge(message);
     if (badge) meta.append(badge);
@@ -750,6 +790,20 @@ function typingCursor(container) {
   const last = container.lastElementChild;
   if (last && last.tagName === "P") last.classList.add("typing");
   else container.append(el("p", "typing"));
+}
+
+/** When a message was written (the server's time, seconds): the time of day, with the date unless
+ * it is today; the full date and time on hover. */
+function timestamp(created) {
+  if (typeof created !== "number") return null;
+  const date = new Date(created * 1000);
+  const node = el("time", "timestamp");
+  node.dateTime = date.toISOString();
+  const today = date.toDateString() === new Date().toDateString();
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  node.textContent = today ? time : `${date.toLocaleDateString([], { month: "short", day: "numeric" })}, ${time}`;
+  node.title = date.toLocaleString();
+  return node;
 }
 
 function statusBadge(message) {
@@ -824,6 +878,7 @@ function flushRenders() {
   }
   pendingRenders.clear();
   if (stick) container.scrollTop = container.scrollHeight;
+  updateToBottom();
 }
 
 // ---------------------------------------------------------------- settings, banner, model
@@ -849,7 +904,7 @@ function openSettings() {
   $("setting-max-tokens").value = params.max_tokens ?? "";
   $("setting-api-key").value = localStorage.getItem(API_KEY) ?? "";
   $("conversation-settings").querySelector("legend").textContent =
-    conversation ? "This conversation" : "A new conversation";
+    conversation && !conversation.draft ? "This conversation" : "A new conversation";
   $("settings-error").hidden = true;
   dialog.showModal();
 }
@@ -888,8 +943,11 @@ async function saveSettings(event) {
   if (key) localStorage.setItem(API_KEY, key);
   else localStorage.removeItem(API_KEY);
   try {
-    const conversation = state.current;
-    if (conversation) {
+    const conversation = state.current ?? (state.current = draft());
+    if (conversation.draft) {
+      conversation.system_prompt = changes.system_prompt; // sent when its first message stores it
+      conversation.params = { ...conversation.params, ...changes.params };
+    } else {
       const before = JSON.stringify([conversation.system_prompt ?? null, conversation.params ?? {}]);
       const after = JSON.stringify([changes.system_prompt, { ...(conversation.params ?? {}), ...changes.params }]);
       if (before !== after) {
@@ -897,8 +955,6 @@ async function saveSettings(event) {
         Object.assign(conversation, updated, { messages: conversation.messages });
         remember(conversation);
       }
-    } else if (changes.system_prompt || Object.values(changes.params).some((v) => v !== null)) {
-      await newConversation(changes);
     }
   } catch (problem) {
     error.textContent = problem.message;
@@ -922,6 +978,24 @@ async function showModel() {
   } catch {
     $("model-name").textContent = "server unreachable";
   }
+}
+
+// ---------------------------------------------------------------- theme
+
+/** The theme select: System (the system's light or dark), Light or Dark; remembered here. */
+function bindTheme() {
+  const select = $("theme");
+  select.value = document.documentElement.dataset.theme ?? "system";
+  select.addEventListener("change", () => {
+    const theme = select.value;
+    if (theme === "system") {
+      delete document.documentElement.dataset.theme;
+      localStorage.removeItem(THEME);
+    } else {
+      document.documentElement.dataset.theme = theme;
+      localStorage.setItem(THEME, theme);
+    }
+  });
 }
 
 // ---------------------------------------------------------------- the drawer (phones)
@@ -986,6 +1060,12 @@ function bind() {
   phone.addEventListener("change", fitScreen);
   fitScreen();
   document.addEventListener("keydown", onGlobalKey);
+  bindTheme();
+  $("messages").addEventListener("scroll", updateToBottom, { passive: true });
+  $("to-bottom").addEventListener("click", () => {
+    const container = $("messages");
+    container.scrollTo({ top: container.scrollHeight, behavior: matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth" });
+  });
   $("more-conversations").addEventListener("click", loadMoreConversations);
   const list = $("conversation-list");
   list.addEventListener("scroll", () => {
@@ -999,13 +1079,17 @@ function bind() {
   }, LIST_REFRESH_MS);
 }
 
-/** Esc anywhere the focused control has no use for it: closes the drawer. */
+/** Esc anywhere the focused control has no use for it: closes the drawer, else stops the answer
+ * streaming into the open conversation. */
 function onGlobalKey(event) {
   if (event.key !== "Escape" || event.defaultPrevented || event.isComposing) return;
   if (document.querySelector("dialog[open]")) return; // the dialog's own Esc closes it
   if (drawerOpen()) {
     event.preventDefault();
     closeDrawer();
+  } else if (state.current && state.streams.has(state.current.id)) {
+    event.preventDefault();
+    stopAnswer();
   }
 }
 
