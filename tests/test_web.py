@@ -549,6 +549,103 @@ def test_keyboard_only(page):
     expect(nav.locator("button.prev")).to_be_focused()
 
 
+def test_new_chat_is_stored_with_its_first_message(browser, tmp_path):
+    """"+ New chat" stores nothing; the settings chosen for it wait on the page; the first message
+    stores the conversation with them."""
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(tmp_path / "draft.sqlite3"))) as srv:
+        listed = lambda: requests.get(f"{srv.url}/v1/conversations", timeout=10).json()["data"]  # noqa: E731
+        page = Page(browser, srv.url)
+        try:
+            page.new_chat()
+            page.settings(max_tokens=6, system_prompt="Be brief.")
+            page.new_chat()  # again: still the one draft, settings kept
+            page.page.click("#chat-settings")
+            page.expect(page.page.locator("#conversation-settings legend")).to_have_text("A new conversation")
+            page.expect(page.page.locator("#setting-max-tokens")).to_have_value("6")
+            page.page.click("#settings-cancel")
+            page.reload()
+            assert listed() == []
+            page.new_chat()
+            page.settings(max_tokens=6, system_prompt="Be brief.")
+            page.send("First words")
+            page.wait_answer()
+            (stored,) = listed()
+            assert stored["title"] == "First words" and stored["system_prompt"] == "Be brief."
+            assert stored["params"]["max_tokens"] == 6
+            page.expect(page.sidebar_item("First words")).to_have_class(re.compile("active"))
+            page.new_chat()
+            page.expect(page.page.locator("#conversation-list .conversation")).to_have_count(1)
+            assert len(listed()) == 1
+        finally:
+            page.close()
+
+
+def test_theme_switch_is_remembered(page):
+    """The theme select: Dark and Light override the system's (this browser's is light), System
+    follows it again; the choice outlives a reload."""
+    p, expect = page.page, page.expect
+    background = lambda: p.evaluate("getComputedStyle(document.body).backgroundColor")  # noqa: E731
+    light = background()
+    assert light == "rgb(255, 255, 255)"
+    p.select_option("#theme", "dark")
+    expect(p.locator("html")).to_have_attribute("data-theme", "dark")
+    dark = background()
+    assert dark != light
+    page.reload()
+    assert background() == dark
+    expect(p.locator("#theme")).to_have_value("dark")
+    p.emulate_media(color_scheme="dark")
+    p.select_option("#theme", "light")
+    assert background() == light  # the system says dark: the choice wins
+    p.select_option("#theme", "system")
+    assert background() == dark
+    assert p.evaluate("localStorage.getItem('chatserve.theme')") is None
+    page.reload()
+    expect(p.locator("#theme")).to_have_value("system")
+    assert p.evaluate("document.documentElement.dataset.theme") is None
+    p.emulate_media(color_scheme="light")
+    assert background() == light
+
+
+def test_scroll_to_bottom_button_and_timestamps(browser, server, db_path):
+    """A long answer scrolled up shows the scroll-to-bottom button, which goes back to the end;
+    each message shows when it was written (the stored time)."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "A long read", "Tell me everything",
+                       "\n\n".join(f"Paragraph {i}: " + "words " * 40 for i in range(40)))
+    finally:
+        store.close()
+    page = Page(browser, server.url)
+    try:
+        p, expect = page.page, page.expect
+        page.sidebar_item("A long read").click()
+        button, messages = p.locator("#to-bottom"), p.locator("#messages")
+        expect(page.last_answer()).to_be_visible()
+        expect(button).to_be_hidden()  # opened at the end
+        messages.evaluate("m => m.scrollTo(0, 0)")
+        expect(button).to_be_visible()
+        screenshot(p, "web-scrolled-up.png")
+        button.click()
+        p.wait_for_function("() => { const m = document.querySelector('#messages');"
+                            " return m.scrollHeight - m.scrollTop - m.clientHeight < 2; }")
+        expect(button).to_be_hidden()
+
+        stored = requests.get(f"{server.url}/v1/conversations", timeout=10).json()["data"]
+        conversation = next(c for c in stored if c["title"] == "A long read")
+        full = requests.get(f"{server.url}/v1/conversations/{conversation['id']}", timeout=10).json()
+        for message, role in zip(full["messages"], ("user", "assistant")):
+            shown = page.messages(role).last.locator("time.timestamp")
+            expect(shown).to_have_count(1)
+            iso = p.evaluate("(s) => new Date(s * 1000).toISOString()", message["created"])
+            expect(shown).to_have_attribute("datetime", iso)
+            expect(shown).to_have_text(re.compile(r"\d{1,2}:\d{2}"))
+    finally:
+        page.close()
+
+
 def test_edit_regenerate_and_branch_arrows(page):
     p = page.page
     page.new_chat()

@@ -800,7 +800,7 @@ function timestamp(created) {
   const node = el("time", "timestamp");
   node.dateTime = date.toISOString();
   const today = date.toDateString() === new Date().toDateString();
-  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const time = date.toLocaleTimeString([], { hour: "numeric", minute: "2-digit" });
   node.textContent = today ? time : `${date.toLocaleDateString([], { month: "short", day: "numeric" })}, ${time}`;
   node.title = date.toLocaleString();
   return node;
