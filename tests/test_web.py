@@ -1235,6 +1235,40 @@ def test_accessibility_with_axe(browser, tmp_path, theme):
             page.close()
 
 
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_screenshots_at_each_size(browser, tmp_path, theme):
+    """The page at 320, 390, 768 and 1280 px wide, on an answer with a table, code, math and a
+    stopped badge: no sideways overflow; screenshots to look at (web-size-WIDTH-THEME.png)."""
+    from chatserve.server.store import Store
+
+    db = tmp_path / "sizes.sqlite3"
+    store_conversations(db, 3)
+    store = Store.open(str(db))
+    try:
+        store_exchange(store, "How to solve a quadratic equation, with a table of examples",
+                       "How do I solve ax² + bx + c = 0? Show examples in a table, and code.",
+                       RICH + "\n\n" + SHOWCASE, reasoning="Formula, table, code.", status="stopped")
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        for width in (320, 390, 768, 1280):
+            page = Page(browser, srv.url, viewport={"width": width, "height": 844 if width < 1280 else 800},
+                        color_scheme=theme)
+            try:
+                p = page.page
+                page.expect(p.locator("#chat-title")).to_have_text(re.compile("quadratic"))
+                page.expect(page.last_answer().locator(".katex-display")).to_have_count(1)
+                p.evaluate("document.fonts.ready")
+                scroll_width, inner = p.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+                assert scroll_width <= inner, (width, scroll_width)
+                # The placeholder fits its line (at 768 px the long one wrapped, cut in half).
+                assert p.locator("#input").evaluate("i => i.scrollHeight <= i.clientHeight + 1"), width
+                p.locator("#messages").evaluate("m => m.scrollTo(0, 0)")
+                screenshot(p, f"web-size-{width}-{theme}.png")
+            finally:
+                page.close()
+
+
 def test_conversations_drawer_on_phones(browser, tmp_path):
     """Below 768 px: the menu button opens the drawer; Esc, the backdrop, choosing a conversation
     or starting a new one close it; while it is open the chat behind it takes no focus."""

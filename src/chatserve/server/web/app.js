@@ -1003,6 +1003,7 @@ function bindTheme() {
 // Below 768 px the conversations are a drawer over the chat: the header's menu button opens it;
 // choosing a conversation, starting a new one, the backdrop or Esc close it.
 const phone = matchMedia("(max-width: 767.98px)");
+const roomy = matchMedia("(min-width: 1024px)"); // room for the long placeholder on one line
 const drawerOpen = () => phone.matches && $("app").classList.contains("drawer-open");
 
 function openDrawer() {
@@ -1022,9 +1023,10 @@ function closeDrawer() {
   if (hadFocus && phone.matches) $("menu").focus();
 }
 
-/** Screen-size details: the short placeholder on phones, the drawer shut on leaving them. */
+/** Screen-size details: the short placeholder where the long one would not fit on its line, the
+ * drawer shut on leaving phone sizes. */
 function fitScreen() {
-  $("input").placeholder = phone.matches ? "Message" : "Message (Enter to send, Shift+Enter for a new line)";
+  $("input").placeholder = roomy.matches ? "Message (Enter to send, Shift+Enter for a new line)" : "Message";
   if (!phone.matches) closeDrawer();
 }
 
@@ -1058,6 +1060,7 @@ function bind() {
   $("menu").addEventListener("click", () => (drawerOpen() ? closeDrawer() : openDrawer()));
   $("drawer-backdrop").addEventListener("click", closeDrawer);
   phone.addEventListener("change", fitScreen);
+  roomy.addEventListener("change", fitScreen);
   fitScreen();
   document.addEventListener("keydown", onGlobalKey);
   bindTheme();
