@@ -192,6 +192,9 @@ def test_page_and_static_files_are_served(server):
     index = requests.get(f"{server.url}/", timeout=10)
     assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="/static/app.js">' in index.text
+    policy = dict(part.strip().split(" ", 1) for part in index.headers["content-security-policy"].split(";"))
+    assert policy["script-src"] == policy["style-src"] == policy["font-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'" and "unsafe" not in index.headers["content-security-policy"]
     for name, kind in [("app.js", "javascript"), ("render.js", "javascript"), ("style.css", "text/css"),
                        ("vendor/markdown-it/markdown-it.esm.min.js", "javascript"),
                        ("vendor/dompurify/purify.es.js", "javascript"),
@@ -406,6 +409,19 @@ def test_tables_highlighted_code_and_math(browser, server, db_path):
         }""")
         assert "KaTeX_Main" in fonts and "KaTeX_Math" in fonts, fonts
         assert p.evaluate("window.__violations") == []
+        # The policy holds: an inline script does not run, a style attribute is refused (why KaTeX
+        # sets its styles through the CSSOM).
+        refused = p.evaluate("""async () => {
+            const script = document.createElement("script");
+            script.textContent = "window.__inline = true";
+            document.body.append(script);
+            const box = document.createElement("div");
+            box.setAttribute("style", "color: rgb(1, 2, 3)");
+            document.body.append(box);
+            await new Promise((resolve) => setTimeout(resolve, 100));
+            return [window.__inline === undefined, getComputedStyle(box).color !== "rgb(1, 2, 3)"];
+        }""")
+        assert refused == [True, True]
         screenshot(p, "web-rich.png")
     finally:
         page.close()
