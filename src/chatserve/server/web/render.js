@@ -67,11 +67,15 @@ export function renderMarkdown(text) {
   }
   for (const pre of fragment.querySelectorAll("pre")) codeBlock(pre);
   for (const node of fragment.querySelectorAll(".math")) {
-    katex.render(node.textContent, node, {
-      displayMode: node.classList.contains("math-display"),
-      throwOnError: false, // a formula KaTeX cannot read shows as its TeX, in red, with the reason
-      output: "htmlAndMathml", // MathML for screen readers
-    });
+    try {
+      katex.render(node.textContent, node, {
+        displayMode: node.classList.contains("math-display"),
+        throwOnError: false, // a formula KaTeX cannot read shows as its TeX, in red, with the reason
+        output: "htmlAndMathml", // MathML for screen readers
+      });
+    } catch {
+      // not a parse error (those throwOnError covers): the TeX stays on show as text
+    }
   }
   return fragment;
 }
