@@ -1067,7 +1067,8 @@ function bind() {
   $("messages").addEventListener("scroll", updateToBottom, { passive: true });
   $("to-bottom").addEventListener("click", () => {
     const container = $("messages");
-    container.scrollTo({ top: container.scrollHeight, behavior: matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth" });
+    const still = matchMedia("(prefers-reduced-motion: reduce)").matches;
+    container.scrollTo({ top: container.scrollHeight, behavior: still ? "auto" : "smooth" });
   });
   $("more-conversations").addEventListener("click", loadMoreConversations);
   const list = $("conversation-list");

@@ -145,8 +145,10 @@ function mathPlugin(md) {
   md.inline.ruler.before("escape", "math_inline", mathInline);
   md.block.ruler.before("fence", "math_block", mathBlock, { alt: ["paragraph", "reference", "blockquote", "list"] });
   const escape = md.utils.escapeHtml;
-  md.renderer.rules.math_inline = (tokens, i) =>
-    `<span class="${tokens[i].markup === "display" ? "math math-display" : "math"}">${escape(tokens[i].content)}</span>`;
+  md.renderer.rules.math_inline = (tokens, i) => {
+    const className = tokens[i].markup === "display" ? "math math-display" : "math";
+    return `<span class="${className}">${escape(tokens[i].content)}</span>`;
+  };
   md.renderer.rules.math_block = (tokens, i) => `<div class="math math-display">${escape(tokens[i].content)}</div>\n`;
 }
 
