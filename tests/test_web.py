@@ -273,6 +273,25 @@ def test_markdown_renderer(page):
     assert page.page.evaluate("window.__pwned") is None
 
 
+def test_formulas_are_typeset_once_while_an_answer_streams(page):
+    """Rendered again with more text (as each frame of a streaming answer is), a formula already
+    typeset is moved into the new rendering, not typeset again; a changed one is typeset anew."""
+    same = page.page.evaluate("""async () => {
+        const { renderMarkdown } = await import("/static/render.js");
+        const root = document.createElement("div");
+        document.body.append(root);
+        root.append(renderMarkdown("Inline $a^2$ and\\n\\n$$\\\\int_0^1 x\\,dx$$\\n\\nmore", root));
+        const [inline, display] = root.querySelectorAll(".math");
+        root.replaceChildren(renderMarkdown("Inline $a^2$ and\\n\\n$$\\\\int_0^1 x\\,dx$$\\n\\nmore text $b$", root));
+        const [inline2, display2, added] = root.querySelectorAll(".math");
+        root.replaceChildren(renderMarkdown("Inline $a^3$", root));
+        const [changed] = root.querySelectorAll(".math");
+        return [inline === inline2, display === display2, Boolean(added.querySelector(".katex")),
+                changed !== inline && changed.querySelector("annotation").textContent === "a^3"];
+    }""")
+    assert same == [True, True, True, True]
+
+
 # Markdown that puts the injection payloads where markup is built around them: table cells, a code
 # block's info string (which becomes a class name), link targets and texts, and math (TeX that
 # KaTeX typesets).

@@ -767,7 +767,7 @@ function fillBubble(bubble, message) {
     const shown = `${thinking}:${message.reasoning_content}`;
     if (renderedReasoning.get(details) !== shown) {
       const body = details.querySelector(".reasoning-body");
-      body.replaceChildren(renderMarkdown(message.reasoning_content));
+      body.replaceChildren(renderMarkdown(message.reasoning_content, body));
       if (thinking) typingCursor(body);
       renderedReasoning.set(details, shown);
     }
@@ -779,7 +779,7 @@ function fillBubble(bubble, message) {
     content = el("div", "content markdown");
     bubble.append(content);
   }
-  content.replaceChildren(renderMarkdown(message.content ?? ""));
+  content.replaceChildren(renderMarkdown(message.content ?? "", content));
   if (message.status === "generating" && !thinking) typingCursor(content);
   bubble.querySelector(":scope > .error-text")?.remove();
   if (message.error) bubble.append(el("p", "error-text", message.error));

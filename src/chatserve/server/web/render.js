@@ -54,8 +54,9 @@ export function safeUrl(text) {
   }
 }
 
-/** Markdown text -> a DocumentFragment, safe to insert. */
-export function renderMarkdown(text) {
+/** Markdown text -> a DocumentFragment, safe to insert; `previous`, the container it will replace
+ * the content of, lends the formulas it has typeset already. */
+export function renderMarkdown(text, previous = null) {
   const fragment = DOMPurify.sanitize(md.render(text), { RETURN_DOM_FRAGMENT: true });
   for (const link of fragment.querySelectorAll("a")) {
     if (safeUrl(link.getAttribute("href") ?? "") === null) {
@@ -66,17 +67,8 @@ export function renderMarkdown(text) {
     link.rel = "noopener noreferrer nofollow";
   }
   for (const pre of fragment.querySelectorAll("pre")) codeBlock(pre);
-  for (const node of fragment.querySelectorAll(".math")) {
-    try {
-      katex.render(node.textContent, node, {
-        displayMode: node.classList.contains("math-display"),
-        throwOnError: false, // a formula KaTeX cannot read shows as its TeX, in red, with the reason
-        output: "htmlAndMathml", // MathML for screen readers
-      });
-    } catch {
-      // not a parse error (those throwOnError covers): the TeX stays on show as text
-    }
-  }
+  const typesetBefore = typesetIn(previous);
+  for (const node of fragment.querySelectorAll(".math")) typeset(node, typesetBefore);
   return fragment;
 }
 
@@ -136,6 +128,45 @@ async function copyText(text) {
 }
 
 // ---------------------------------------------------------------- math
+
+/** Typeset one span.math (or div.math-display) holding TeX as text, or put in its place the same
+ * formula typeset before (a streaming answer is rendered again each frame: each formula is
+ * typeset once, and its nodes moved, not copied, so their CSSOM styles stay theirs). */
+const typesetKeys = new WeakMap(); // a typeset .math node -> its "display:TeX" key
+
+function typeset(node, typesetBefore) {
+  const displayMode = node.classList.contains("math-display");
+  const tex = node.textContent;
+  const key = `${displayMode}:${tex}`;
+  const before = typesetBefore.get(key)?.pop();
+  if (before) {
+    node.replaceWith(before);
+    return;
+  }
+  typesetKeys.set(node, key);
+  try {
+    katex.render(tex, node, {
+      displayMode,
+      throwOnError: false, // a formula KaTeX cannot read shows as its TeX, in red, with the reason
+      output: "htmlAndMathml", // MathML for screen readers
+    });
+  } catch {
+    // not a parse error (those throwOnError covers): the TeX stays on show as text
+  }
+}
+
+/** The formulas typeset in a container, by their "display:TeX" key. */
+function typesetIn(container) {
+  const found = new Map();
+  for (const node of container?.querySelectorAll(".math") ?? []) {
+    const key = typesetKeys.get(node);
+    if (!key) continue;
+    if (!found.has(key)) found.set(key, []);
+    found.get(key).push(node);
+  }
+  for (const nodes of found.values()) nodes.reverse(); // pop() takes them in order
+  return found;
+}
 
 /** $...$ and \(...\) inline, $$...$$ and \[...\] as display math (a block when the delimiters
  * open and close their own lines, else inline in the text). A dollar only opens math when a
