@@ -1147,11 +1147,11 @@ def store_conversations(db: Path, count: int) -> None:
 PHONE = 768  # below this width the conversations are a drawer
 WIDTHS = (320, 390, 768, 1024, 1440)
 
-# Every button on show smaller than 24x24 px (WCAG 2.2's minimum target size).
-SMALL_TARGETS = """() => [...document.querySelectorAll("button, summary, select, a[href]")]
+# Every control on show smaller than size x size px (24: WCAG 2.2's minimum target size).
+SMALL_TARGETS = """(size = 24) => [...document.querySelectorAll("button, summary, select, a[href]")]
     .filter((b) => b.checkVisibility({ visibilityProperty: true }))
     .map((b) => [b.id || b.className || b.textContent, b.getBoundingClientRect()])
-    .filter(([, r]) => r.width > 0 && (r.width < 24 || r.height < 24))
+    .filter(([, r]) => r.width > 0 && (r.width < size || r.height < size))
     .map(([name, r]) => `${name} ${Math.round(r.width)}x${Math.round(r.height)}`)"""
 
 
@@ -1302,6 +1302,43 @@ def test_screenshots_at_each_size(browser, tmp_path, theme):
                 screenshot(p, f"web-size-{width}-{theme}.png")
             finally:
                 page.close()
+
+
+def test_touch_targets_on_a_touch_screen(browser, tmp_path):
+    """On a touch screen (a coarse pointer) every control is at least 44x44 px: the chat with an
+    answer's buttons and its version arrows, the drawer, the settings."""
+    from chatserve.server.store import Store
+
+    db = tmp_path / "touch.sqlite3"
+    store_conversations(db, 3)
+    store = Store.open(str(db))
+    try:
+        store_exchange(store, "Touch me", "A question", COPY_ANSWER + "\n\n" + RICH)
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url, viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+        try:
+            p = page.page
+            assert p.evaluate("matchMedia('(pointer: coarse)').matches")
+            page.expect(p.locator("#chat-title")).to_have_text("Touch me")
+            page.expect(page.last_answer().locator(".code-block")).to_have_count(3)
+            page.settings(max_tokens=4)
+            page.last_answer().locator("button.regenerate").tap()
+            page.expect(page.last_answer().locator(".branch-index")).to_have_text("2/2")
+            page.wait_answer()
+            assert p.evaluate(SMALL_TARGETS, 44) == []
+            p.tap("#menu")
+            page.expect(p.locator("#sidebar")).to_be_in_viewport()
+            p.wait_for_timeout(300)  # the slide-in
+            assert p.evaluate(SMALL_TARGETS, 44) == []
+            screenshot(p, "web-touch-drawer.png")
+            p.keyboard.press("Escape")
+            p.tap("#chat-settings")
+            assert p.evaluate(SMALL_TARGETS, 44) == []
+            screenshot(p, "web-touch-settings.png")
+        finally:
+            page.close()
 
 
 def test_conversations_drawer_on_phones(browser, tmp_path):
