@@ -5,8 +5,13 @@ temporary SQLite file, so a page reload finds everything again.
 Needs Debian's chromium at /usr/bin/chromium; without it the browser tests are skipped, saying
 so, unless CHATSERVE_REQUIRE_BROWSER is set (.ci/run sets it, after installing chromium), which
 makes them fail. Screenshots go to tests/artifacts/ (web.png: a
-stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png, web-reasoning.png,
-web-reasoning-real.png; the sidebar alone: web-sidebar-hover.png, web-sidebar-rename.png)."""
+stored answer with Markdown; web-rich.png: a table, highlighted code, math; web-size-WIDTH-THEME.png
+at 320, 390, 768 and 1280 px in both themes; web-phone-WIDTH-COUNT[-drawer].png; web-axe-THEME.png;
+web-touch-*.png; web-copy.png, web-scrolled-up.png, web-stopped.png, web-branches.png,
+web-injection.png, web-reasoning.png, web-reasoning-real.png; the sidebar alone:
+web-sidebar-hover.png, web-sidebar-rename.png).
+
+The accessibility checks inject axe-core (tests/vendor/axe-core/, see tests/vendor/README.md)."""
 
 from __future__ import annotations
 
