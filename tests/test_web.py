@@ -5,8 +5,13 @@ temporary SQLite file, so a page reload finds everything again.
 Needs Debian's chromium at /usr/bin/chromium; without it the browser tests are skipped, saying
 so, unless CHATSERVE_REQUIRE_BROWSER is set (.ci/run sets it, after installing chromium), which
 makes them fail. Screenshots go to tests/artifacts/ (web.png: a
-stored answer with Markdown; web-stopped.png, web-branches.png, web-injection.png, web-reasoning.png,
-web-reasoning-real.png; the sidebar alone: web-sidebar-hover.png, web-sidebar-rename.png)."""
+stored answer with Markdown; web-rich.png: a table, highlighted code, math; web-size-WIDTH-THEME.png
+at 320, 390, 768 and 1280 px in both themes; web-phone-WIDTH-COUNT[-drawer].png; web-axe-THEME.png;
+web-touch-*.png; web-copy.png, web-scrolled-up.png, web-stopped.png, web-branches.png,
+web-injection.png, web-reasoning.png, web-reasoning-real.png; the sidebar alone:
+web-sidebar-hover.png, web-sidebar-rename.png).
+
+The accessibility checks inject axe-core (tests/vendor/axe-core/, see tests/vendor/README.md)."""
 
 from __future__ import annotations
 
@@ -91,9 +96,11 @@ class Page:
         assert not self.errors, f"JavaScript errors on the page: {self.errors}"
 
     def new_chat(self) -> None:
+        """A new chat: a draft on the page, in no list until its first message."""
         self.page.click("#new-chat")
         self.expect(self.page.locator("#empty-state")).to_be_visible()
-        self.expect(self.page.locator("#conversation-list .conversation.active")).to_have_text("New chat")
+        self.expect(self.page.locator("#chat-title")).to_have_text("New chat")
+        self.expect(self.page.locator("#conversation-list .conversation.active")).to_have_count(0)
 
     def settings(self, **fields) -> None:
         self.page.click("#chat-settings")
@@ -139,16 +146,20 @@ def screenshot(p, name: str) -> None:
     p.screenshot(path=str(ARTIFACTS / name))
 
 
-def stop_long_answer(page: Page) -> None:
-    """Asks for a long answer and clicks Stop once its text streams in; checks it ends stopped with
-    its partial text. The random model may end an answer by itself with its stop token before the
-    click lands: then it asks again."""
+def stop_long_answer(page: Page, keyboard: bool = False) -> None:
+    """Asks for a long answer and clicks Stop (or, keyboard, types it and presses Enter, then Esc)
+    once its text streams in; checks it ends stopped with its partial text. The random model may
+    end an answer by itself with its stop token before the click lands: then it asks again."""
     from playwright.sync_api import Error as PlaywrightError
 
     p = page.page
     for attempt in range(5):
         answers = page.messages("assistant").count()
-        page.send(f"Tell me a long story, take {attempt + 1}")
+        if keyboard:
+            page.page.keyboard.type(f"Tell me a long story, take {attempt + 1}")
+            page.page.keyboard.press("Enter")
+        else:
+            page.send(f"Tell me a long story, take {attempt + 1}")
         # The new answer streaming in: its text shown, the Stop button up, the conversation marked
         # busy in the sidebar (or it ended already).
         p.wait_for_function("""(count) => {
@@ -161,7 +172,10 @@ def stop_long_answer(page: Page) -> None:
         }""", arg=answers)
         if page.last_answer().get_attribute("data-status") == "generating":
             try:  # force: no waiting for the button to hold still while the page re-renders each frame
-                p.click("#stop", timeout=2000, force=True)
+                if keyboard:
+                    p.keyboard.press("Escape")
+                else:
+                    p.click("#stop", timeout=2000, force=True)
             except PlaywrightError:  # the answer ended meanwhile, and the button went away
                 pass
         page.expect(page.last_answer()).to_have_attribute("data-status", re.compile("stopped|complete"))
@@ -183,10 +197,53 @@ def test_page_and_static_files_are_served(server):
     index = requests.get(f"{server.url}/", timeout=10)
     assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="/static/app.js">' in index.text
-    for name, kind in [("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css")]:
+    policy = dict(part.strip().split(" ", 1) for part in index.headers["content-security-policy"].split(";"))
+    assert policy["script-src"] == policy["style-src"] == policy["font-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'" and "unsafe" not in index.headers["content-security-policy"]
+    for name, kind in [("app.js", "javascript"), ("render.js", "javascript"), ("style.css", "text/css"),
+                       ("vendor/markdown-it/markdown-it.esm.min.js", "javascript"),
+                       ("vendor/dompurify/purify.es.js", "javascript"),
+                       ("vendor/highlight.js/highlight.min.js", "javascript"),
+                       ("vendor/katex/katex.min.js", "javascript"), ("vendor/katex/katex.min.css", "text/css"),
+                       ("vendor/katex/fonts/KaTeX_Main-Regular.woff2", "font/woff2")]:
         response = requests.get(f"{server.url}/static/{name}", timeout=10)
         assert response.status_code == 200 and kind in response.headers["content-type"], name
-    assert requests.get(f"{server.url}/static/nothing.js", timeout=10).status_code == 404
+    for gone in ("nothing.js", "markdown.js"):  # markdown.js: the hand-written renderer, replaced by render.js
+        assert requests.get(f"{server.url}/static/{gone}", timeout=10).status_code == 404
+
+
+def test_vendored_files_ship_in_the_package():
+    """Every vendored file is package data (a wheel holds the page's libraries, fonts included),
+    with its licence beside it and its package named in vendor/README.md."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from chatserve.server.app import WEB_DIR
+
+    patterns = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["chatserve"]
+    package = WEB_DIR.parents[1]  # src/chatserve
+    shipped = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    vendor = WEB_DIR / "vendor"
+    files = [path for path in vendor.rglob("*") if path.is_file()]
+    assert len(files) > 20 and set(files) <= shipped, sorted(str(f) for f in set(files) - shipped)
+    readme = (vendor / "README.md").read_text()
+    for library in ("markdown-it", "dompurify", "highlight.js", "katex"):
+        assert (vendor / library / "LICENSE").is_file(), library
+        assert library in readme.lower(), library
+
+
+def render(page: "Page", text: str) -> str:
+    """text through the page's own renderer (render.js), into div#rendered; returns its HTML."""
+    return page.page.evaluate("""async (text) => {
+        const { renderMarkdown } = await import("/static/render.js");
+        document.querySelector("#rendered")?.remove();
+        const root = document.createElement("div");
+        root.id = "rendered";
+        root.className = "markdown";
+        root.append(renderMarkdown(text));
+        document.body.append(root);
+        return root.innerHTML;
+    }""", text)
 
 
 def test_markdown_renderer(page):
@@ -196,14 +253,7 @@ def test_markdown_renderer(page):
         "```python", "print('<script>')", "```", "", "Bare https://example.org/x, snake_case_name stays.",
         "", INJECTION,
     ])
-    html = page.page.evaluate("""async (text) => {
-        const { renderMarkdown } = await import("/static/markdown.js");
-        const root = document.createElement("div");
-        root.id = "rendered";
-        root.append(renderMarkdown(text));
-        document.body.append(root);
-        return root.innerHTML;
-    }""", text)
+    html = render(page, text)
     root = page.page.locator("#rendered")
     assert root.locator("h1").inner_text() == "Title"
     paragraph = root.locator("p").first
@@ -211,10 +261,11 @@ def test_markdown_renderer(page):
     assert paragraph.locator("em").inner_text() == "italic"
     assert paragraph.locator("code").inner_text() == "code <b>x</b>"
     assert paragraph.locator("a").get_attribute("href") == "https://example.com/a?b=1"
+    assert paragraph.locator("a").get_attribute("rel") == "noopener noreferrer nofollow"
     assert paragraph.locator("br").count() == 1
     assert root.locator("ul > li").count() == 3 and root.locator("ul > li > ul > li").inner_text() == "nested"
     assert root.locator("ol > li").all_inner_texts() == ["first", "second"]
-    assert root.locator("pre > code.language-python").inner_text() == "print('<script>')"
+    assert root.locator("pre > code.language-python").inner_text().strip() == "print('<script>')"
     assert root.locator("a[href='https://example.org/x']").inner_text() == "https://example.org/x"
     assert "snake_case_name" in root.inner_text()
     # The injection attempts are text, nothing else.
@@ -225,6 +276,217 @@ def test_markdown_renderer(page):
     assert "<img src=x onerror=" in shown and "[a link](javascript:window.__pwned=1)" in shown
     assert root.locator("strong", has_text="still bold").count() == 1
     assert page.page.evaluate("window.__pwned") is None
+
+
+def test_formulas_are_typeset_once_while_an_answer_streams(page):
+    """Rendered again with more text (as each frame of a streaming answer is), a formula already
+    typeset is moved into the new rendering, not typeset again; a changed one is typeset anew."""
+    same = page.page.evaluate("""async () => {
+        const { renderMarkdown } = await import("/static/render.js");
+        const root = document.createElement("div");
+        document.body.append(root);
+        root.append(renderMarkdown("Inline $a^2$ and\\n\\n$$\\\\int_0^1 x\\,dx$$\\n\\nmore", root));
+        const [inline, display] = root.querySelectorAll(".math");
+        root.replaceChildren(renderMarkdown("Inline $a^2$ and\\n\\n$$\\\\int_0^1 x\\,dx$$\\n\\nmore text $b$", root));
+        const [inline2, display2, added] = root.querySelectorAll(".math");
+        root.replaceChildren(renderMarkdown("Inline $a^3$", root));
+        const [changed] = root.querySelectorAll(".math");
+        return [inline === inline2, display === display2, Boolean(added.querySelector(".katex")),
+                changed !== inline && changed.querySelector("annotation").textContent === "a^3"];
+    }""")
+    assert same == [True, True, True, True]
+
+
+# Markdown that puts the injection payloads where markup is built around them: table cells, a code
+# block's info string (which becomes a class name), link targets and texts, and math (TeX that
+# KaTeX typesets).
+INJECTION_IN_MARKUP = "\n".join([
+    "| <script>window.__pwned = 'cell'</script> | <img src=x onerror=\"window.__pwned='cell'\"> |",
+    "|---|---|",
+    "| [cell link](javascript:window.__pwned='cell') | <a href=\"javascript:alert(1)\">click</a> |",
+    "",
+    "```python\" onmouseover=\"window.__pwned='info'\" x=\"",
+    "print(1)",
+    "```",
+    "",
+    "```<img src=x onerror=\"window.__pwned='info'\">",
+    "code",
+    "```",
+    "",
+    "[upper](JaVaScRiPt:window.__pwned='link') [data](data:text/html,<script>window.__pwned=1</script>)",
+    "[relative](/v1/conversations) [<img src=x onerror=\"window.__pwned='label'\">](https://example.com/ok)",
+    "[title](https://example.com/t \"x\\\" onmouseover=\\\"window.__pwned='title'\") <javascript:alert(1)>",
+    "![image](https://example.com/pixel.png)",
+    "",
+    "Math $<img src=x onerror=\"window.__pwned='math'\">$ and $</span><script>window.__pwned='m'</script>$",
+    "",
+    "$$\\href{javascript:window.__pwned='href'}{click} \\url{javascript:alert(1)} \\htmlId{x}{y}$$",
+    "",
+    "\\[ \\includegraphics{https://example.com/x.png} \\]",
+])
+
+
+def test_injection_in_tables_code_links_and_math(browser, server):
+    page = Page(browser, server.url, bypass_csp=True)  # the renderer alone must keep it inert
+    try:
+        check_injection_in_markup(page)
+    finally:
+        page.close()
+
+
+def check_injection_in_markup(page: "Page") -> None:
+    html = render(page, INJECTION_IN_MARKUP)
+    root = page.page.locator("#rendered")
+    assert root.locator("table th, table td").count() == 4  # the table itself is markup, its cells text
+    assert root.locator("script, img, iframe, object, embed, svg image, [onerror], [onmouseover], "
+                        "a[href^='javascript' i], a[href^='data' i], a[href^='/']").count() == 0, html
+    assert "<script" not in html and "<img" not in html
+    shown = root.inner_text()
+    assert "<script>window.__pwned = 'cell'</script>" in shown
+    assert "[cell link](javascript:window.__pwned='cell')" in shown
+    # Links: only the absolute https ones are links, the others their text; an image is only a link
+    # to it (never fetched by itself).
+    assert root.locator("a").evaluate_all("links => links.map(a => a.href)") == [
+        "https://example.com/ok", "https://example.com/t", "https://example.com/pixel.png"]
+    assert "<img src=x onerror=" in root.locator("a").first.inner_text()
+    assert "relative" in shown and "image" in shown
+    # Math: KaTeX typeset what it could and shows the rest as text; no links, no HTML from TeX.
+    math = root.locator(".math")
+    assert math.evaluate_all("nodes => nodes.map((n) => Boolean(n.querySelector('.katex, .katex-error')))") == [
+        True] * 4
+    assert math.locator("a, [href]").count() == 0
+    assert "\\href" in math.nth(2).inner_text()  # untrusted: shown as the command, not run
+    page.page.wait_for_timeout(100)  # an onerror handler would have run by now
+    assert page.page.evaluate("window.__pwned") is None
+
+
+RICH = """| Model | Params | Context |
+|:------|------:|--------:|
+| Qwen2.5 | 0.5B | 32768 |
+| SmolLM2 | 135M | 8192 |
+
+```python
+def area(r: float) -> float:
+    return 3.14159 * r ** 2
+```
+
+The energy is $E = mc^2$, and the roots of $ax^2 + bx + c = 0$ are
+
+$$
+x = \\frac{-b \\pm \\sqrt{b^2 - 4ac}}{2a}
+$$
+
+which costs $5 or $10 to say."""
+
+
+def test_tables_highlighted_code_and_math(browser, server, db_path):
+    """A stored answer with a table, a fenced code block naming its language, inline and display
+    math: the page (under its own Content-Security-Policy) shows a <table>, code coloured by
+    highlight.js, and formulas typeset by KaTeX in its own fonts, served by this server."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "Rich answer", "Show me everything", RICH)
+    finally:
+        store.close()
+    page = Page(browser, server.url)
+    try:
+        p = page.page
+        p.evaluate("""() => {
+            window.__violations = [];
+            document.addEventListener("securitypolicyviolation",
+                                      (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`));
+        }""")
+        page.sidebar_item("Rich answer").click()
+        content = page.last_answer().locator(".content")
+        table = content.locator("table")
+        page.expect(table.locator("th")).to_have_text(["Model", "Params", "Context"])
+        page.expect(table.locator("tbody tr")).to_have_count(2)
+        page.expect(table.locator("tbody tr").first.locator("td")).to_have_text(["Qwen2.5", "0.5B", "32768"])
+        assert table.locator("td").nth(1).evaluate("td => getComputedStyle(td).textAlign") == "right"
+
+        code = content.locator("pre > code.hljs.language-python")
+        page.expect(code.locator(".hljs-keyword").first).to_have_text("def")
+        page.expect(code.locator(".hljs-title")).to_have_text("area")
+        assert code.locator(".hljs-number").count() >= 2
+        keyword, plain = code.locator(".hljs-keyword").first.evaluate(
+            "k => [getComputedStyle(k).color, getComputedStyle(k.closest('code')).color]")
+        assert keyword != plain  # coloured by the page's palette
+
+        inline = content.locator("p .katex:not(.katex-display .katex)")
+        page.expect(inline).to_have_count(2)
+        assert inline.first.locator("annotation").text_content() == "E = mc^2"  # the MathML for screen readers
+        display = content.locator(".katex-display")
+        page.expect(display).to_have_count(1)
+        assert display.locator("annotation").text_content() == "x = \\frac{-b \\pm \\sqrt{b^2 - 4ac}}{2a}"
+        assert display.locator(".mfrac").count() == 1 and display.locator(".sqrt").count() == 1
+        assert "costs $5 or $10 to say" in content.inner_text()  # dollars, not math
+        # KaTeX's layout is there (its struts' heights: styles the CSP would refuse as attributes) and
+        # its fonts came from this server.
+        assert display.locator(".katex-html").evaluate(
+            "html => [...html.querySelectorAll('span')].filter((s) => s.style.height).length") > 3
+        fonts = p.evaluate("""async () => {
+            await document.fonts.ready;
+            return [...document.fonts].filter((f) => f.family.includes("KaTeX") && f.status === "loaded")
+                                      .map((f) => f.family);
+        }""")
+        assert "KaTeX_Main" in fonts and "KaTeX_Math" in fonts, fonts
+        assert p.evaluate("window.__violations") == []
+        # The policy holds: an inline script does not run, a style attribute is refused (why KaTeX
+        # sets its styles through the CSSOM).
+        refused = p.evaluate("""async () => {
+            const script = document.createElement("script");
+            script.textContent = "window.__inline = true";
+            document.body.append(script);
+            const box = document.createElement("div");
+            box.setAttribute("style", "color: rgb(1, 2, 3)");
+            document.body.append(box);
+            await new Promise((resolve) => setTimeout(resolve, 100));
+            return [window.__inline === undefined, getComputedStyle(box).color !== "rgb(1, 2, 3)"];
+        }""")
+        assert refused == [True, True]
+        screenshot(p, "web-rich.png")
+    finally:
+        page.close()
+
+
+COPY_CODE = "for i in range(3):\n\tprint(f\"<{i}>  é ✓\")   \n\n# done"
+COPY_ANSWER = f"Here is **the loop**:\n\n```python\n{COPY_CODE}\n```\n\nAnd a shell one:\n\n```\nls -la ~\n```\n"
+
+
+def test_copy_buttons_put_the_exact_text_on_the_clipboard(browser, server, db_path):
+    """Each answer has a Copy button (its Markdown, as the model wrote it) and each code block one
+    (the code alone, exactly: tabs, trailing spaces, blank lines, no fence)."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "Copy me", "A loop, please", COPY_ANSWER)
+    finally:
+        store.close()
+    page = Page(browser, server.url, permissions=["clipboard-read", "clipboard-write"])
+    try:
+        p = page.page
+        clipboard = lambda: p.evaluate("navigator.clipboard.readText()")  # noqa: E731
+        page.sidebar_item("Copy me").click()
+        answer = page.last_answer()
+        blocks = answer.locator(".code-block")
+        page.expect(blocks).to_have_count(2)
+        page.expect(blocks.first.locator(".code-language")).to_have_text("python")
+        blocks.first.locator("button.copy").click()
+        page.expect(blocks.first.locator("button.copy")).to_have_text("Copied")
+        assert clipboard() == COPY_CODE
+        blocks.nth(1).locator("button.copy").click()
+        assert clipboard() == "ls -la ~"
+        answer.locator(".message-meta button.copy").click()
+        page.expect(answer.locator(".message-meta button.copy")).to_have_text("Copied")
+        assert clipboard() == COPY_ANSWER
+        page.expect(answer.locator(".message-meta button.copy")).to_have_text("Copy")  # after a moment
+        page.expect(page.messages("user").locator("button.copy")).to_have_count(0)
+        screenshot(p, "web-copy.png")
+    finally:
+        page.close()
 
 
 def test_answer_streams_in_and_stops(page):
@@ -277,6 +539,151 @@ def test_answer_streams_in_and_stops(page):
     page.expect(page.questions().last).to_have_text(re.compile("Tell me a long story"))
     page.expect(page.last_answer()).to_have_attribute("data-status", "stopped")
     assert page.last_answer().locator(".content").inner_text() == partial
+
+
+def tab_to(p, selector: str, limit: int = 200) -> None:
+    """Presses Tab until the focus is on selector."""
+    for _ in range(limit):
+        if p.evaluate("(s) => document.activeElement?.matches(s) ?? false", selector):
+            return
+        p.keyboard.press("Tab")
+    pytest.fail(f"Tab never reached {selector}")
+
+
+def test_keyboard_only(page):
+    """Without a mouse: a new chat, settings, a message typed and sent, Esc stops its answer,
+    Regenerate, and the version arrows, the focus staying on them as the versions change."""
+    p, expect = page.page, page.expect
+    tab_to(p, "#new-chat")
+    p.keyboard.press("Enter")
+    expect(p.locator("#chat-title")).to_have_text("New chat")
+    expect(p.locator("#input")).to_be_focused()
+    tab_to(p, "#chat-settings")
+    p.keyboard.press("Enter")
+    expect(p.locator("#settings-dialog")).to_be_visible()
+    tab_to(p, "#setting-max-tokens")
+    p.keyboard.type(str(LONG_ANSWER))
+    p.keyboard.press("Enter")  # submits the form
+    expect(p.locator("#settings-dialog")).to_be_hidden()
+    tab_to(p, "#input")
+    stop_long_answer(page, keyboard=True)
+    expect(page.questions()).to_have_text([re.compile("Tell me a long story")] * page.questions().count())
+    first = page.last_answer().get_attribute("data-id")
+
+    tab_to(p, "#messages article.assistant:last-of-type button.regenerate")
+    p.keyboard.press("Enter")
+    expect(page.last_answer()).not_to_have_attribute("data-id", first)
+    p.keyboard.press("Escape")  # stops it, unless it ended already
+    expect(page.last_answer()).to_have_attribute("data-status", re.compile("stopped|complete"))
+    expect(p.locator("#send")).to_be_visible()
+    second = page.last_answer().get_attribute("data-id")
+    nav = page.last_answer().locator(".branch-nav")
+    expect(nav.locator(".branch-index")).to_have_text("2/2")
+    tab_to(p, "#messages article.assistant:last-of-type .branch-nav button.prev")
+    p.keyboard.press("Enter")
+    expect(page.last_answer()).to_have_attribute("data-id", first)
+    expect(nav.locator(".branch-index")).to_have_text("1/2")
+    expect(nav.locator("button.next")).to_be_focused()  # the arrow pressed is disabled at the end
+    p.keyboard.press("Enter")
+    expect(page.last_answer()).to_have_attribute("data-id", second)
+    expect(nav.locator("button.prev")).to_be_focused()
+
+
+def test_new_chat_is_stored_with_its_first_message(browser, tmp_path):
+    """"+ New chat" stores nothing; the settings chosen for it wait on the page; the first message
+    stores the conversation with them."""
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(tmp_path / "draft.sqlite3"))) as srv:
+        listed = lambda: requests.get(f"{srv.url}/v1/conversations", timeout=10).json()["data"]  # noqa: E731
+        page = Page(browser, srv.url)
+        try:
+            page.new_chat()
+            page.settings(max_tokens=6, system_prompt="Be brief.")
+            page.new_chat()  # again: still the one draft, settings kept
+            page.page.click("#chat-settings")
+            page.expect(page.page.locator("#conversation-settings legend")).to_have_text("A new conversation")
+            page.expect(page.page.locator("#setting-max-tokens")).to_have_value("6")
+            page.page.click("#settings-cancel")
+            page.reload()
+            assert listed() == []
+            page.new_chat()
+            page.settings(max_tokens=6, system_prompt="Be brief.")
+            page.send("First words")
+            page.wait_answer()
+            (stored,) = listed()
+            assert stored["title"] == "First words" and stored["system_prompt"] == "Be brief."
+            assert stored["params"]["max_tokens"] == 6
+            page.expect(page.sidebar_item("First words")).to_have_class(re.compile("active"))
+            page.new_chat()
+            page.expect(page.page.locator("#conversation-list .conversation")).to_have_count(1)
+            assert len(listed()) == 1
+        finally:
+            page.close()
+
+
+def test_theme_switch_is_remembered(page):
+    """The theme select: Dark and Light override the system's (this browser's is light), System
+    follows it again; the choice outlives a reload."""
+    p, expect = page.page, page.expect
+    background = lambda: p.evaluate("getComputedStyle(document.body).backgroundColor")  # noqa: E731
+    light = background()
+    assert light == "rgb(255, 255, 255)"
+    p.select_option("#theme", "dark")
+    expect(p.locator("html")).to_have_attribute("data-theme", "dark")
+    dark = background()
+    assert dark != light
+    page.reload()
+    assert background() == dark
+    expect(p.locator("#theme")).to_have_value("dark")
+    p.emulate_media(color_scheme="dark")
+    p.select_option("#theme", "light")
+    assert background() == light  # the system says dark: the choice wins
+    p.select_option("#theme", "system")
+    assert background() == dark
+    assert p.evaluate("localStorage.getItem('chatserve.theme')") is None
+    page.reload()
+    expect(p.locator("#theme")).to_have_value("system")
+    assert p.evaluate("document.documentElement.dataset.theme") is None
+    p.emulate_media(color_scheme="light")
+    assert background() == light
+
+
+def test_scroll_to_bottom_button_and_timestamps(browser, server, db_path):
+    """A long answer scrolled up shows the scroll-to-bottom button, which goes back to the end;
+    each message shows when it was written (the stored time)."""
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db_path))
+    try:
+        store_exchange(store, "A long read", "Tell me everything",
+                       "\n\n".join(f"Paragraph {i}: " + "words " * 40 for i in range(40)))
+    finally:
+        store.close()
+    page = Page(browser, server.url)
+    try:
+        p, expect = page.page, page.expect
+        page.sidebar_item("A long read").click()
+        button, messages = p.locator("#to-bottom"), p.locator("#messages")
+        expect(page.last_answer()).to_be_visible()
+        expect(button).to_be_hidden()  # opened at the end
+        messages.evaluate("m => m.scrollTo(0, 0)")
+        expect(button).to_be_visible()
+        screenshot(p, "web-scrolled-up.png")
+        button.click()
+        p.wait_for_function("() => { const m = document.querySelector('#messages');"
+                            " return m.scrollHeight - m.scrollTop - m.clientHeight < 2; }")
+        expect(button).to_be_hidden()
+
+        stored = requests.get(f"{server.url}/v1/conversations", timeout=10).json()["data"]
+        conversation = next(c for c in stored if c["title"] == "A long read")
+        full = requests.get(f"{server.url}/v1/conversations/{conversation['id']}", timeout=10).json()
+        for message, role in zip(full["messages"], ("user", "assistant")):
+            shown = page.messages(role).last.locator("time.timestamp")
+            expect(shown).to_have_count(1)
+            iso = p.evaluate("(s) => new Date(s * 1000).toISOString()", message["created"])
+            expect(shown).to_have_attribute("datetime", iso)
+            expect(shown).to_have_text(re.compile(r"\d{1,2}:\d{2}"))
+    finally:
+        page.close()
 
 
 def test_edit_regenerate_and_branch_arrows(page):
@@ -405,7 +812,10 @@ def test_conversations_switch_rename_delete_and_reload(page):
 
     # Delete the open one: the conversation that takes its place in the list opens.
     page.new_chat()
-    new = p.locator("#conversation-list .conversation.active")
+    page.send("gamma message")
+    page.wait_answer()
+    new = page.sidebar_item("gamma message")
+    expect(new).to_have_class(re.compile("active"))
     p.once("dialog", lambda dialog: dialog.accept())
     new.hover()
     new.locator("button.delete").click()
@@ -433,8 +843,9 @@ def test_conversations_switch_rename_delete_and_reload(page):
         fresh.close()
 
 
-def store_exchange(store, title: str, question: str, answer: str, reasoning=None) -> None:
-    """A conversation with one question and its finished answer, written straight into the store."""
+def store_exchange(store, title: str, question: str, answer: str, reasoning=None, status: str = "complete") -> None:
+    """A conversation with one question and its finished (or stopped) answer, written straight into
+    the store."""
     from chatserve.server.store import new_id
 
     conversation = store.create_conversation(title, None, {"temperature": None, "top_p": None, "max_tokens": None})
@@ -444,8 +855,8 @@ def store_exchange(store, title: str, question: str, answer: str, reasoning=None
     store.start_answer(conversation["id"], user, reply, [], "", None)
     stats = {"prompt_tokens": 31, "cached_tokens": 16, "completion_tokens": 118, "time_to_first_token": 0.042,
              "tokens_per_second": 57.3}
-    store.save_answer(conversation["id"], reply["id"], answer, reasoning, [], status="complete",
-                      finish_reason="stop", stats=stats)
+    store.save_answer(conversation["id"], reply["id"], answer, reasoning, [], status=status,
+                      finish_reason="stop" if status == "complete" else None, stats=stats)
 
 
 SHOWCASE = """## Reversing a list in Python
@@ -725,13 +1136,10 @@ def test_the_sidebar_loads_older_conversations_a_page_at_a_time(browser, tmp_pat
             page.close()
 
 
-@pytest.mark.parametrize("count", [0, 3, 50])
-def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
-    """At 320, 390 and 768 px wide, with 0, 3 or 50 conversations (short titles and 256-character
-    ones), the page is never wider than the screen and New chat, Settings and Send are on it."""
+def store_conversations(db: Path, count: int) -> None:
+    """count conversations with no messages: short titles, and every third one of the longest title."""
     from chatserve.server.store import MAX_TITLE_CHARS, Store
 
-    db = tmp_path / "phone.sqlite3"
     store = Store.open(str(db))
     try:
         for i in range(count):
@@ -739,20 +1147,240 @@ def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
             store.create_conversation(title, None, {"temperature": None, "top_p": None, "max_tokens": None})
     finally:
         store.close()
+
+
+PHONE = 768  # below this width the conversations are a drawer
+WIDTHS = (320, 390, 768, 1024, 1440)
+
+# Every control on show smaller than size x size px (24: WCAG 2.2's minimum target size).
+SMALL_TARGETS = """(size = 24) => [...document.querySelectorAll("button, summary, select, a[href]")]
+    .filter((b) => b.checkVisibility({ visibilityProperty: true }))
+    .map((b) => [b.id || b.className || b.textContent, b.getBoundingClientRect()])
+    .filter(([, r]) => r.width > 0 && (r.width < size || r.height < size))
+    .map(([name, r]) => `${name} ${Math.round(r.width)}x${Math.round(r.height)}`)"""
+
+
+@pytest.mark.parametrize("count", [0, 3, 50])
+def test_no_sideways_overflow_on_phones_and_tablets(browser, tmp_path, count):
+    """At 320 to 1440 px wide, with 0, 3 or 50 conversations (short titles and 256-character ones),
+    the page is never wider than the screen; New chat, Settings and Send are on it and clickable;
+    every button is at least 24x24 px. Below 768 px the conversations are in a drawer, closed."""
+    db = tmp_path / "phone.sqlite3"
+    store_conversations(db, count)
     with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
-        for width in (320, 390, 768):
+        for width in WIDTHS:
             page = Page(browser, srv.url, viewport={"width": width, "height": 844})
             try:
                 p = page.page
                 page.expect(p.locator("#conversation-list .conversation")).to_have_count(count)
                 if count:  # the open conversation shows its buttons, which take room of their own
-                    p.locator("#conversation-list .conversation").first.click()
+                    if width < PHONE:
+                        p.click("#menu")
+                    p.locator("#conversation-list .conversation").first.locator(".open").click()
+                    page.expect(p.locator("#app.drawer-open")).to_have_count(0)
                 page.expect(p.locator("#send")).to_be_visible()
                 scroll_width, inner = p.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
                 assert scroll_width <= inner, (width, count, scroll_width)
-                for button in ("#new-chat", "#chat-settings", "#send"):
+                new_chat = "#new-chat-top" if width < PHONE else "#new-chat"
+                for button in (new_chat, "#chat-settings", "#send"):
                     box = p.locator(button).bounding_box()
                     assert box and box["x"] >= 0 and box["x"] + box["width"] <= inner, (width, count, button, box)
+                    assert box["y"] >= 0 and box["y"] + box["height"] <= 844, (width, count, button, box)
+                    p.locator(button).click(trial=True, timeout=5000)  # nothing covers it
+                if width < PHONE:
+                    page.expect(p.locator("#sidebar")).to_be_hidden()
+                    page.expect(p.locator("#new-chat")).to_be_hidden()
+                else:
+                    page.expect(p.locator("#menu")).to_be_hidden()
+                    page.expect(p.locator("#new-chat-top")).to_be_hidden()
+                assert p.evaluate(SMALL_TARGETS) == [], width
                 screenshot(p, f"web-phone-{width}-{count}.png")
+                if width < PHONE:  # the drawer open: no wider either, its buttons as big
+                    p.click("#menu")
+                    page.expect(p.locator("#sidebar")).to_be_in_viewport()
+                    p.wait_for_timeout(300)  # the slide-in
+                    assert p.evaluate("document.documentElement.scrollWidth") <= inner
+                    assert p.evaluate(SMALL_TARGETS) == [], width
+                    screenshot(p, f"web-phone-{width}-{count}-drawer.png")
             finally:
                 page.close()
+
+
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
+# axe-core's serious and critical violations on the page as it is now, one line each.
+AXE_RUN = """async () => {
+    const result = await axe.run(document, { resultTypes: ["violations"] });
+    return result.violations.filter((v) => v.impact === "serious" || v.impact === "critical")
+        .flatMap((v) => v.nodes.map((n) => `${v.id} (${v.impact}): ${n.target.join(" ")}: ${n.failureSummary}`));
+}"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_accessibility_with_axe(browser, tmp_path, theme):
+    """axe-core, injected into the page, finds no serious or critical violation (contrast, names,
+    roles, ...) in either theme: on an answer just streamed (warm cache badge, stats), a stored one
+    with a table, code, math, reasoning and the stopped badge, the settings dialog, and on a phone
+    with the drawer open."""
+    db = tmp_path / "axe.sqlite3"
+    from chatserve.server.store import Store
+
+    store = Store.open(str(db))
+    try:
+        store_exchange(store, "Rich answer", "Show me everything", RICH + "\n\n" + SHOWCASE,
+                       reasoning="Tables, code and math.", status="stopped")
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url, color_scheme=theme)
+        try:
+            p = page.page
+            page.context.add_init_script(path=str(AXE))  # not subject to the page's CSP, as a <script> would be
+            page.reload()
+
+            def check(where: str) -> None:
+                assert p.evaluate(AXE_RUN) == [], f"{theme}, {where}"
+
+            # axe runs, and sees what it should: a grey-on-grey canary fails its contrast rule.
+            p.evaluate("""() => {
+                const canary = document.createElement("p");
+                canary.id = "canary";
+                canary.textContent = "canary";
+                canary.style.cssText = "color: #999; background: #aaa";  // CSSOM: allowed by the CSP
+                document.body.append(canary);
+            }""")
+            canary = p.evaluate(AXE_RUN)
+            p.evaluate("document.querySelector('#canary').remove()")
+            assert any(line.startswith("color-contrast (serious)") for line in canary), canary
+            page.new_chat()
+            page.settings(max_tokens=8)
+            page.send("Hello")
+            page.wait_answer()
+            page.expect(p.locator("#cache-badge.warm")).to_be_visible()
+            check("a streamed answer")
+            page.sidebar_item("Rich answer").click()
+            page.expect(page.last_answer().locator(".badge.stopped")).to_be_visible()
+            page.last_answer().locator("details.reasoning summary").click()
+            check("a stored answer")
+            p.click("#chat-settings")
+            check("the settings dialog")
+            p.click("#settings-cancel")
+            p.set_viewport_size({"width": 390, "height": 844})
+            check("a phone")
+            p.click("#menu")
+            page.expect(p.locator("#sidebar")).to_be_in_viewport()
+            p.wait_for_timeout(300)  # the slide-in
+            check("a phone, the drawer open")
+            screenshot(p, f"web-axe-{theme}.png")
+        finally:
+            page.close()
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_screenshots_at_each_size(browser, tmp_path, theme):
+    """The page at 320, 390, 768 and 1280 px wide, on an answer with a table, code, math and a
+    stopped badge: no sideways overflow; screenshots to look at (web-size-WIDTH-THEME.png)."""
+    from chatserve.server.store import Store
+
+    db = tmp_path / "sizes.sqlite3"
+    store_conversations(db, 3)
+    store = Store.open(str(db))
+    try:
+        store_exchange(store, "How to solve a quadratic equation, with a table of examples",
+                       "How do I solve ax² + bx + c = 0? Show examples in a table, and code.",
+                       RICH + "\n\n" + SHOWCASE, reasoning="Formula, table, code.", status="stopped")
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        for width in (320, 390, 768, 1280):
+            page = Page(browser, srv.url, viewport={"width": width, "height": 844 if width < 1280 else 800},
+                        color_scheme=theme)
+            try:
+                p = page.page
+                page.expect(p.locator("#chat-title")).to_have_text(re.compile("quadratic"))
+                page.expect(page.last_answer().locator(".katex-display")).to_have_count(1)
+                p.evaluate("document.fonts.ready")
+                scroll_width, inner = p.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+                assert scroll_width <= inner, (width, scroll_width)
+                # The placeholder fits its line (at 768 px the long one wrapped, cut in half).
+                assert p.locator("#input").evaluate("i => i.scrollHeight <= i.clientHeight + 1"), width
+                p.locator("#messages").evaluate("m => m.scrollTo(0, 0)")
+                screenshot(p, f"web-size-{width}-{theme}.png")
+            finally:
+                page.close()
+
+
+def test_touch_targets_on_a_touch_screen(browser, tmp_path):
+    """On a touch screen (a coarse pointer) every control is at least 44x44 px: the chat with an
+    answer's buttons and its version arrows, the drawer, the settings."""
+    from chatserve.server.store import Store
+
+    db = tmp_path / "touch.sqlite3"
+    store_conversations(db, 3)
+    store = Store.open(str(db))
+    try:
+        store_exchange(store, "Touch me", "A question", COPY_ANSWER + "\n\n" + RICH)
+    finally:
+        store.close()
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url, viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+        try:
+            p = page.page
+            assert p.evaluate("matchMedia('(pointer: coarse)').matches")
+            page.expect(p.locator("#chat-title")).to_have_text("Touch me")
+            page.expect(page.last_answer().locator(".code-block")).to_have_count(3)
+            page.settings(max_tokens=4)
+            page.last_answer().locator("button.regenerate").tap()
+            page.expect(page.last_answer().locator(".branch-index")).to_have_text("2/2")
+            page.wait_answer()
+            assert p.evaluate(SMALL_TARGETS, 44) == []
+            p.tap("#menu")
+            page.expect(p.locator("#sidebar")).to_be_in_viewport()
+            p.wait_for_timeout(300)  # the slide-in
+            assert p.evaluate(SMALL_TARGETS, 44) == []
+            screenshot(p, "web-touch-drawer.png")
+            p.keyboard.press("Escape")
+            p.tap("#chat-settings")
+            assert p.evaluate(SMALL_TARGETS, 44) == []
+            screenshot(p, "web-touch-settings.png")
+        finally:
+            page.close()
+
+
+def test_conversations_drawer_on_phones(browser, tmp_path):
+    """Below 768 px: the menu button opens the drawer; Esc, the backdrop, choosing a conversation
+    or starting a new one close it; while it is open the chat behind it takes no focus."""
+    db = tmp_path / "drawer.sqlite3"
+    store_conversations(db, 3)
+    with live_server(tiny_engine_config(), ServerConfig(db_path=str(db))) as srv:
+        page = Page(browser, srv.url, viewport={"width": 390, "height": 844})
+        try:
+            p, expect = page.page, page.expect
+            sidebar, menu = p.locator("#sidebar"), p.locator("#menu")
+            expect(sidebar).to_be_hidden()
+            expect(menu).to_have_attribute("aria-expanded", "false")
+            menu.click()
+            expect(sidebar).to_be_visible()
+            expect(menu).to_have_attribute("aria-expanded", "true")
+            expect(p.locator("#conversation-list .conversation.active .open")).to_be_focused()
+            assert p.evaluate("document.querySelector('#chat').inert") is True
+            p.keyboard.press("Escape")
+            expect(sidebar).to_be_hidden()
+            expect(menu).to_be_focused()
+
+            p.keyboard.press("Enter")  # the menu button, from the keyboard
+            expect(sidebar).to_be_visible()
+            p.mouse.click(380, 400)  # the backdrop, right of the drawer
+            expect(sidebar).to_be_hidden()
+
+            menu.click()
+            page.sidebar_item("Chat 1").locator(".open").click()
+            expect(sidebar).to_be_hidden()
+            expect(p.locator("#chat-title")).to_have_text("Chat 1")
+
+            menu.click()
+            p.click("#new-chat")
+            expect(sidebar).to_be_hidden()
+            expect(p.locator("#empty-state")).to_be_visible()
+            expect(p.locator("#input")).to_have_attribute("placeholder", "Message")
+        finally:
+            page.close()

@@ -39,6 +39,11 @@ from .streaming import Users, check_api_key
 
 log = logging.getLogger("chatserve.server")
 WEB_DIR = Path(__file__).parent / "web"
+# The chat page's Content-Security-Policy: its own files only (scripts, styles, KaTeX's fonts), no
+# inline script or style attribute, no eval, and no framing by other sites (which a <meta> policy
+# cannot say). Model output is sanitized besides (web/render.js); this is the second wall.
+WEB_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig] = None,
@@ -120,7 +125,8 @@ def create_app(engine_config: EngineConfig, server_config: Optional[ServerConfig
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache",
+                                                             "Content-Security-Policy": WEB_CSP})
 
     return app
 

@@ -1,10 +1,12 @@
 // The chat page: a client of the conversations API (docs/conversations-api.md). Plain DOM, no
-// framework, no build step. Model output goes through renderMarkdown, which only ever sets text.
+// framework, no build step. Model output goes through renderMarkdown (render.js): Markdown, then
+// sanitized, before it becomes nodes.
 
-import { renderMarkdown } from "./markdown.js";
+import { copyButton, renderMarkdown } from "./render.js";
 
 const API_KEY = "chatserve.apiKey";
 const LAST_CONVERSATION = "chatserve.lastConversation";
+const THEME = "chatserve.theme"; // read by theme.js too
 const LIST_REFRESH_MS = 15000;
 const LIST_PAGE = 50; // conversations per page of the list; "More" (or scrolling to the end) adds one
 const MAX_LIST_LIMIT = 100; // the most the server gives in one page
@@ -16,7 +18,7 @@ const state = {
   listWanted: LIST_PAGE, // how many the sidebar shows: a page, and a page more for each "More"
   listHasMore: false, // the server has more than the sidebar shows
   listLoading: false, // a list request is in flight: scrolling asks for no more meanwhile
-  current: null, // the open conversation, with the messages of its current branch
+  current: null, // the open conversation, with the messages of its current branch; or a draft (below)
   streams: new Map(), // conversation id -> the answer streaming into it
   openReasoning: new Set(), // assistant message ids whose reasoning the user expanded
   editing: null, // id of the user message being edited in place
@@ -175,30 +177,35 @@ async function openConversation(id) {
   renderConversation({ scroll: true });
 }
 
-async function newConversation(extra = {}) {
-  const conversation = await api("POST", "/v1/conversations", extra);
-  conversation.messages ??= [];
-  state.current = conversation;
-  state.editing = null;
+/** A new chat is a draft, on this page only, until its first message: then the server stores it
+ * (with the settings chosen meanwhile), so no empty conversations pile up in the list. */
+function draft() {
+  return { id: null, draft: true, title: "New chat", system_prompt: null, params: {}, messages: [] };
+}
+
+/** Store the draft on the server; it becomes the conversation (the same object: the page may hold it). */
+async function storeDraft(conversation) {
+  const body = {};
+  if (conversation.system_prompt) body.system_prompt = conversation.system_prompt;
+  const params = Object.fromEntries(Object.entries(conversation.params).filter(([, v]) => v !== null));
+  if (Object.keys(params).length) body.params = params;
+  const stored = await api("POST", "/v1/conversations", body);
+  Object.assign(conversation, stored, { draft: false, messages: [] });
   localStorage.setItem(LAST_CONVERSATION, conversation.id);
   remember(conversation);
   renderSidebar();
-  renderConversation();
   return conversation;
 }
 
-async function onNewChat() {
-  if (state.current && state.current.messages?.length === 0 && state.current.title === "New chat") {
-    $("input").focus(); // already on a new, empty conversation
-    return;
+function onNewChat() {
+  if (!state.current?.draft) {
+    state.current = draft();
+    state.editing = null;
+    renderSidebar();
+    renderConversation();
   }
-  try {
-    await newConversation();
-    hideBanner();
-    $("input").focus();
-  } catch (error) {
-    showBanner(`Could not start a conversation: ${error.message}`);
-  }
+  hideBanner();
+  $("input").focus();
 }
 
 /** Merge a conversation the server sent into every copy the page holds (the open one, the one an
@@ -420,13 +427,17 @@ async function sendMessage() {
   const content = input.value;
   if (!content.trim()) return;
   if (state.current && state.streams.has(state.current.id)) return;
-  let conversation = state.current;
-  if (!conversation) {
+  const conversation = state.current ?? (state.current = draft());
+  if (conversation.draft) {
+    if (conversation.storing) return; // Enter twice: the first one stores it
+    conversation.storing = true;
     try {
-      conversation = await newConversation();
+      await storeDraft(conversation);
     } catch (error) {
       showBanner(`Could not start a conversation: ${error.message}`);
       return;
+    } finally {
+      conversation.storing = false;
     }
   }
   input.value = "";
@@ -528,7 +539,10 @@ function sidebarItem(id) {
   const open = el("button", "open");
   open.type = "button";
   open.append(el("span", "warm-dot"), el("span", "title"));
-  open.addEventListener("click", () => openConversation(id));
+  open.addEventListener("click", () => {
+    closeDrawer();
+    openConversation(id);
+  });
   open.addEventListener("keydown", (event) => {
     if (event.key === "F2") {
       event.preventDefault();
@@ -615,6 +629,7 @@ function renderConversation({ scroll = false } = {}) {
   const conversation = state.current;
   const container = $("messages");
   const stick = scroll || nearBottom(container);
+  const focus = focusedControl(container);
   renderHeader();
   container.replaceChildren();
   if (!conversation || !conversation.messages?.length) {
@@ -628,10 +643,37 @@ function renderConversation({ scroll = false } = {}) {
   }
   updateComposer();
   if (stick) container.scrollTop = container.scrollHeight;
+  if (focus) refocus(container, focus);
+  updateToBottom();
+}
+
+/** The message button that has the focus, as (message's place, button's class): a re-render
+ * replaces every node, and the keyboard user's place must not go back to the top of the page. */
+function focusedControl(container) {
+  const active = document.activeElement;
+  const article = active?.closest?.("#messages article");
+  if (!article || active.tagName !== "BUTTON") return null;
+  return { index: [...container.children].indexOf(article), className: active.className };
+}
+
+function refocus(container, { index, className }) {
+  const article = container.children[index];
+  const buttons = [...(article?.querySelectorAll("button") ?? [])].filter((b) => !b.disabled);
+  // The same button, else its enabled neighbour (the other version arrow at either end), else any.
+  const same = buttons.find((b) => b.className === className);
+  const sibling = buttons.find((b) => b.parentElement.className === "branch-nav" && /prev|next/.test(className));
+  (same ?? sibling ?? buttons[0])?.focus();
 }
 
 function nearBottom(container) {
   return container.scrollHeight - container.scrollTop - container.clientHeight < 80;
+}
+
+/** The scroll-to-bottom button: on show while the messages are scrolled up from their end. */
+function updateToBottom() {
+  const container = $("messages");
+  const hidden = nearBottom(container);
+  if ($("to-bottom").hidden !== hidden) $("to-bottom").hidden = hidden;
 }
 
 function updateComposer() {
@@ -679,9 +721,12 @@ function messageNode(message) {
   } else {
     const again = button("Regenerate", "icon-button regenerate", () => regenerate(message), "Answer again");
     again.disabled = busy || message.status === "generating";
-    actions.append(again);
+    // The answer as the model wrote it (Markdown), read when clicked: it may still be streaming in.
+    actions.append(copyButton(() => message.content ?? "", "Copy this answer"), again);
   }
   meta.append(actions);
+  const time = timestamp(message.created);
+  if (time) meta.append(time);
   if (message.role === "assistant") {
     const badge = statusBadge(message);
     if (badge) meta.append(badge);
@@ -722,7 +767,7 @@ function fillBubble(bubble, message) {
     const shown = `${thinking}:${message.reasoning_content}`;
     if (renderedReasoning.get(details) !== shown) {
       const body = details.querySelector(".reasoning-body");
-      body.replaceChildren(renderMarkdown(message.reasoning_content));
+      body.replaceChildren(renderMarkdown(message.reasoning_content, body));
       if (thinking) typingCursor(body);
       renderedReasoning.set(details, shown);
     }
@@ -734,7 +779,7 @@ function fillBubble(bubble, message) {
     content = el("div", "content markdown");
     bubble.append(content);
   }
-  content.replaceChildren(renderMarkdown(message.content ?? ""));
+  content.replaceChildren(renderMarkdown(message.content ?? "", content));
   if (message.status === "generating" && !thinking) typingCursor(content);
   bubble.querySelector(":scope > .error-text")?.remove();
   if (message.error) bubble.append(el("p", "error-text", message.error));
@@ -745,6 +790,20 @@ function typingCursor(container) {
   const last = container.lastElementChild;
   if (last && last.tagName === "P") last.classList.add("typing");
   else container.append(el("p", "typing"));
+}
+
+/** When a message was written (the server's time, seconds): the time of day, with the date unless
+ * it is today; the full date and time on hover. */
+function timestamp(created) {
+  if (typeof created !== "number") return null;
+  const date = new Date(created * 1000);
+  const node = el("time", "timestamp");
+  node.dateTime = date.toISOString();
+  const today = date.toDateString() === new Date().toDateString();
+  const time = date.toLocaleTimeString([], { hour: "numeric", minute: "2-digit" });
+  node.textContent = today ? time : `${date.toLocaleDateString([], { month: "short", day: "numeric" })}, ${time}`;
+  node.title = date.toLocaleString();
+  return node;
 }
 
 function statusBadge(message) {
@@ -788,7 +847,10 @@ function editBox(message) {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       submit();
-    } else if (event.key === "Escape") cancel();
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      cancel();
+    }
   });
   const actions = el("div", "edit-actions");
   actions.append(button("Cancel", "button ghost", cancel), button("Send", "button primary save-edit", submit));
@@ -816,6 +878,7 @@ function flushRenders() {
   }
   pendingRenders.clear();
   if (stick) container.scrollTop = container.scrollHeight;
+  updateToBottom();
 }
 
 // ---------------------------------------------------------------- settings, banner, model
@@ -841,7 +904,7 @@ function openSettings() {
   $("setting-max-tokens").value = params.max_tokens ?? "";
   $("setting-api-key").value = localStorage.getItem(API_KEY) ?? "";
   $("conversation-settings").querySelector("legend").textContent =
-    conversation ? "This conversation" : "A new conversation";
+    conversation && !conversation.draft ? "This conversation" : "A new conversation";
   $("settings-error").hidden = true;
   dialog.showModal();
 }
@@ -880,8 +943,11 @@ async function saveSettings(event) {
   if (key) localStorage.setItem(API_KEY, key);
   else localStorage.removeItem(API_KEY);
   try {
-    const conversation = state.current;
-    if (conversation) {
+    const conversation = state.current ?? (state.current = draft());
+    if (conversation.draft) {
+      conversation.system_prompt = changes.system_prompt; // sent when its first message stores it
+      conversation.params = { ...conversation.params, ...changes.params };
+    } else {
       const before = JSON.stringify([conversation.system_prompt ?? null, conversation.params ?? {}]);
       const after = JSON.stringify([changes.system_prompt, { ...(conversation.params ?? {}), ...changes.params }]);
       if (before !== after) {
@@ -889,8 +955,6 @@ async function saveSettings(event) {
         Object.assign(conversation, updated, { messages: conversation.messages });
         remember(conversation);
       }
-    } else if (changes.system_prompt || Object.values(changes.params).some((v) => v !== null)) {
-      await newConversation(changes);
     }
   } catch (problem) {
     error.textContent = problem.message;
@@ -916,6 +980,56 @@ async function showModel() {
   }
 }
 
+// ---------------------------------------------------------------- theme
+
+/** The theme select: System (the system's light or dark), Light or Dark; remembered here. */
+function bindTheme() {
+  const select = $("theme");
+  select.value = document.documentElement.dataset.theme ?? "system";
+  select.addEventListener("change", () => {
+    const theme = select.value;
+    if (theme === "system") {
+      delete document.documentElement.dataset.theme;
+      localStorage.removeItem(THEME);
+    } else {
+      document.documentElement.dataset.theme = theme;
+      localStorage.setItem(THEME, theme);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- the drawer (phones)
+
+// Below 768 px the conversations are a drawer over the chat: the header's menu button opens it;
+// choosing a conversation, starting a new one, the backdrop or Esc close it.
+const phone = matchMedia("(max-width: 767.98px)");
+const roomy = matchMedia("(min-width: 1024px)"); // room for the long placeholder on one line
+const drawerOpen = () => phone.matches && $("app").classList.contains("drawer-open");
+
+function openDrawer() {
+  $("app").classList.add("drawer-open");
+  $("menu").setAttribute("aria-expanded", "true");
+  $("chat").inert = true; // the chat behind the drawer takes no focus or clicks meanwhile
+  const list = $("conversation-list");
+  (list.querySelector(".active .open") ?? list.querySelector(".open") ?? $("new-chat")).focus();
+}
+
+function closeDrawer() {
+  if (!$("app").classList.contains("drawer-open")) return;
+  const hadFocus = $("sidebar").contains(document.activeElement);
+  $("app").classList.remove("drawer-open");
+  $("menu").setAttribute("aria-expanded", "false");
+  $("chat").inert = false;
+  if (hadFocus && phone.matches) $("menu").focus();
+}
+
+/** Screen-size details: the short placeholder where the long one would not fit on its line, the
+ * drawer shut on leaving phone sizes. */
+function fitScreen() {
+  $("input").placeholder = roomy.matches ? "Message (Enter to send, Shift+Enter for a new line)" : "Message";
+  if (!phone.matches) closeDrawer();
+}
+
 // ---------------------------------------------------------------- wiring
 
 function autosize(area) {
@@ -937,7 +1051,25 @@ function bind() {
     sendMessage();
   });
   $("stop").addEventListener("click", stopAnswer);
-  $("new-chat").addEventListener("click", onNewChat);
+  for (const id of ["new-chat", "new-chat-top"]) {
+    $(id).addEventListener("click", () => {
+      closeDrawer();
+      onNewChat();
+    });
+  }
+  $("menu").addEventListener("click", () => (drawerOpen() ? closeDrawer() : openDrawer()));
+  $("drawer-backdrop").addEventListener("click", closeDrawer);
+  phone.addEventListener("change", fitScreen);
+  roomy.addEventListener("change", fitScreen);
+  fitScreen();
+  document.addEventListener("keydown", onGlobalKey);
+  bindTheme();
+  $("messages").addEventListener("scroll", updateToBottom, { passive: true });
+  $("to-bottom").addEventListener("click", () => {
+    const container = $("messages");
+    const still = matchMedia("(prefers-reduced-motion: reduce)").matches;
+    container.scrollTo({ top: container.scrollHeight, behavior: still ? "auto" : "smooth" });
+  });
   $("more-conversations").addEventListener("click", loadMoreConversations);
   const list = $("conversation-list");
   list.addEventListener("scroll", () => {
@@ -949,6 +1081,20 @@ function bind() {
   setInterval(() => {
     if (document.visibilityState === "visible") refreshList();
   }, LIST_REFRESH_MS);
+}
+
+/** Esc anywhere the focused control has no use for it: closes the drawer, else stops the answer
+ * streaming into the open conversation. */
+function onGlobalKey(event) {
+  if (event.key !== "Escape" || event.defaultPrevented || event.isComposing) return;
+  if (document.querySelector("dialog[open]")) return; // the dialog's own Esc closes it
+  if (drawerOpen()) {
+    event.preventDefault();
+    closeDrawer();
+  } else if (state.current && state.streams.has(state.current.id)) {
+    event.preventDefault();
+    stopAnswer();
+  }
 }
 
 async function start() {
