@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantization import Int8Linear
+from .quantization import Int4Linear, Int8Linear
 
 
 class RMSNorm(nn.Module):
@@ -143,6 +143,9 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._layers[i]
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._layers
 
 
 # A fused Linear and the checkpoint modules whose weights are its row slices, in order.
@@ -316,33 +319,60 @@ class CausalLM(nn.Module):
     def decode(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """forward() for a step of decodes only, on the native kernels (`ops`, models/native.py):
-        per layer four calls besides the four matmuls, and int8 matmuls on the native integer
-        kernel. The residual stream `x` is added to in place; `h` is always the normed input of the
-        next sublayer."""
-        layers, eps = self.model.layers, self.config.rms_norm_eps
-        int8 = ops.integer_kernels_available()
-
-        def linear(layer: nn.Module, rows: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-            if int8 and type(layer) is Int8Linear and layer.in_features % 64 == 0:
-                out = ops.int8_gemv(rows, layer.qweight, layer.scales, out_dtype)
-                return out if layer.bias is None else out + layer.bias
-            return layer(rows)
-
+        per layer four fused calls and the four matmuls, read from a plan made once (nn.Module's
+        call and attribute machinery is ~1 ms a step on a 30-layer model). The residual stream `x`
+        is added to in place; `h` is always the normed input of the next sublayer."""
+        plan, head, first_norm, eps, cos, sin, attention, add_rms_norm, silu_mul = self._decode_plan(ops)
         x = self.model.embed_tokens(input_ids)
-        h = ops.rms_norm(x, layers[0].input_layernorm.weight, eps)
+        h = ops.rms_norm.default(x, first_norm, eps)
+        slots, tables, lens, block_size = (meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                                           meta.block_size)
+        for (qkv, o, gate_up, down, post_norm, next_norm, q_norm, k_norm, heads, kv_heads, scale), (k_pool, v_pool) in zip(
+                plan, kv_cache.layers()):
+            a = attention(qkv(h), cos, sin, positions, k_pool, v_pool, slots, tables, lens, q_norm, k_norm, eps, heads,
+                          kv_heads, block_size, scale)
+            h = add_rms_norm(x, o(a), post_norm, eps)
+            h = add_rms_norm(x, down(silu_mul(gate_up(h))), next_norm, eps)
+        return head(h[logits_indices]).float()
+
+    def _decode_plan(self, ops) -> tuple:
+        cached = self.__dict__.get("_plan")
+        if cached is not None and cached[0] is ops:
+            return cached[1]
+        integer = ops.integer_kernels_available()
+        layers = self.model.layers
+        plan = []
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            k_pool, v_pool = kv_cache.layer(i)
-            q_norm = None if attn.q_norm is None else attn.q_norm.weight
-            k_norm = None if attn.k_norm is None else attn.k_norm.weight
-            a = ops.decode_attention(linear(attn.qkv_proj, h), self.rotary.cos, self.rotary.sin, positions, k_pool,
-                                     v_pool, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
-                                     q_norm, k_norm, eps, attn.num_heads, attn.num_kv_heads, meta.block_size,
-                                     attn.scale)
-            h = ops.add_rms_norm(x, linear(attn.o_proj, a), layer.post_attention_layernorm.weight, eps)
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h = ops.add_rms_norm(x, linear(mlp.down_proj, ops.silu_mul(linear(mlp.gate_up_proj, h))),
-                                 following.weight, eps)
-        h = h[logits_indices]
-        head = self._modules.get("lm_head")
-        return (F.linear(h, self.model.embed_tokens.weight) if head is None else linear(head, h, torch.float32)).float()
+            plan.append((fast_linear(attn.qkv_proj, ops, integer), fast_linear(attn.o_proj, ops, integer),
+                         fast_linear(mlp.gate_up_proj, ops, integer), fast_linear(mlp.down_proj, ops, integer),
+                         layer.post_attention_layernorm.weight, following.weight,
+                         None if attn.q_norm is None else attn.q_norm.weight,
+                         None if attn.k_norm is None else attn.k_norm.weight,
+                         attn.num_heads, attn.num_kv_heads, attn.scale))
+        lm_head = self._modules.get("lm_head")
+        if lm_head is None:  # tied and kept float: the embedding is the head
+            weight = self.model.embed_tokens.weight
+            head = lambda h: F.linear(h, weight)  # noqa: E731
+        else:
+            head = fast_linear(lm_head, ops, integer, torch.float32)
+        built = (plan, head, layers[0].input_layernorm.weight, self.config.rms_norm_eps, self.rotary.cos,
+                 self.rotary.sin, ops.decode_attention.default, ops.add_rms_norm.default, ops.silu_mul.default)
+        self.__dict__["_plan"] = (ops, built)
+        return built
+
+
+def fast_linear(layer: nn.Module, ops, integer: bool, out_dtype: Optional[torch.dtype] = None):
+    """layer(rows) for the 2-D rows of a decode step: the native integer kernels bound to their
+    tensors where they apply (out_dtype: the result's, default the input's), else the layer itself."""
+    if type(layer) is Int4Linear and layer.native:
+        op, packed, scale_min, n = ops.int4_gemm.default, layer.packed, layer.scale_min, layer.out_features
+        matmul = lambda h: op(h, packed, scale_min, n, out_dtype)  # noqa: E731
+    elif integer and type(layer) is Int8Linear and layer.in_features % 64 == 0:
+        op, qweight, scales = ops.int8_gemv.default, layer.qweight, layer.scales
+        matmul = lambda h: op(h, qweight, scales, out_dtype)  # noqa: E731
+    else:
+        return layer
+    bias = layer.bias
+    return matmul if bias is None else (lambda h: matmul(h) + bias)
