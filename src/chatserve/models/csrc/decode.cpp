@@ -487,6 +487,49 @@ inline void int4_gemm_tile(const Int4Rows& x, int64_t row0, int64_t K, const uin
 constexpr bool kHaveInt8Gemv = false;
 #endif
 
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+constexpr bool kHaveBf16Gemm = true;
+
+// bf16 weights in bf16_pack's layout: tiles of 16 outputs; per tile and pair of inputs, 64 bytes
+// (each output's two weights side by side), one vdpbf16ps operand with the outputs in the lanes.
+// R rows of x at a time, two accumulators each (even and odd pairs) to hide the FMA latency.
+template <int R, int T>
+inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uint16_t* packed, float* out,
+                           int64_t N, int64_t tile) {
+  // T tiles at once: R * T * 2 independent accumulators hide vdpbf16ps's latency even for one row.
+  __m512 acc[R][T][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  auto step = [&](int64_t p, int u) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + (row0 + r) * K + p * 2, 4);
+      xv[r] = (__m512bh)_mm512_set1_epi32(pair);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(packed + ((tile + t) * pairs + p) * 32);
+      for (int r = 0; r < R; ++r) acc[r][t][u] = _mm512_dpbf16_ps(acc[r][t][u], wv, xv[r]);
+    }
+  };
+  int64_t p = 0;
+  for (; p + 2 <= pairs; p += 2) {
+    step(p, 0);
+    step(p + 1, 1);
+  }
+  if (p < pairs) step(p, 0);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      _mm512_storeu_ps(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+}
+#else
+constexpr bool kHaveBf16Gemm = false;
+#endif
+
+bool bf16_kernels_available() { return kHaveBf16Gemm; }
+
 // int8_gemv and int4_gemm: built only where the compiler targets AVX-512 with VNNI.
 bool integer_kernels_available() { return kHaveInt8Gemv; }
 
@@ -584,6 +627,52 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return want == at::kFloat ? out : out.to(want);
 }
 
+
+// weight [N, K] -> bf16_gemm's layout (N a multiple of 16, K even).
+at::Tensor bf16_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 16 == 0 && weight.size(1) % 2 == 0,
+              "bf16_pack: weight must be [N, K] with N a multiple of 16 and K even");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  // [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2]
+  return weight.to(at::kBFloat16).reshape({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous().reshape({N * K});
+}
+
+// x [rows, K] times bf16 weights in bf16_pack's layout: out [rows, N] in out_dtype (default x's);
+// bf16 products summed in fp32 (vdpbf16ps), as oneDNN's bf16 GEMM.
+at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, std::optional<at::ScalarType> out_dtype) {
+  check_rows(x, "bf16_gemm");
+  TORCH_CHECK(kHaveBf16Gemm, "bf16_gemm: built without AVX-512 BF16");
+  const int64_t rows = x.size(0), K = x.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 2 == 0 && packed.numel() == N * K && packed.scalar_type() == at::kBFloat16,
+              "bf16_gemm: the packed weight does not match x");
+  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
+    int64_t t = b;
+    if (rows <= 2)  // few rows: four tiles at once
+      for (; t + 4 <= e; t += 4) {
+        if (rows == 1) bf16_gemm_tile<1, 4>(xp, 0, K, wp, op, N, t);
+        else bf16_gemm_tile<2, 4>(xp, 0, K, wp, op, N, t);
+      }
+    for (; t < e; ++t)
+      for (int64_t r = 0; r < rows; r += 4) {
+        switch (std::min<int64_t>(4, rows - r)) {
+          case 1: bf16_gemm_tile<1, 1>(xp, r, K, wp, op, N, t); break;
+          case 2: bf16_gemm_tile<2, 1>(xp, r, K, wp, op, N, t); break;
+          case 3: bf16_gemm_tile<3, 1>(xp, r, K, wp, op, N, t); break;
+          default: bf16_gemm_tile<4, 1>(xp, r, K, wp, op, N, t); break;
+        }
+      }
+  });
+#endif
+  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
+  return want == at::kFloat ? out : out.to(want);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chatserve, m) {
@@ -594,6 +683,9 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, ScalarType? out_dtype=None) -> Tensor", &int8_gemv);
   m.def("int4_pack(Tensor q, Tensor scales, Tensor mins) -> Tensor[]", &int4_pack);
   m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, ScalarType? out_dtype=None) -> Tensor", &int4_gemm);
+  m.def("bf16_kernels_available() -> bool", &bf16_kernels_available);
+  m.def("bf16_pack(Tensor weight) -> Tensor", &bf16_pack);
+  m.def("bf16_gemm(Tensor x, Tensor packed, int N, ScalarType? out_dtype=None) -> Tensor", &bf16_gemm);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
