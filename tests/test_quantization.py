@@ -127,18 +127,34 @@ def test_fp32_linears_are_split_per_thread(qwen2_dir):
         torch.set_num_threads(before)
 
 
-def test_packed_bf16_linear_is_the_plain_one(qwen2_dir):
-    loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16"))
-    packed = isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, PackedLinear)
+@pytest.mark.parametrize("native_kernels", ["off", "on"])
+def test_packed_bf16_linear_is_the_plain_one(qwen2_dir, native_kernels):
+    """bf16 Linears where the CPU has native bf16: oneDNN's packed layout, or the native kernel's
+    (with the native kernels on); either multiplies as F.linear does."""
+    from chatserve.models import native
+    from chatserve.models.quantization import NativeBf16Linear
+
+    loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16",
+                                     native_kernels=native_kernels))
+    kind = PackedLinear
+    if native_kernels == "on" and native.ops().bf16_kernels_available():
+        kind = NativeBf16Linear
+    packed = isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, kind)
     assert packed == cpu_has_native_bf16()  # only where the CPU has native bf16
     if not packed:
         pytest.skip("this CPU has no native bf16 (avx512_bf16/AMX): bf16 Linears stay plain")
     torch.manual_seed(3)
     weight, bias = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
-    layer = PackedLinear(weight, bias)
+    layer = kind(weight, bias)
     for shape in ((1, 64), (5, 64), (2, 3, 64)):
         x = torch.randn(shape, dtype=torch.bfloat16)
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
+    if kind is NativeBf16Linear and loaded.model.tie_word_embeddings:
+        # The tied head on the native kernel serves the embedding's lookups from its own layout.
+        ids = torch.tensor([0, 5, 17, loaded.config.vocab_size - 1])
+        plain = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16", native_kernels="off"))
+        torch.testing.assert_close(loaded.model.model.embed_tokens(ids), plain.model.model.embed_tokens(ids),
+                                   atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

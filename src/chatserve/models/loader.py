@@ -22,7 +22,8 @@ from ..config import EngineConfig
 from . import ARCHITECTURES, native
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
-from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, PackedLinear, QuantizedLinear, StoredLinear,
+from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, NativeBf16Embedding,
+                           NativeBf16Linear, PackedLinear, QuantizedLinear, StoredLinear,
                            SplitEmbedding, SplitLinear, check_supported, quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
@@ -252,10 +253,11 @@ class WeightLoader:
     (q/k/v, gate/up) wait for each other, then load as one."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str],
-                 native_int4: bool = False):
+                 native: Optional[set] = None):
         self.model, self.device, self.dtype, self.quantization = model, device, dtype, quantization
-        # int4 layers in the native kernel's layout (models/native.py) rather than PyTorch's.
-        self.native_int4 = native_int4
+        # Layers the native kernels (models/native.py) take, in their layouts: {"int4", "bf16"}.
+        self.native = native or set()
+        self.native_int4 = "int4" in self.native
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.linear = linear_weight_names(model)
         # The checkpoint's own names and shapes, in an unfused model's parameter order, and for
@@ -312,8 +314,16 @@ class WeightLoader:
             self._swap_linear(name.rpartition(".")[0], SplitLinear(SplitLinear.split(source.values().to(self.dtype), parts)))
             self.kinds["float"] += 1
         elif name in self.linear and self.packs():
-            self._swap_linear(name.rpartition(".")[0], PackedLinear(source.values().to(self.dtype)))
+            # (The native layout converts as it packs: no bf16 copy of the source in between.)
+            native = "bf16" in self.native and NativeBf16Linear.fits(tuple(source.shape))
+            values = source.values() if native else source.values().to(self.dtype)
+            self._swap_linear(name.rpartition(".")[0], NativeBf16Linear(values) if native else PackedLinear(values))
             self.kinds["float"] += 1
+        elif (name == "model.embed_tokens.weight" and self.model.tie_word_embeddings and self.packs()
+              and "bf16" in self.native and NativeBf16Linear.fits(source.shape)):
+            # The head on the native bf16 kernel, its layout serving the embedding's lookups too.
+            self.model.lm_head = NativeBf16Linear(source.values())
+            self.model.model.embed_tokens = NativeBf16Embedding(self.model.lm_head)
         elif name == "model.embed_tokens.weight" and self.model.tie_word_embeddings and parts:
             # The head's blocks serve the embedding's lookups too: one copy of the matrix.
             blocks = SplitLinear.split(source.values().to(self.dtype), parts)
@@ -398,8 +408,8 @@ class WeightLoader:
 
 
 def load_weights(model: CausalLM, path: Path, device: torch.device, dtype: torch.dtype,
-                 quantization: Optional[str] = None, native_int4: bool = False) -> None:
-    loader = WeightLoader(model, device, dtype, quantization, native_int4)
+                 quantization: Optional[str] = None, native: Optional[set] = None) -> None:
+    loader = WeightLoader(model, device, dtype, quantization, native)
     for st, name in iter_checkpoint(path):
         shape = tuple(st.header[name]["shape"])
         loader.put(name, WeightSource(shape, lambda st=st, name=name: st.tensor(name),
@@ -408,10 +418,10 @@ def load_weights(model: CausalLM, path: Path, device: torch.device, dtype: torch
 
 
 def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, device: torch.device,
-                      dtype: torch.dtype, quantization: Optional[str], native_int4: bool = False) -> None:
+                      dtype: torch.dtype, quantization: Optional[str], native: Optional[set] = None) -> None:
     from . import gguf
 
-    loader = WeightLoader(model, device, dtype, quantization, native_int4)
+    loader = WeightLoader(model, device, dtype, quantization, native)
     tensors = list(gguf.iter_tensors(reader, raw_config))
     for name, tensor in tqdm(tensors, desc="Loading weights", unit="tensor", disable=None, leave=False):
         loader.put(name, WeightSource(tensor.shape, tensor.dequantize, tensor.type_name,
@@ -420,10 +430,10 @@ def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, dev
 
 
 def init_random_weights(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int,
-                        quantization: Optional[str] = None, native_int4: bool = False) -> None:
+                        quantization: Optional[str] = None, native: Optional[set] = None) -> None:
     """--load-format dummy: the real architecture's shapes, random values (deterministic per seed)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    loader = WeightLoader(model, device, dtype, quantization, native_int4)
+    loader = WeightLoader(model, device, dtype, quantization, native)
     for name, shape in list(loader.checkpoint_shapes.items()):
         if name.endswith("norm.weight"):
             value = torch.ones(shape)
@@ -499,16 +509,17 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     model = build_model(cls, model_cfg, device)
     # The native kernels (when cached, or built now with --native-kernels on) load before the
-    # weights: int4 layers then take the native int4 kernel's layout.
+    # weights: int4 and bf16 layers then take the native kernels' layouts.
     native.start(config.native_kernels, device)
-    ops = native.ops() if config.native_kernels != "off" else None
-    native_int4 = ops is not None and ops.integer_kernels_available()
+    ops = native.ops() if config.native_kernels != "off" and device.type == "cpu" else None
+    native_layers = set() if ops is None else (
+        ({"int4"} if ops.integer_kernels_available() else set()) | ({"bf16"} if ops.bf16_kernels_available() else set()))
     if load_format == "dummy":
-        init_random_weights(model, device, dtype, config.seed, quantization, native_int4)
+        init_random_weights(model, device, dtype, config.seed, quantization, native_layers)
     elif reader is not None:
-        load_gguf_weights(model, reader, raw, path, device, dtype, quantization, native_int4)
+        load_gguf_weights(model, reader, raw, path, device, dtype, quantization, native_layers)
     else:
-        load_weights(model, path, device, dtype, quantization, native_int4)
+        load_weights(model, path, device, dtype, quantization, native_layers)
     model.eval()
     name = config.model if path is None else config.model.rstrip("/")
     log.info("loaded %s (%s) on %s in %s", name, arch, device, str(dtype).replace("torch.", ""))

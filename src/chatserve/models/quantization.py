@@ -239,6 +239,42 @@ class SplitEmbedding(nn.Module):
         return self.blocks[ids // self.block, :, ids % self.block]
 
 
+class NativeBf16Linear(StoredLinear):
+    """A bf16 Linear on the native kernel (models/native.py, vdpbf16ps): the weight in tiles of 16
+    outputs, each pair of inputs side by side, so the outputs sit in the vector lanes. On 2
+    threads, 1.5-2.3x oneDNN's packed bf16 for one row (a decode step), par for 32 and 512 rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 packed: Optional[torch.Tensor] = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        from . import native
+
+        self.ops = native.ops()
+        self.register_buffer("packed", self.ops.bf16_pack(weight) if packed is None else packed)
+
+    @staticmethod
+    def fits(shape: tuple) -> bool:
+        return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 2 == 0
+
+    bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.ops.bf16_gemm(rows, self.packed, self.out_features, self.bias, None)
+
+
+class NativeBf16Embedding(nn.Module):
+    """A tied model's embedding read from its head's NativeBf16Linear layout: row v is output v."""
+
+    def __init__(self, head: NativeBf16Linear):
+        super().__init__()
+        n, k = head.out_features, head.in_features
+        self.register_buffer("tiles", head.packed.view(n // 16, k // 2, 16, 2))
+        self.dim = k
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tiles[ids // 16, :, ids % 16, :].reshape(*ids.shape, self.dim)
+
+
 class PackedLinear(StoredLinear):
     """A bf16 Linear on the CPU with its weight reordered once into oneDNN's blocked layout, so
     each call skips the reorder that F.linear pays for a plain weight: 30 layers of 576x3072 bf16

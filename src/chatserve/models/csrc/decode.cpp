@@ -633,13 +633,18 @@ at::Tensor bf16_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 16 == 0 && weight.size(1) % 2 == 0,
               "bf16_pack: weight must be [N, K] with N a multiple of 16 and K even");
   const int64_t N = weight.size(0), K = weight.size(1);
-  // [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2]
-  return weight.to(at::kBFloat16).reshape({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous().reshape({N * K});
+  // [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2], converted in the same copy (one new tensor: the
+  // loader's peak memory stays the source plus the packed weight).
+  at::Tensor packed = at::empty({N / 16, K / 2, 16, 2}, weight.options().dtype(at::kBFloat16));
+  packed.copy_(weight.contiguous().view({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}));
+  return packed.view({N * K});
 }
 
-// x [rows, K] times bf16 weights in bf16_pack's layout: out [rows, N] in out_dtype (default x's);
+// x [rows, K] times bf16 weights in bf16_pack's layout, plus the bias: out [rows, N] in out_dtype
+// (default x's);
 // bf16 products summed in fp32 (vdpbf16ps), as oneDNN's bf16 GEMM.
-at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, std::optional<at::ScalarType> out_dtype) {
+at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, const std::optional<at::Tensor>& bias,
+                     std::optional<at::ScalarType> out_dtype) {
   check_rows(x, "bf16_gemm");
   TORCH_CHECK(kHaveBf16Gemm, "bf16_gemm: built without AVX-512 BF16");
   const int64_t rows = x.size(0), K = x.size(1);
@@ -669,6 +674,7 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, s
       }
   });
 #endif
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));  // in fp32, then one rounding, as F.linear
   const at::ScalarType want = out_dtype.value_or(x.scalar_type());
   return want == at::kFloat ? out : out.to(want);
 }
@@ -685,7 +691,7 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, ScalarType? out_dtype=None) -> Tensor", &int4_gemm);
   m.def("bf16_kernels_available() -> bool", &bf16_kernels_available);
   m.def("bf16_pack(Tensor weight) -> Tensor", &bf16_pack);
-  m.def("bf16_gemm(Tensor x, Tensor packed, int N, ScalarType? out_dtype=None) -> Tensor", &bf16_gemm);
+  m.def("bf16_gemm(Tensor x, Tensor packed, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor", &bf16_gemm);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
