@@ -272,6 +272,67 @@ def test_the_next_turn_extends_the_previous_token_ids(server):
     settled(server)
 
 
+def test_continue_extends_a_cut_answer_token_exactly(server):
+    """A length-stopped answer goes on in the same message: its prompt is the stored history and
+    answer ids (nothing re-rendered, no end of turn), and the next turn reuses all of it from the cache."""
+    store, tokenizer = server.app.state.store, server.engine.tokenizer
+    conv_id = create(server, params={"temperature": 0})["id"]
+    first = done(answer(server, f"/{conv_id}/messages", content="Tell me a story", max_tokens=6))["message"]
+    assert (first["status"], first["finish_reason"]) == ("complete", "length")
+    prompt1, output1, key1 = store.token_ids(first["id"])
+    p1, c1 = len(prompt1), len(output1)
+
+    evts = answer(server, f"/{conv_id}/messages/{first['id']}/continue", max_tokens=7)
+    opening = evts[0]["message"]  # the same message, generating again, with its text so far; no user message
+    assert evts[0]["type"] == "message" and evts[1]["type"] == "delta"
+    assert (opening["id"], opening["status"], opening["finish_reason"], opening["content"]) == \
+        (first["id"], "generating", None, first["content"])
+    final = done(evts)["message"]
+    added = "".join(e.get("content", "") for e in evts[1:-2])
+    assert added and final["content"] == first["content"] + added
+    assert (final["id"], final["status"], final["finish_reason"]) == (first["id"], "complete", "length")
+    assert final["siblings"] == [first["id"]] and done(evts)["conversation"]["current_message_id"] == first["id"]
+    # Its prompt: the history and the answer so far, token for token, all computed ones from the cache.
+    stats = final["stats"]
+    assert (stats["prompt_tokens"], stats["cached_tokens"], stats["completion_tokens"]) == (p1 + c1, p1 + c1 - 1, 7)
+    prompt2, output2, key2 = store.token_ids(first["id"])
+    assert (prompt2, key2) == (prompt1, key1) and output2[:c1] == output1 and len(output2) == c1 + 7
+    assert tokenizer.decode(output2, skip_special_tokens=True) == final["content"]
+    assert get(server, conv_id)["messages"][-1] == final
+
+    # The next turn extends the whole history: every computed token of it from the prefix cache.
+    turn2 = done(answer(server, f"/{conv_id}/messages", content="And then?", max_tokens=3))["message"]
+    assert store.token_ids(turn2["id"])[0][:p1 + c1 + 7] == prompt1 + output2
+    assert turn2["stats"]["cached_tokens"] == p1 + c1 + 7 - 1
+    # Only the last answer of a branch goes on; a user message or an unknown one cannot.
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['id']}/continue"), 400, "message_id", "replies")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['parent_id']}/continue"), 400, "message_id",
+                 "user message")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/msg_nope/continue"), 404, "message_id")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{turn2['id']}/continue", json={"max_tokens": 100_000}),
+                 400, "max_tokens")
+    assert store.message(conv_id, turn2["id"])["status"] == "complete"  # the refused one changed nothing
+    settled(server)
+
+
+def test_continue_a_stopped_answer_completes_it(server):
+    settled(server)
+    conv_id = create(server, params={"temperature": 0})["id"]
+    with slow_engine(server), requests.post(f"{server.url}/v1/conversations/{conv_id}/messages", stream=True,
+                                            timeout=WAIT_S, json={"content": "Hi", "max_tokens": LONG}) as r:
+        stream = events(r)
+        assistant = [next(stream), next(stream)][1]["message"]
+        next(stream)
+        stopped = ok(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/stop"))
+        list(stream)
+    assert (stopped["status"], stopped["finish_reason"]) == ("stopped", "abort")
+    settled(server)
+    final = done(answer(server, f"/{conv_id}/messages/{assistant['id']}/continue", max_tokens=3))["message"]
+    assert (final["status"], final["finish_reason"]) == ("complete", "length")
+    assert final["content"].startswith(stopped["content"]) and len(final["content"]) > len(stopped["content"])
+    settled(server)
+
+
 # Like Qwen3's template: the answer after the last user message is rendered with an (empty)
 # thinking block, every earlier answer without one.
 THINKING_TEMPLATE = (
@@ -360,6 +421,18 @@ def test_a_reasoning_model_answer_is_stored_split_and_its_ids_extended(tmp_path)
         assert output1 == script[1:]  # the raw ids, think tags and end of turn included
         assert prompt2[:len(prompt1) + len(output1)] == prompt1 + output1
         assert turns[1]["stats"]["cached_tokens"] == len(prompt1) + len(output1) - 1
+        # Continuing an answer that ended on its end-of-turn token goes on from before that token
+        # (none inserted), in the answer's part (here: past the reasoning, so content).
+        _, output2, _ = srv.app.state.store.token_ids(turns[1]["id"])
+        evts = answer(srv, f"/{conv_id}/messages/{turns[1]['id']}/continue", max_tokens=40)
+        again = done(evts)["message"]
+        assert again["stats"]["prompt_tokens"] == len(prompt2) + len(output2) - 1
+        # Its every token is computed already, but the last must be again for its logits: so
+        # the partial last block is recomputed, the full ones come from the cache.
+        assert again["stats"]["cached_tokens"] == (len(prompt2) + len(output2) - 2) // BS * BS
+        assert all("reasoning_content" not in e for e in evts[1:-2])
+        assert (again["reasoning_content"], again["finish_reason"]) == (REASONING, "stop")
+        assert again["content"].startswith(ANSWER)
         stored = get(srv, conv_id)["messages"]
         assert [(m["role"], m["reasoning_content"]) for m in stored] == \
             [("user", None), ("assistant", REASONING), ("user", None), ("assistant", REASONING)]
@@ -594,7 +667,8 @@ JSON_ROUTES = {("/v1/conversations", "post"): ("201", "ConversationWithMessages"
                ("/v1/conversations/{conv_id}/messages/{message_id}/stop", "post"): ("200", "Message"),
                ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages")}
 ANSWERING_ROUTES = ("/v1/conversations/{conv_id}/messages", "/v1/conversations/{conv_id}/messages/{message_id}/edit",
-                    "/v1/conversations/{conv_id}/messages/{message_id}/regenerate")
+                    "/v1/conversations/{conv_id}/messages/{message_id}/regenerate",
+                    "/v1/conversations/{conv_id}/messages/{message_id}/continue")
 
 
 def ref(name: str) -> dict:

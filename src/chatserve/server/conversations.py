@@ -25,7 +25,7 @@ from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams
 from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors, example, sampling_field
-from .reasoning import ReasoningParser, is_reasoning_model, prompt_opens_reasoning
+from .reasoning import THINK_END, THINK_START, ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, MAX_TITLE_CHARS, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_text_size,
                         get_engine, sampling_params, sse, with_chat_template)
@@ -177,7 +177,8 @@ class DeletedConversation(BaseModel):
 
 
 class MessageEvent(BaseModel):
-    """A message just stored: the new user message (not for regenerate), then the answer, generating."""
+    """A message just stored: the new user message (not for regenerate or continue), then the answer,
+    generating (for continue: the answer being continued, with its text so far)."""
     type: Literal["message"]
     message: Message
 
@@ -241,8 +242,9 @@ def _event_schema(model: type[BaseModel]) -> dict:
 
 SSE_DESCRIPTION = """The answer as server-sent events: each is one `data: <JSON>` line and a blank line.
 
-1. `{"type": "message", "message": Message}`: the new user message (not for regenerate), then the
-   new answer (status generating), both already stored.
+1. `{"type": "message", "message": Message}`: the new user message (not for regenerate or continue),
+   then the new answer (status generating), both already stored; for continue, only the answer
+   being continued (status generating, its content so far: the deltas append to it).
 2. `{"type": "delta", "message_id", "content"?, "reasoning_content"?}`: new text of the answer; only
    the keys that have some.
 3. `{"type": "done", "message": Message, "conversation": Conversation}`: the answer as saved, with its
@@ -441,13 +443,15 @@ class Answer:
     """One answer being generated: turns engine outputs into SSE events, saves the text as it
     grows, and records its end exactly once, however the stream ends."""
 
-    def __init__(self, app: FastAPI, store: Store, conv_id: str, message_id: str, gen: Generation,
-                 parser: Optional[ReasoningParser]):
+    def __init__(self, app: FastAPI, store: Store, conv_id: str, message_id: str, gen: Optional[Generation],
+                 parser: Optional[ReasoningParser], content: str = "", reasoning: str = "",
+                 output_ids: tuple[int, ...] = ()):
+        """content, reasoning, output_ids: the answer so far, which this generation continues."""
         self.app, self.store, self.conv_id, self.message_id, self.gen = app, store, conv_id, message_id, gen
         self.parser = parser
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.output_ids: list[int] = []
+        self.content: list[str] = [content] if content else []
+        self.reasoning: list[str] = [reasoning] if reasoning else []
+        self.output_ids: list[int] = list(output_ids)
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
         self.last_save = time.monotonic()
@@ -580,12 +584,27 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
         request, engine, lambda render: build_prompt(render, tokenizer, app.state.model_name, messages, previous),
         param="content")
     params = answer_params(body, conv["params"], engine.engine.generation_config)
-    check_capacity(request)
 
     message_id = new_id("msg")  # also the engine's request id, for /stop
     assistant = {"id": message_id, "parent_id": branch[-1]["id"], "role": "assistant", "content": "",
                  "status": "generating"}
     title = title_from(user_content) if user and parent_id is None and conv["title"] == DEFAULT_TITLE else None
+    parser = ReasoningParser(prompt_opens_reasoning(tokenizer, prompt_ids)) if is_reasoning_model(tokenizer) else None
+    answer = Answer(app, store, conv_id, message_id, None, parser)
+    return await stream_answer(request, engine, answer, prompt_ids, params, "content",
+                               lambda: store.start_answer(conv_id, user, assistant, prompt_ids, key, title),
+                               [m["id"] for m in ([user] if user else []) + [assistant]])
+
+
+async def stream_answer(request: Request, engine: AsyncEngine, answer: "Answer", prompt_ids: list[int],
+                        params: SamplingParams, prompt_param: str, save_start: Callable[[], None],
+                        opening_ids: list[str]) -> Response:
+    """Start the engine on prompt_ids for `answer` and stream it. save_start() stores the answer's
+    start once the engine has taken the prompt (a prompt it refuses is a 400 naming prompt_param,
+    and nothing is stored); opening_ids: the messages the stream opens with."""
+    app, store, conv_id, message_id = request.app, answer.store, answer.conv_id, answer.message_id
+    check_idle(app, conv_id)  # again: another answer may have started while the template rendered
+    check_capacity(request)
     app.state.answers[conv_id] = None  # taken before the first await: a second message now gets 409
     gen = None
     try:
@@ -594,20 +613,72 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
             await gen.first()  # the engine refusing the prompt is a 400 before anything is stored
         except APIError as exc:
             if exc.param == "messages":  # the engine's name for the prompt
-                exc.param = "content"
+                exc.param = prompt_param
             raise
         find_conversation(store, conv_id, current_user(request))  # it may have been deleted meanwhile
-        store.start_answer(conv_id, user, assistant, prompt_ids, key, title)
+        save_start()
     except BaseException:
         app.state.answers.pop(conv_id, None)
         if gen is not None:
             await gen.close()  # a no-op when first() failed
         raise
-    parser = ReasoningParser(prompt_opens_reasoning(tokenizer, prompt_ids)) if is_reasoning_model(tokenizer) else None
-    answer = app.state.answers[conv_id] = Answer(app, store, conv_id, message_id, gen, parser)
+    answer.gen = gen
+    app.state.answers[conv_id] = answer
     tree = Tree(store.messages(conv_id))
-    opening = [tree.json(tree.messages[m["id"]]) for m in ([user] if user else []) + [assistant]]
-    return AnswerResponse(answer, opening)
+    return AnswerResponse(answer, [tree.json(tree.messages[i]) for i in opening_ids])
+
+
+def continue_prompt(render: Callable[..., str], tokenizer, model: str, messages: list[dict], answer: dict,
+                    stored: tuple, eos_token_ids: list[int]) -> tuple[list[int], list[int], str]:
+    """(prompt ids, the answer's ids so far, prompt key) to go on with `answer`, which answered
+    `messages` (ending with the user's message). While that history renders as it did, these are
+    the answer's stored ids, token-exact: nothing re-rendered, no end of turn inserted (one the
+    answer stopped on is dropped). Otherwise (a new system prompt, another model or template) the
+    history is rendered afresh and the answer's text encoded after it."""
+    text = render(messages)
+    key = prompt_key(model, text)
+    prompt_ids, output_ids, stored_key = stored
+    if prompt_ids and stored_key == key:
+        output_ids = list(output_ids or [])
+    else:
+        prompt_ids = encode_chat(tokenizer, text)
+        said = answer["content"]
+        if answer["reasoning_content"] is not None:
+            said = f"{THINK_START}\n{answer['reasoning_content']}\n{THINK_END}\n\n{said}"
+        output_ids = tokenizer.encode(said, add_special_tokens=False)
+    if answer["finish_reason"] == "stop" and output_ids and output_ids[-1] in eos_token_ids:
+        output_ids = output_ids[:-1]
+    return prompt_ids, output_ids, key
+
+
+async def continue_answer(request: Request, engine: AsyncEngine, store: Store, conv: dict, msg: dict,
+                          body: Params) -> Response:
+    """Extend the answer msg by a new generation, appended to the same message."""
+    app, conv_id = request.app, conv["id"]
+    tree = Tree(store.messages(conv_id))
+    if tree.children.get(msg["id"]):
+        raise APIError(400, f"message {msg['id']!r} has replies; only the last answer of a branch can be continued "
+                            "(regenerate it instead, or continue the branch's last answer)", param="message_id")
+    check_idle(app, conv_id)
+    tokenizer, messages = engine.engine.tokenizer, chat_messages(conv["system_prompt"], tree.branch(msg["parent_id"]))
+    check_text_size(request, engine, [messages, msg["content"], msg["reasoning_content"]], "message_id")
+    stored = store.token_ids(msg["id"])
+    prompt_ids, output_ids, key = await with_chat_template(
+        request, engine, lambda render: continue_prompt(render, tokenizer, app.state.model_name, messages, msg,
+                                                        stored, engine.engine.eos_token_ids),
+        param="message_id")
+    params = answer_params(body, conv["params"], engine.engine.generation_config)
+    parser = None
+    if is_reasoning_model(tokenizer):
+        # Where the answer so far left the reasoning: replay its text (what it held back was flushed into it).
+        parser = ReasoningParser(prompt_opens_reasoning(tokenizer, prompt_ids))
+        parser.feed(tokenizer.decode(output_ids, skip_special_tokens=True))
+        parser.held = ""
+    answer = Answer(app, store, conv_id, msg["id"], None, parser, msg["content"], msg["reasoning_content"] or "",
+                    output_ids)
+    return await stream_answer(request, engine, answer, prompt_ids + output_ids, params, "message_id",
+                               lambda: store.start_continue(conv_id, msg["id"], prompt_ids, output_ids, key),
+                               [msg["id"]])
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -702,6 +773,19 @@ async def regenerate(conv_id: str, message_id: str, request: Request, body: Opti
     msg = find_message(store, conv_id, message_id, role="assistant",
                        wrong_role="is a user message; regenerate an answer, or edit this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
+
+
+@router.post("/{conv_id}/messages/{message_id}/continue", status_code=200, response_class=AnswerResponse,
+             responses={**SSE_RESPONSE, **errors(400, 404, 409, 429, 503)})
+async def continue_message(conv_id: str, message_id: str, request: Request, body: Optional[Regenerate] = None,
+                           store: Store = Depends(get_store), engine: AsyncEngine = Depends(get_engine)) -> Response:
+    """Go on with the answer message_id (one cut by max_tokens or a stop): a new generation appended
+    to the same message, streamed. Its prompt is the answer's stored token ids (history and answer
+    so far), so nothing is re-rendered. The answer must be its branch's last message. The body is optional."""
+    conv = find_conversation(store, conv_id, current_user(request))
+    msg = find_message(store, conv_id, message_id, role="assistant",
+                       wrong_role="is a user message; continue an answer (to change a message, use .../edit)")
+    return await continue_answer(request, engine, store, conv, msg, body or Regenerate())
 
 
 @router.post("/{conv_id}/messages/{message_id}/stop", response_model=Message, responses=errors(400, 404))

@@ -241,6 +241,17 @@ class Store:
             assignments = ", ".join(f"{name} = ?" for name in values)
             self.db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*values.values(), conv_id))
 
+    def start_continue(self, conv_id: str, message_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                       prompt_key: str) -> None:
+        """Mark an answer generating again, to be extended (the ids it goes on from), and show its branch."""
+        now = time.time()
+        with self.db:
+            self.db.execute("UPDATE messages SET status = 'generating', finish_reason = NULL, stats = NULL, "
+                            "prompt_token_ids = ?, output_token_ids = ?, prompt_key = ? WHERE id = ?",
+                            (json.dumps(prompt_token_ids), json.dumps(output_token_ids), prompt_key, message_id))
+            self.db.execute("UPDATE conversations SET current_message_id = ?, updated = ? WHERE id = ?",
+                            (message_id, now, conv_id))
+
     def save_answer(self, conv_id: str, message_id: str, content: str, reasoning_content: Optional[str],
                     output_token_ids: list[int], status: str = "generating", finish_reason: Optional[str] = None,
                     stats: Optional[dict] = None) -> None:
