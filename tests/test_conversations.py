@@ -333,6 +333,170 @@ def test_continue_a_stopped_answer_completes_it(server):
     settled(server)
 
 
+# -- deleting messages, search, export and import ---------------------------------------------------
+
+
+def test_deleting_a_message_takes_its_replies_and_moves_the_branch(server):
+    conv_id = create(server, params={"max_tokens": 2})["id"]
+    a1 = done(answer(server, f"/{conv_id}/messages", content="one"))["message"]
+    a2 = done(answer(server, f"/{conv_id}/messages", content="two"))["message"]
+    a2b = done(answer(server, f"/{conv_id}/messages/{a2['id']}/regenerate"))["message"]
+    a3 = done(answer(server, f"/{conv_id}/messages", content="three"))["message"]
+    u1, u2 = a1["parent_id"], a2["parent_id"]
+
+    # An answer with replies: it and everything below it; the branch moves to the sibling before it.
+    gone = ok(call(server, "DELETE", f"/{conv_id}/messages/{a2b['id']}"))
+    assert (gone["id"], gone["object"], gone["deleted"]) == (a2b["id"], "conversation.message.deleted", True)
+    assert gone["deleted_ids"] == [a2b["id"], a3["parent_id"], a3["id"]]
+    assert gone["conversation"]["current_message_id"] == a2["id"]
+    assert [m["id"] for m in gone["conversation"]["messages"]] == [u1, a1["id"], u2, a2["id"]]
+    assert gone["conversation"]["messages"][-1]["siblings"] == [a2["id"]]
+    assert get(server, conv_id) == gone["conversation"]
+    # Its question's only answer: the question goes too; the branch ends at the answer before.
+    gone = ok(call(server, "DELETE", f"/{conv_id}/messages/{a2['id']}"))
+    assert gone["deleted_ids"] == [u2, a2["id"]]
+    assert [m["id"] for m in gone["conversation"]["messages"]] == [u1, a1["id"]]
+    assert gone["conversation"]["current_message_id"] == a1["id"]
+    # The conversation goes on from there.
+    again = done(answer(server, f"/{conv_id}/messages", content="two again"))["message"]
+    assert [m["id"] for m in get(server, conv_id)["messages"]] == [u1, a1["id"], again["parent_id"], again["id"]]
+    # A first message: the whole tree under it.
+    gone = ok(call(server, "DELETE", f"/{conv_id}/messages/{u1}"))
+    assert gone["deleted_ids"] == [u1, a1["id"], again["parent_id"], again["id"]]
+    assert (gone["conversation"]["messages"], gone["conversation"]["current_message_id"]) == ([], None)
+    assert server.app.state.store.messages(conv_id) == []
+    assert_error(call(server, "DELETE", f"/{conv_id}/messages/{u1}"), 404, "message_id")
+    assert_error(call(server, "DELETE", f"/conv_nope/messages/{u1}"), 404, "id")
+    settled(server)
+
+
+def test_search_export_and_import_are_the_users_own(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("alice alice-key\nbob bob-key\n")
+    with live_server(server_config=ServerConfig(db_path=":memory:", api_key_file=str(keys))) as srv:
+        alice, bob = ({"Authorization": f"Bearer {k}"} for k in ("alice-key", "bob-key"))
+        conv_id = ok(call(srv, "POST", "", json={"title": "Café plans"}, headers=alice), 201)["id"]
+        done(answer_as(srv, alice, f"/{conv_id}/messages", content="Where is the zebra crossing?", max_tokens=2))
+        for path, method in ((f"/{conv_id}/export", "GET"), ("/search?q=zebra", "GET"),
+                             (f"/{conv_id}/messages/{get_as(srv, alice, conv_id)['current_message_id']}", "DELETE")):
+            response = call(srv, method, path, headers=bob)
+            if path.startswith("/search"):
+                assert ok(response)["data"] == []  # bob finds none of alice's
+            else:
+                assert_error(response, 404, "id")
+        assert [c["id"] for c in ok(call(srv, "GET", "/search", params={"q": "cafe"}, headers=alice))["data"]] \
+            == [conv_id]
+        exported = ok(call(srv, "GET", f"/{conv_id}/export", headers=alice))
+        imported = ok(call(srv, "POST", "/import", json=exported, headers=bob), 201)
+        assert ok(call(srv, "GET", "", headers=bob))["data"][0]["id"] == imported["id"]  # bob's copy
+        assert [c["title"] for c in ok(call(srv, "GET", "", headers=alice))["data"]] == ["Café plans"]
+
+
+def answer_as(server, headers: dict, path: str, **body) -> list:
+    with call(server, "POST", path, json=body, stream=True, headers=headers) as r:
+        return list(events(r))
+
+
+def get_as(server, headers: dict, conv_id: str) -> dict:
+    return ok(call(server, "GET", f"/{conv_id}", headers=headers))
+
+
+def test_search_finds_titles_and_messages_a_page_at_a_time(server):
+    ids = [create(server, title=f"Zorblax notes {i}")["id"] for i in range(3)][::-1]  # most recent first
+    talk = create(server, params={"max_tokens": 2})["id"]
+    done(answer(server, f"/{talk}/messages", content="Tell me about the quokka and the Zorblax"))
+    other = create(server, params={"max_tokens": 2})["id"]
+    done(answer(server, f"/{other}/messages", content="Nothing to see"))
+
+    found = ok(call(server, "GET", "/search", params={"q": "zorblax"}))
+    assert found["object"] == "list" and [c["id"] for c in found["data"]] == [talk, *ids]
+    assert not found["has_more"] and (found["first_id"], found["last_id"]) == (talk, ids[-1])
+    user_message = get(server, talk)["messages"][0]
+    match = found["data"][0]["matches"][-1]
+    assert (match["message_id"], match["role"]) == (user_message["id"], "user")
+    assert [match["snippet"][a:b] for a, b in match["highlights"]] == ["Zorblax"]
+    title_match = found["data"][1]["matches"]
+    assert title_match == [{"message_id": None, "role": None, "snippet": "Zorblax notes 2", "highlights": [[0, 7]]}]
+    assert found["data"][1]["title"] == "Zorblax notes 2" and "messages" not in found["data"][1]
+    # Paged as the list is; FTS5's syntax: phrases, prefixes, OR; every word must match.
+    first = ok(call(server, "GET", "/search", params={"q": "zorblax", "limit": 2}))
+    rest = ok(call(server, "GET", "/search", params={"q": "zorblax", "limit": 2, "after": first["last_id"]}))
+    assert [c["id"] for c in first["data"] + rest["data"]] == [talk, *ids] and first["has_more"]
+    assert not rest["has_more"]
+    for q, expected in (('"the quokka"', [talk]), ("quok*", [talk]), ("quokka OR nothing", [other, talk]),
+                        ("quokka nothing", []), ("notes NOT 2", ids[1:])):
+        assert [c["id"] for c in ok(call(server, "GET", "/search", params={"q": q}))["data"]] == expected, q
+    # A renamed conversation is found by its new title only; a deleted one is gone from the index.
+    ok(call(server, "PATCH", f"/{ids[0]}", json={"title": "Renamed"}))
+    assert [c["id"] for c in ok(call(server, "GET", "/search", params={"q": "zorblax"}))["data"]] == [talk, *ids[1:]]
+    ok(call(server, "DELETE", f"/{talk}"))
+    assert ok(call(server, "GET", "/search", params={"q": "quokka"}))["data"] == []
+    # FTS5 syntax errors and bad values: 400s naming the parameter; the server keeps serving.
+    for params, param in (({"q": "AND ("}, "q"), ({"q": '"unclosed'}, "q"), ({"q": "nope:word"}, "q"),
+                          ({}, "q"), ({"q": ""}, "q"), ({"q": "x", "limit": 0}, "limit"),
+                          ({"q": "x", "after": "conv_nope"}, "after")):
+        assert_error(call(server, "GET", "/search", params=params), 400, param)
+    assert ok(call(server, "GET", "/search", params={"q": '"C++"'}))["data"] == []  # quoted, it reads
+
+
+def comparable(export: dict) -> dict:
+    """An export without what an import makes anew: ids (as each message's place) and timestamps."""
+    place = {m["id"]: i for i, m in enumerate(export["messages"])}
+    return {**{k: v for k, v in export.items() if k not in ("updated", "created")},
+            "current_message_id": place.get(export["current_message_id"]),
+            "messages": [{**m, "id": place[m["id"]], "parent_id": place.get(m["parent_id"])}
+                         for m in export["messages"]]}
+
+
+def test_export_then_import_makes_the_same_tree(server):
+    conv_id = create(server, title="Round trip", system_prompt="Be brief.", params={"max_tokens": 3,
+                                                                                     "temperature": 0})["id"]
+    a1 = done(answer(server, f"/{conv_id}/messages", content="one"))["message"]
+    done(answer(server, f"/{conv_id}/messages", content="two"))
+    done(answer(server, f"/{conv_id}/messages/{a1['id']}/regenerate"))
+    done(answer(server, f"/{conv_id}/messages", content="other root", parent_id=None))
+    ok(call(server, "POST", f"/{conv_id}/switch", json={"message_id": a1["id"]}))
+
+    response = call(server, "GET", f"/{conv_id}/export")
+    exported = ok(response)
+    assert response.headers["content-disposition"] == 'attachment; filename="Round trip.json"'
+    assert (exported["object"], exported["version"], exported["title"]) == ("conversation.export", 1, "Round trip")
+    assert len(exported["messages"]) == 7 and exported["current_message_id"] != a1["id"]  # a1's newest leaf
+    imported = ok(call(server, "POST", "/import", json=exported), 201)
+    assert imported["id"] != conv_id and imported["title"] == "Round trip"
+    assert [m["content"] for m in imported["messages"]] == [m["content"] for m in get(server, conv_id)["messages"]]
+    again = ok(call(server, "GET", f"/{imported['id']}/export"))
+    assert not {m["id"] for m in again["messages"]} & {m["id"] for m in exported["messages"]}
+    assert comparable(again) == comparable(exported)
+    # The imported conversation goes on like any other (its prompt rendered afresh).
+    assert done(answer(server, f"/{imported['id']}/messages", content="more"))["message"]["status"] == "complete"
+
+    # Markdown: the branch on show.
+    response = call(server, "GET", f"/{conv_id}/export", params={"format": "markdown"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/markdown")
+    branch = get(server, conv_id)["messages"]
+    expected = "# Round trip\n\n## System\n\nBe brief.\n\n" + "".join(
+        f"## {'You' if m['role'] == 'user' else 'Assistant'}\n\n{m['content']}\n\n" for m in branch)
+    assert response.text == expected[:-1]  # one line break at the end
+
+    # A tree that is not one: a 400 naming the field; nothing stored.
+    before = len(server.app.state.store.conversations())
+    msgs = exported["messages"]
+    bad = [({**exported, "messages": [{**msgs[1], "parent_id": None}]}, "messages[0].role"),
+           ({**exported, "messages": [msgs[0], {**msgs[1], "parent_id": "nope"}]}, "messages[1].parent_id"),
+           ({**exported, "messages": [msgs[0], msgs[0]]}, "messages[1].id"),
+           ({**exported, "messages": msgs[:1], "current_message_id": None}, "messages[0]"),
+           ({**exported, "current_message_id": msgs[0]["id"]}, "current_message_id"),
+           ({**exported, "messages": [msgs[0], {**msgs[1], "role": "user"}]}, "messages[1].role"),
+           ({**exported, "version": 2}, "version"), ({**exported, "messages": [{"role": "user"}]}, "messages[0].id")]
+    for body, param in bad:
+        assert_error(call(server, "POST", "/import", json=body), 400, param)
+    assert len(server.app.state.store.conversations()) == before
+    empty = ok(call(server, "POST", "/import", json={"title": "Empty"}), 201)
+    assert (empty["messages"], empty["current_message_id"], empty["title"]) == ([], None, "Empty")
+    settled(server)
+
+
 # Like Qwen3's template: the answer after the last user message is rendered with an (empty)
 # thinking block, every earlier answer without one.
 THINKING_TEMPLATE = (
@@ -665,7 +829,10 @@ JSON_ROUTES = {("/v1/conversations", "post"): ("201", "ConversationWithMessages"
                ("/v1/conversations/{conv_id}", "patch"): ("200", "ConversationWithMessages"),
                ("/v1/conversations/{conv_id}", "delete"): ("200", "DeletedConversation"),
                ("/v1/conversations/{conv_id}/messages/{message_id}/stop", "post"): ("200", "Message"),
-               ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages")}
+               ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages"),
+               ("/v1/conversations/search", "get"): ("200", "SearchList"),
+               ("/v1/conversations/import", "post"): ("201", "ConversationWithMessages"),
+               ("/v1/conversations/{conv_id}/messages/{message_id}", "delete"): ("200", "DeletedMessages")}
 ANSWERING_ROUTES = ("/v1/conversations/{conv_id}/messages", "/v1/conversations/{conv_id}/messages/{message_id}/edit",
                     "/v1/conversations/{conv_id}/messages/{message_id}/regenerate",
                     "/v1/conversations/{conv_id}/messages/{message_id}/continue")

@@ -46,6 +46,8 @@ Commands:
                           again; the old version stays as a branch ("(1/2)"). Without TEXT you
                           are asked for it.
   /regen                  answer your last message again, as a new branch
+  /continue               go on with the last answer (one cut at max_tokens or stopped): the
+                          new text is appended to the same answer
   /branch N [next|prev|K] show another version of message N (#N or #Na as /history numbers
                           them): the next one (the default; after the last, the first), the
                           previous one, or version K; then the branch through it. /branch
@@ -250,7 +252,7 @@ class Chat:
         self.commands: dict[str, Callable[[str], None]] = {
             "new": self.cmd_new, "list": self.cmd_list, "ls": self.cmd_list, "switch": self.cmd_switch,
             "rename": self.cmd_rename, "delete": self.cmd_delete, "history": self.cmd_history,
-            "edit": self.cmd_edit, "regen": self.cmd_regen, "branch": self.cmd_branch, "system": self.cmd_system,
+            "edit": self.cmd_edit, "regen": self.cmd_regen, "continue": self.cmd_continue, "branch": self.cmd_branch, "system": self.cmd_system,
             "params": self.cmd_params,
             "help": self.cmd_help, "?": self.cmd_help,
         }
@@ -425,7 +427,7 @@ class Chat:
             body["parent_id"] = self.branch[-1]["id"]  # continue the branch on show here
         self.answer(f"/v1/conversations/{conv['id']}/messages", body)
 
-    def answer(self, path: str, body: dict, show_user: bool = False) -> None:
+    def answer(self, path: str, body: dict, show_user: bool = False, continuing: bool = False) -> None:
         """Stream one answer to the terminal; Ctrl-C stops it and keeps the program running."""
         conv_id = self.conv["id"]
         assistant: Optional[dict] = None
@@ -445,7 +447,8 @@ class Chat:
                                 self.print_messages([message], first_number=self.user_count(self.branch[:-1]) + 1)
                         else:
                             assistant = message
-                            self.say(self.label(message), end="")
+                            self.say(self.label(message) + (self.style("(continued) ", "dim") if continuing
+                                                            else ""), end="")
                     elif kind == "delta":
                         self.write_delta(event, state)
                     elif kind == "done":
@@ -729,6 +732,13 @@ class Chat:
         name = next(name for name, message in self.numbered(self.branch) if message is target)
         self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/regenerate", {})
         self.hint_versions(name, target)
+
+    def cmd_continue(self, _rest: str) -> None:
+        if not self.branch or self.branch[-1]["role"] != "assistant":
+            raise ChatError("no answer to continue yet" if not self.branch else
+                            "the last message is yours, with no answer to continue: send it again with /regen")
+        target = self.branch[-1]
+        self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/continue", {}, continuing=True)
 
     def hint_versions(self, name: str, old: dict) -> None:
         """After /edit or /regen: one dim line on how to go back to the version they replaced."""

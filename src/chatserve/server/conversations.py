@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import sqlite3
 import time
 from collections import defaultdict
@@ -41,6 +42,10 @@ TITLE_CHARS = 60  # of a title taken from the first message
 MAX_SYSTEM_PROMPT_CHARS = 32_768
 MAX_CONTENT_CHARS = 131_072  # one message
 LIST_LIMIT, MAX_LIST_LIMIT = 50, 100  # conversations per page of GET /v1/conversations
+SEARCH_LIMIT = 20  # conversations per page of GET /v1/conversations/search (at most MAX_LIST_LIMIT)
+MATCHES_SHOWN = 3  # of each conversation found: the title's match, then its best matching messages
+MAX_QUERY_CHARS = 1000
+MAX_IMPORT_MESSAGES = 10_000
 
 # -- request bodies -------------------------------------------------------------------------------
 
@@ -171,6 +176,70 @@ class DeletedConversation(BaseModel):
     id: str
     object: Literal["conversation.deleted"]
     deleted: Literal[True]
+
+
+class DeletedMessages(BaseModel):
+    id: str = Field(description="the message asked for")
+    object: Literal["conversation.message.deleted"]
+    deleted: Literal[True]
+    deleted_ids: list[str] = Field(description="every message deleted: the one asked for, its replies and theirs "
+                                               "down the tree, and the question of an answer that was its only one")
+    conversation: ConversationWithMessages = Field(description="the conversation after it, with the branch now on show")
+
+
+class SearchMatch(BaseModel):
+    message_id: Optional[str] = Field(description="the message that matched; null: the title matched")
+    role: Optional[Literal["user", "assistant"]] = Field(description="the message's role; null for the title")
+    snippet: str = Field(description="the text around the match ('…' where it is cut), plain text")
+    highlights: list[list[int]] = Field(description="[start, end) character offsets of the matched terms in snippet")
+
+
+class SearchResult(Conversation):
+    matches: list[SearchMatch] = Field(description="where it matched: the title first, then the best matching "
+                                                   "messages (of any branch), at most 3 in all")
+
+
+class SearchList(BaseModel):
+    """One page of the conversations found, paged as the list is (?after=last_id while has_more)."""
+    object: Literal["list"]
+    data: list[SearchResult] = Field(description="most recently updated first")
+    first_id: Optional[str]
+    last_id: Optional[str]
+    has_more: bool
+
+
+class ExportedMessage(BaseModel):
+    id: Text = Field(description="unique in the export; a new one is made on import")
+    parent_id: Optional[Text] = Field(description="an earlier message of the export; null for a first message")
+    role: Literal["user", "assistant"]
+    content: Text
+    reasoning_content: Optional[Text] = None
+    created: Optional[Float] = Field(None, ge=0, allow_inf_nan=False, description="Unix time; absent: the import's")
+    status: Literal["complete", "generating", "stopped", "error"] = "complete"
+    finish_reason: Optional[Literal["stop", "length", "abort", "error"]] = None
+    stats: Optional[Stats] = None
+
+
+class ConversationExport(BaseModel):
+    """The whole tree of a conversation: GET .../export gives it, POST /v1/conversations/import takes it."""
+    model_config = example({"object": "conversation.export", "version": 1, "title": "Trip planning",
+                            "system_prompt": None, "params": {"temperature": 0.7},
+                            "messages": [{"id": "1", "parent_id": None, "role": "user", "content": "Hi"},
+                                         {"id": "2", "parent_id": "1", "role": "assistant", "content": "Hello!"}],
+                            "current_message_id": "2"})
+
+    object: Literal["conversation.export"] = "conversation.export"
+    version: Literal[1] = 1
+    title: Text = Field(DEFAULT_TITLE, min_length=1, max_length=MAX_TITLE_CHARS)
+    system_prompt: Optional[Text] = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
+    params: Params = Field(default_factory=Params)
+    created: Optional[Float] = Field(None, ge=0, allow_inf_nan=False, description="Unix time; absent: the import's")
+    updated: Optional[Float] = Field(None, description="when it was exported from; ignored on import")
+    current_message_id: Optional[Text] = Field(None, description="the leaf of the branch on show; absent or null: "
+                                                                 "the newest leaf of the last first message")
+    messages: list[ExportedMessage] = Field(default_factory=list, max_length=MAX_IMPORT_MESSAGES,
+                                            description="every message of the tree, parents before their replies "
+                                                        "(creation order)")
 
 
 # The answer stream's events (the data of each SSE event but the last, "[DONE]").
@@ -332,6 +401,14 @@ class Tree:
             message_id = self.children[message_id][-1]
         return message_id
 
+    def subtree(self, message_id: str) -> list[str]:
+        """message_id and every message below it, parents first."""
+        out, stack = [], [message_id]
+        while stack:
+            out.append(stack.pop())
+            stack.extend(reversed(self.children.get(out[-1], [])))
+        return out
+
     def json(self, msg: dict) -> dict:
         siblings = self.children[msg["parent_id"]]
         return {"id": msg["id"], "object": "conversation.message", "parent_id": msg["parent_id"],
@@ -434,6 +511,68 @@ def title_from(content: str) -> Optional[str]:
     """The first line, cut at TITLE_CHARS; None for a blank message."""
     lines = content.strip().splitlines()
     return lines[0].strip()[:TITLE_CHARS] if lines else None
+
+
+def imported_messages(body: ConversationExport) -> tuple[list[dict], Optional[str]]:
+    """The export's messages with fresh ids, checked to make a tree (a 400 naming the field where not),
+    and the new id of the message to show."""
+    new_ids: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    answered: set[str] = set()
+    out = []
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        if m.id in new_ids:
+            raise APIError(400, f"{where}.id: {m.id!r} is the id of an earlier message too", param=f"{where}.id")
+        if m.parent_id is None and m.role != "user":
+            raise APIError(400, f"{where}: a first message (parent_id null) must be the user's", param=f"{where}.role")
+        if m.parent_id is not None:
+            if m.parent_id not in new_ids:
+                raise APIError(400, f"{where}.parent_id: {m.parent_id!r} is not the id of an earlier message (parents "
+                                    "come before their replies)", param=f"{where}.parent_id")
+            if roles[m.parent_id] == m.role:
+                raise APIError(400, f"{where}: a {m.role} message cannot follow a {m.role} message (user and assistant "
+                                    "take turns)", param=f"{where}.role")
+            answered.add(m.parent_id)
+        new_ids[m.id], roles[m.id] = new_id("msg"), m.role
+        answer = m.role == "assistant"
+        status, reason = (m.status, m.finish_reason) if answer else ("complete", None)
+        if status == "generating":  # cut off where it was exported from
+            status, reason = "stopped", "abort"
+        out.append({"id": new_ids[m.id], "parent_id": new_ids.get(m.parent_id), "role": m.role, "content": m.content,
+                    "reasoning_content": m.reasoning_content if answer else None,
+                    "created": time.time() if m.created is None else m.created, "status": status,
+                    "finish_reason": reason if answer else None,
+                    "stats": m.stats.model_dump() if answer and m.stats else None})
+    unanswered = [i for i, m in enumerate(body.messages) if m.role == "user" and m.id not in answered]
+    if unanswered:
+        where = f"messages[{unanswered[0]}]"
+        raise APIError(400, f"{where}: a user message without an answer (every question of a conversation has one)",
+                       param=where)
+    current = body.current_message_id
+    if current is not None and roles.get(current) != "assistant":
+        raise APIError(400, f"current_message_id: {current!r} is not the id of an answer in messages",
+                       param="current_message_id")
+    if current is not None:
+        return out, new_ids[current]
+    roots = [m["id"] for m in out if m["parent_id"] is None]
+    return out, Tree(out).leaf_below(roots[-1]) if roots else None
+
+
+def markdown_export(conv: dict, branch: list[dict]) -> str:
+    """The branch as a Markdown document: the title, the system prompt, then each message under
+    its speaker's heading (an answer's reasoning folded in a <details> block)."""
+    parts = [f"# {conv['title']}", ""]
+    if conv["system_prompt"]:
+        parts += ["## System", "", conv["system_prompt"], ""]
+    for m in branch:
+        parts += ["## You" if m["role"] == "user" else "## Assistant", ""]
+        if m["reasoning_content"]:
+            parts += ["<details><summary>Reasoning</summary>", "", m["reasoning_content"], "", "</details>", ""]
+        parts += [m["content"], ""]
+        if m["role"] == "assistant" and m["status"] != "complete":
+            parts += [f"*({m['status']})*", ""]
+    return "\n".join(parts)
 
 
 # -- one answer -----------------------------------------------------------------------------------
@@ -709,6 +848,42 @@ async def list_conversations(request: Request, store: Store = Depends(get_store)
             "last_id": page[-1]["id"] if page else None, "has_more": len(convs) > limit}
 
 
+@router.get("/search", response_model=SearchList, responses=errors(400))
+async def search_conversations(request: Request, store: Store = Depends(get_store),
+                               q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS,
+                                              description="words to find in titles and message text, in SQLite "
+                                                          "FTS5's query syntax: all the words (AND), \"a phrase\", "
+                                                          "OR, NOT, pref* for a prefix"),
+                               limit: int = Query(SEARCH_LIMIT, ge=1, le=MAX_LIST_LIMIT,
+                                                  description="conversations on this page"),
+                               after: Optional[str] = Query(None, description="a conversation's id: the page starts "
+                                                            "after it (the last_id of the page before)")) -> dict:
+    """The user's conversations whose title or any message (of any branch) matches q, most recently
+    updated first, a page at a time, each with where it matched."""
+    user = current_user(request)
+    try:
+        convs = store.conversations(user, limit + 1, after, query=q)
+        page = [{**conversation_json(request.app, store, c), "matches": store.matches(c["id"], q, MATCHES_SHOWN)}
+                for c in convs[:limit]]
+    except KeyError:
+        raise APIError(400, f"after: no conversation {after!r} found to page after (deleted meanwhile?); search "
+                            "again from the start", param="after") from None
+    except sqlite3.OperationalError as exc:  # FTS5 refusing the query: the user's to fix
+        raise APIError(400, f"q: cannot read the search query {q!r} ({exc}); put words with characters other "
+                            "than letters and digits in double quotes, e.g. \"C++\"", param="q") from None
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(convs) > limit}
+
+
+@router.post("/import", status_code=201, response_model=ConversationWithMessages, responses=errors(400))
+async def import_conversation(body: ConversationExport, request: Request, store: Store = Depends(get_store)) -> dict:
+    """A new conversation of this user from an export (GET .../export): the same tree, new ids."""
+    messages, current = imported_messages(body)
+    conv = store.import_conversation(current_user(request), body.title, body.system_prompt, body.params.model_dump(),
+                                     time.time() if body.created is None else body.created, messages, current)
+    return conversation_json(request.app, store, conv, with_messages=True)
+
+
 @router.get("/{conv_id}", response_model=ConversationWithMessages, responses=errors(404))
 async def get_conversation(conv_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
     """A conversation with the branch on show."""
@@ -773,6 +948,59 @@ async def regenerate(conv_id: str, message_id: str, request: Request, body: Opti
     msg = find_message(store, conv_id, message_id, role="assistant",
                        wrong_role="is a user message; regenerate an answer, or edit this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
+
+
+@router.get("/{conv_id}/export", response_model=ConversationExport, responses={
+    **errors(400, 404), 200: {"description": "format=json: the whole tree (ConversationExport); format=markdown: the "
+                                             "branch on show as a Markdown document",
+                              "content": {"text/markdown": {"schema": {"type": "string"}}}}})
+async def export_conversation(conv_id: str, request: Request, response: Response, store: Store = Depends(get_store),
+                              format: Literal["json", "markdown"] = Query(
+                                  "json", description="json: the whole tree, for POST /v1/conversations/import; "
+                                                      "markdown: the branch on show, to read")):
+    """The conversation as a download (Content-Disposition: attachment)."""
+    conv = find_conversation(store, conv_id, current_user(request))
+    messages = store.messages(conv_id)
+    name = re.sub(r"[^\w .-]+", "", conv["title"]).strip()[:80] or "conversation"
+    if format == "markdown":
+        return Response(markdown_export(conv, Tree(messages).branch(conv["current_message_id"])),
+                        media_type="text/markdown; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.md"'})
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}.json"'
+    return {"object": "conversation.export", "version": 1, "title": conv["title"],
+            "system_prompt": conv["system_prompt"], "params": conv["params"], "created": conv["created"],
+            "updated": conv["updated"], "current_message_id": conv["current_message_id"],
+            "messages": [{name: m[name] for name in ExportedMessage.model_fields} for m in messages]}
+
+
+@router.delete("/{conv_id}/messages/{message_id}", response_model=DeletedMessages, responses=errors(404))
+async def delete_message(conv_id: str, message_id: str, request: Request, store: Store = Depends(get_store)) -> dict:
+    """Delete a message and everything below it in the tree (its replies, their replies, ...). An
+    answer that was its question's only one takes the question with it (no question is kept
+    unanswered). A branch on show through it moves to the sibling before it (else after it), down to
+    its newest leaf, or, with no sibling left, ends at the parent. An answer generating among them is stopped."""
+    conv = find_conversation(store, conv_id, current_user(request))
+    find_message(store, conv_id, message_id)
+    tree = Tree(store.messages(conv_id))
+    top = message_id
+    parent = tree.messages[message_id]["parent_id"]
+    if tree.messages[message_id]["role"] == "assistant" and tree.children[parent] == [message_id]:
+        top = parent
+    gone = tree.subtree(top)
+    current = conv["current_message_id"]
+    if current in gone:
+        top_parent = tree.messages[top]["parent_id"]
+        siblings = tree.children[top_parent]
+        at = siblings.index(top)
+        rest = siblings[:at][-1:] or siblings[at + 1:at + 2]
+        current = tree.leaf_below(rest[0]) if rest else top_parent
+    answer: Optional[Answer] = request.app.state.answers.get(conv_id)
+    if answer is not None and answer.message_id in gone and request.app.state.engine is not None:
+        request.app.state.engine.abort(answer.message_id)
+    store.delete_messages(conv_id, gone, current)
+    conv = find_conversation(store, conv_id, current_user(request))
+    return {"id": message_id, "object": "conversation.message.deleted", "deleted": True, "deleted_ids": gone,
+            "conversation": conversation_json(request.app, store, conv, with_messages=True)}
 
 
 @router.post("/{conv_id}/messages/{message_id}/continue", status_code=200, response_class=AnswerResponse,
