@@ -20,11 +20,12 @@ from chatserve.engine.request import RequestOutput
 from chatserve.models.dummy import IM_END, build_dummy_tokenizer
 from chatserve.server import app as app_module
 from chatserve.server.app import create_app
-from chatserve.server.conversations import (Answer, DeltaEvent, DoneEvent, MessageEvent, Tree, build_prompt,
-                                            conversation_json)
+from chatserve.server.conversations import (Answer, DeltaEvent, DoneEvent, MessageEvent, Params, Tree, answer_params,
+                                            build_prompt, conversation_json)
 from chatserve.server.reasoning import ReasoningParser
 
 BS = 16  # tiny_engine_config's block size
+UNSET = dict.fromkeys(Params.model_fields)  # a conversation's params, none set
 LONG = 400  # max_tokens of an answer that is stopped long before it ends
 
 
@@ -109,12 +110,14 @@ def test_create_list_get_rename_delete(server):
     a = create(server)
     assert a["id"].startswith("conv_") and a["object"] == "conversation" and a["title"] == "New chat"
     assert a["messages"] == [] and a["current_message_id"] is None and a["system_prompt"] is None
-    assert a["params"] == {"temperature": None, "top_p": None, "max_tokens": None}
+    assert a["params"] == UNSET
+    assert list(UNSET) == ["temperature", "top_p", "max_tokens", "top_k", "min_p", "repetition_penalty",
+                           "presence_penalty", "frequency_penalty", "seed", "stop"]
     assert a["cache"] == {"warm": False, "cached_tokens": 0}
     assert isinstance(a["created"], int) and isinstance(a["updated"], int)
     b = create(server, title="Trip", system_prompt="Be brief.", params={"temperature": 0})
     assert b["title"] == "Trip" and b["system_prompt"] == "Be brief."
-    assert b["params"] == {"temperature": 0, "top_p": None, "max_tokens": None}
+    assert b["params"] == {**UNSET, "temperature": 0}
 
     listed = ok(call(server, "GET", ""))
     assert listed["object"] == "list"
@@ -128,10 +131,10 @@ def test_create_list_get_rename_delete(server):
     assert ids.index(a["id"]) < ids.index(b["id"])
     # In params only the keys sent change; null unsets one.
     patched = ok(call(server, "PATCH", f"/{b['id']}", json={"params": {"max_tokens": 5}, "system_prompt": None}))
-    assert patched["params"] == {"temperature": 0, "top_p": None, "max_tokens": 5}
+    assert patched["params"] == {**UNSET, "temperature": 0, "max_tokens": 5}
     assert patched["system_prompt"] is None and patched["title"] == "Trip"
     patched = ok(call(server, "PATCH", f"/{b['id']}", json={"params": {"temperature": None}}))
-    assert patched["params"] == {"temperature": None, "top_p": None, "max_tokens": 5}
+    assert patched["params"] == {**UNSET, "max_tokens": 5}
     assert get(server, b["id"])["params"] == patched["params"]
 
     assert ok(call(server, "DELETE", f"/{a['id']}")) == {"id": a["id"], "object": "conversation.deleted",
@@ -497,6 +500,43 @@ def test_export_then_import_makes_the_same_tree(server):
     settled(server)
 
 
+def test_sampling_tells_each_value_an_answer_gets_and_its_source(qwen2_dir):
+    """Conversation params, else --override-generation-config, else the model's generation_config
+    (the tiny model's: temperature 0.7, top_p 0.8, top_k 20), else the built-in default."""
+    engine_config = tiny_engine_config(model=str(qwen2_dir), override_generation_config={"top_p": 0.5, "min_p": 0.05})
+    with live_server(engine_config) as srv:
+        fresh = ok(call(srv, "GET", "/sampling"))
+        assert fresh["object"] == "conversation.sampling" and fresh["conversation_id"] is None
+        assert fresh["context_length"] == srv.engine.max_model_len
+        assert fresh["params"]["temperature"] == {"value": 0.7, "source": "model"}
+        conv = create(srv, params={"temperature": 0.3, "stop": "END", "seed": 7})
+        got = ok(call(srv, "GET", f"/{conv['id']}/sampling"))
+        assert got["conversation_id"] == conv["id"]
+        assert got["params"] == {
+            "temperature": {"value": 0.3, "source": "conversation"}, "top_p": {"value": 0.5, "source": "server"},
+            "max_tokens": {"value": None, "source": "default"}, "top_k": {"value": 20, "source": "model"},
+            "min_p": {"value": 0.05, "source": "server"}, "repetition_penalty": {"value": 1.0, "source": "default"},
+            "presence_penalty": {"value": 0.0, "source": "default"},
+            "frequency_penalty": {"value": 0.0, "source": "default"}, "seed": {"value": 7, "source": "conversation"},
+            "stop": {"value": ["END"], "source": "conversation"}}
+        # They are what an answer is sampled with.
+        used = answer_params(Params(), get(srv, conv["id"])["params"], srv.engine.generation_config)
+        assert {name: getattr(used, name) for name in got["params"]} == {
+            name: v["value"] for name, v in got["params"].items()}
+        # Set in the conversation, any value is the conversation's; unset, it falls back again.
+        ok(call(srv, "PATCH", f"/{conv['id']}", json={"params": {"top_k": 5, "temperature": None,
+                                                                   "repetition_penalty": 1.1}}))
+        got = ok(call(srv, "GET", f"/{conv['id']}/sampling"))["params"]
+        assert got["top_k"] == {"value": 5, "source": "conversation"}
+        assert got["temperature"] == {"value": 0.7, "source": "model"}
+        assert got["repetition_penalty"] == {"value": 1.1, "source": "conversation"}
+        assert_error(call(srv, "GET", "/conv_nope/sampling"), 404, "id")
+        for params, param in (({"top_k": -2}, "params.top_k"), ({"min_p": 1.5}, "params.min_p"),
+                              ({"stop": ["a"] * 5}, "params.stop"), ({"seed": 2**64}, "params.seed"),
+                              ({"presence_penalty": 3}, "params.presence_penalty")):
+            assert_error(call(srv, "PATCH", f"/{conv['id']}", json={"params": params}), 400, param)
+
+
 # Like Qwen3's template: the answer after the last user message is rendered with an (empty)
 # thinking block, every earlier answer without one.
 THINKING_TEMPLATE = (
@@ -831,6 +871,8 @@ JSON_ROUTES = {("/v1/conversations", "post"): ("201", "ConversationWithMessages"
                ("/v1/conversations/{conv_id}/messages/{message_id}/stop", "post"): ("200", "Message"),
                ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages"),
                ("/v1/conversations/search", "get"): ("200", "SearchList"),
+               ("/v1/conversations/sampling", "get"): ("200", "EffectiveSampling"),
+               ("/v1/conversations/{conv_id}/sampling", "get"): ("200", "EffectiveSampling"),
                ("/v1/conversations/import", "post"): ("201", "ConversationWithMessages"),
                ("/v1/conversations/{conv_id}/messages/{message_id}", "delete"): ("200", "DeletedMessages")}
 ANSWERING_ROUTES = ("/v1/conversations/{conv_id}/messages", "/v1/conversations/{conv_id}/messages/{message_id}/edit",

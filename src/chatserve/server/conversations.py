@@ -15,17 +15,18 @@ import sqlite3
 import time
 from collections import defaultdict
 from contextlib import suppress
-from typing import AsyncIterator, Callable, Literal, Optional
+from typing import AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from ..engine.chat_template import encode_chat
 from ..engine.engine import AsyncEngine
 from ..engine.request import RequestOutput
-from ..engine.sampling import SamplingParams
-from .protocol import APIError, ErrorDetail, Float, Int, Text, documented_errors, example, sampling_field
+from ..engine.sampling import DEFAULTABLE, SamplingParams
+from .protocol import (MAX_STOP_STRINGS, APIError, ErrorDetail, Float, Int, Stop, Text, documented_errors, example,
+                       sampling_field)
 from .reasoning import THINK_END, THINK_START, ReasoningParser, is_reasoning_model, prompt_opens_reasoning
 from .store import DEFAULT_TITLE, MAX_TITLE_CHARS, Store, new_id
 from .streaming import (ClosingStreamingResponse, Generation, check_api_key, check_capacity, check_text_size,
@@ -51,13 +52,26 @@ MAX_IMPORT_MESSAGES = 10_000
 
 
 class Params(BaseModel):
-    """Sampling values; null: the model's defaults (max_tokens: until a stop token or the context is full)."""
+    """Sampling values, as the OpenAI routes take them; null: the server's default, else the model's
+    (GET .../sampling tells which and what it is)."""
     temperature: Optional[Float] = sampling_field("temperature", description="0: greedy, up to 2; null: the "
-                                                                           "model's default")
-    top_p: Optional[Float] = sampling_field("top_p", description="nucleus sampling, in (0, 1]; null: the "
-                                                                 "model's default")
+                                                                           "default")
+    top_p: Optional[Float] = sampling_field("top_p", description="nucleus sampling, in (0, 1]; null: the default")
     max_tokens: Optional[Int] = Field(None, gt=0, description="most tokens an answer may have; null: no limit "
                                                               "but a stop token or the context length")
+    top_k: Optional[Int] = Field(None, ge=-1, description="sample from the k likeliest tokens; 0 or -1: off; null: "
+                                                          "the default")
+    min_p: Optional[Float] = sampling_field("min_p", description="drop tokens less likely than min_p times the "
+                                                                 "likeliest, in [0, 1]; null: the default")
+    repetition_penalty: Optional[Float] = sampling_field("repetition_penalty", description="> 1 discourages tokens "
+                                                         "already in the prompt or answer, in (0, 2]; null: the default")
+    presence_penalty: Optional[Float] = sampling_field("presence_penalty", description="OpenAI's, in [-2, 2]; null: 0")
+    frequency_penalty: Optional[Float] = sampling_field("frequency_penalty", description="OpenAI's, in [-2, 2]; "
+                                                                                         "null: 0")
+    seed: Optional[Int] = Field(None, ge=-2**63, lt=2**64, description="the same seed gives the same answer; "
+                                                                       "null: random")
+    stop: Stop = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer (not kept in it); "
+                                         "null: none")
 
 
 # A title is a non-empty string when sent (null is refused, not taken as "unset").
@@ -240,6 +254,27 @@ class ConversationExport(BaseModel):
     messages: list[ExportedMessage] = Field(default_factory=list, max_length=MAX_IMPORT_MESSAGES,
                                             description="every message of the tree, parents before their replies "
                                                         "(creation order)")
+
+
+class EffectiveValue(BaseModel):
+    value: Union[float, int, list[str], None] = Field(description="what an answer is sampled with (null: none, "
+                                                                  "e.g. max_tokens: until a stop token or the context "
+                                                                  "is full; seed: random)")
+    source: Literal["conversation", "server", "model", "default"] = Field(
+        description="conversation: its params; server: --override-generation-config; model: the model's "
+                    "generation_config; default: chatserve's built-in value")
+
+
+EffectiveParams = create_model("EffectiveParams", __doc__="Each sampling value of Params, as answers get it.",
+                               **{name: (EffectiveValue, ...) for name in Params.model_fields})
+
+
+class EffectiveSampling(BaseModel):
+    object: Literal["conversation.sampling"]
+    conversation_id: Optional[str] = Field(description="null for GET /v1/conversations/sampling: what a new "
+                                                       "conversation gets")
+    params: EffectiveParams = Field(description="a message's own values still override these, for its answer")
+    context_length: int = Field(description="the model's context in tokens (prompt and answer together)")
 
 
 # The answer stream's events (the data of each SSE event but the last, "[DONE]").
@@ -430,7 +465,8 @@ def cache_state(app: FastAPI, store: Store, conv: dict) -> dict:
 
 def conversation_json(app: FastAPI, store: Store, conv: dict, with_messages: bool = False) -> dict:
     out = {"id": conv["id"], "object": "conversation", "title": conv["title"], "created": int(conv["created"]),
-           "updated": int(conv["updated"]), "system_prompt": conv["system_prompt"], "params": conv["params"],
+           "updated": int(conv["updated"]), "system_prompt": conv["system_prompt"],
+           "params": {name: conv["params"].get(name) for name in Params.model_fields},  # older ones lack some
            "current_message_id": conv["current_message_id"], "cache": cache_state(app, store, conv)}
     if with_messages:
         tree = Tree(store.messages(conv["id"]))
@@ -505,6 +541,34 @@ def answer_params(body: Params, conv_params: dict, defaults: dict) -> SamplingPa
     values = {name: getattr(body, name, None) for name in Params.model_fields}
     return sampling_params({name: conv_params.get(name) if value is None else value
                             for name, value in values.items()}, defaults)
+
+
+def effective_sampling(conv_params: dict, engine: AsyncEngine) -> dict:
+    """Each sampling value an answer gets when its message sets none, and where it comes from: the
+    conversation's params, else (for the values a generation_config may set, DEFAULTABLE) the
+    operator's --override-generation-config, else the model's generation_config, else the built-in
+    default: the order answer_params() applies them in."""
+    server, model = engine.engine.config.override_generation_config, engine.engine.loaded.generation_config
+    builtin = SamplingParams()
+    out = {}
+    for name in Params.model_fields:
+        value, source = conv_params.get(name), "conversation"
+        if value is None and name in DEFAULTABLE and server.get(name) is not None:
+            value, source = server[name], "server"
+        elif value is None and name in DEFAULTABLE and model.get(name) is not None:
+            value, source = model[name], "model"
+        elif value is None:
+            value, source = getattr(builtin, name), "default"
+        if name == "stop":
+            value = [value] if isinstance(value, str) else list(value)
+        out[name] = {"value": value, "source": source}
+    return out
+
+
+def sampling_json(engine: AsyncEngine, conv: Optional[dict]) -> dict:
+    return {"object": "conversation.sampling", "conversation_id": conv["id"] if conv else None,
+            "params": effective_sampling(conv["params"] if conv else {}, engine),
+            "context_length": engine.engine.max_model_len}
 
 
 def title_from(content: str) -> Optional[str]:
@@ -875,6 +939,13 @@ async def search_conversations(request: Request, store: Store = Depends(get_stor
             "last_id": page[-1]["id"] if page else None, "has_more": len(convs) > limit}
 
 
+@router.get("/sampling", response_model=EffectiveSampling, responses=errors(503))
+async def new_conversation_sampling(engine: AsyncEngine = Depends(get_engine)) -> dict:
+    """The sampling values a new conversation's answers get, each with its source (no conversation
+    params yet: the server's, the model's or the built-in defaults)."""
+    return sampling_json(engine, None)
+
+
 @router.post("/import", status_code=201, response_model=ConversationWithMessages, responses=errors(400))
 async def import_conversation(body: ConversationExport, request: Request, store: Store = Depends(get_store)) -> dict:
     """A new conversation of this user from an export (GET .../export): the same tree, new ids."""
@@ -948,6 +1019,15 @@ async def regenerate(conv_id: str, message_id: str, request: Request, body: Opti
     msg = find_message(store, conv_id, message_id, role="assistant",
                        wrong_role="is a user message; regenerate an answer, or edit this one")
     return await start_answer(request, engine, store, conv, msg["parent_id"], None, body or Regenerate())
+
+
+@router.get("/{conv_id}/sampling", response_model=EffectiveSampling, responses=errors(404, 503))
+async def conversation_sampling(conv_id: str, request: Request, store: Store = Depends(get_store),
+                                engine: AsyncEngine = Depends(get_engine)) -> dict:
+    """The sampling values this conversation's answers get (a message's own values aside), each with
+    its source: the conversation's params, the server's --override-generation-config, the model's
+    generation_config, or the built-in default."""
+    return sampling_json(engine, find_conversation(store, conv_id, current_user(request)))
 
 
 @router.get("/{conv_id}/export", response_model=ConversationExport, responses={

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     system_prompt TEXT,
-    params TEXT NOT NULL,                -- JSON {"temperature", "top_p", "max_tokens"}
+    params TEXT NOT NULL,                -- JSON {"temperature", "top_p", "max_tokens", ...}: server/conversations.py Params
     current_message_id TEXT,
     owner TEXT NOT NULL DEFAULT 'default'   -- the user whose key created it (DEFAULT_USER)
 );
