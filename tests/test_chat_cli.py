@@ -18,12 +18,13 @@ from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_unti
 from scripted_model import ANSWER, REASONING, write_scripted_model
 
 from chatserve.cli import build_parser
-from chatserve.client.chat import printable
+from chatserve.client.chat import PARAM_TYPES, printable
 from chatserve.config import ServerConfig
 
 API_KEY = "chat-test-key"
 PROMPT = "you> "
 STATS = r"\[\d+ tokens"  # the dim line after each answer
+UNSET = dict.fromkeys(PARAM_TYPES)  # a conversation's params, none set
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -408,9 +409,14 @@ def test_system_prompt_and_params(api, spawn):
     command(child, "/params temperature=0.5 top_p=0.9 max_tokens=3", "temperature=0.5 top_p=0.9 max_tokens=3")
     stored = api.get(conv["id"])
     assert stored["system_prompt"] == "You are terse."
-    assert stored["params"] == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 3}
-    command(child, "/params temperature=default", "temperature=default top_p=0.9 max_tokens=3")
-    assert api.get(conv["id"])["params"] == {"temperature": None, "top_p": 0.9, "max_tokens": 3}
+    assert stored["params"] == {**UNSET, "temperature": 0.5, "top_p": 0.9, "max_tokens": 3}
+    command(child, "/params temperature=default", "temperature=default top_p=0.9 max_tokens=3",
+            "In effect: temperature 1.0 (default), top_p 0.9 (conversation), max_tokens 3 (conversation)")
+    assert api.get(conv["id"])["params"] == {**UNSET, "top_p": 0.9, "max_tokens": 3}
+    command(child, "/params top_k=5 stop=END seed=7", "top_k=5", "stop=END",
+            "top_k 5 (conversation)", 'seed 7 (conversation), stop ["END"] (conversation)')
+    assert api.get(conv["id"])["params"] == {**UNSET, "top_p": 0.9, "max_tokens": 3, "top_k": 5, "stop": ["END"],
+                                             "seed": 7}
     # Bad values: a clear message, no traceback, the chat goes on.
     command(child, "/params temperature=warm", "error: temperature must be a number")
     command(child, "/params colour=blue", "error: cannot read 'colour=blue'")
@@ -563,6 +569,7 @@ def test_an_answer_cut_off_by_a_server_shutdown_says_so(spawn, tmp_path):
         child.expect_exact("assistant> ")
         child.expect(r"\S{3}")  # the answer is under way
         drain(srv.app)  # what SIGTERM and Ctrl-C on the server do
-        child.expect(r"\[cut off: the server is shutting down; \d+ tokens")
+        child.expect_exact("[aborted: the server is shutting down]")
         child.expect_exact(PROMPT)
+        assert not re.search(STATS, child.before)  # no stats line: it did not finish
         quit_with_ctrl_d(child)
