@@ -434,7 +434,7 @@ class RenderedAnswer:
         self.live: Optional[Live] = None
         self.kind: Optional[str] = None  # of the block being written: "reasoning" or "content"
         self.text = ""
-        self.blocks = 0
+        self.content_blocks = 0  # printed for good
         self.last_draw = 0.0
 
     def __enter__(self) -> "RenderedAnswer":
@@ -468,7 +468,7 @@ class RenderedAnswer:
         if not self.text.strip() or (not final and now - self.last_draw < self.REDRAW_S):
             return
         if self.live is None:
-            if self.blocks and self.kind == "content":
+            if self.content_blocks and self.kind == "content":
                 self.console.line()  # a blank line between blocks, as Markdown shows them
             self.live = Live(console=self.console, auto_refresh=False, vertical_overflow="crop", transient=False,
                              redirect_stdout=False, redirect_stderr=False)
@@ -483,7 +483,7 @@ class RenderedAnswer:
         if self.live is not None:
             self.live.stop()
             self.live = None
-            self.blocks += 1
+            self.content_blocks += self.kind == "content"
         self.text = ""
 
 
