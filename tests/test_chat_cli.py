@@ -589,15 +589,18 @@ def test_an_answer_cut_off_by_a_server_shutdown_is_marked_aborted(spawn, tmp_pat
 
 class Screen:
     """What a terminal shows of a child's output: its bytes played on a pyte screen as wide as the
-    child's, and tall enough that nothing scrolls off."""
+    child's, and tall enough that nothing scrolls off; or, given its height, as tall as the child's,
+    with the lines scrolled off above kept (as a terminal's scrollback)."""
 
-    def __init__(self, child: pexpect.spawn, width: int):
+    def __init__(self, child: pexpect.spawn, width: int, height: int | None = None):
         self.child = child
-        self.screen = pyte.Screen(width, 1000)
+        self.screen = pyte.Screen(width, 1000) if height is None else pyte.HistoryScreen(width, height, 100_000)
         self.stream = pyte.Stream(self.screen)
 
     def lines(self) -> list[str]:
-        lines = [line.rstrip() for line in self.screen.display]
+        history = getattr(self.screen, "history", None)
+        scrolled = [] if history is None else ["".join(c.data for c in line.values()) for line in history.top]
+        lines = [line.rstrip() for line in scrolled + self.screen.display]
         while lines and not lines[-1]:
             lines.pop()
         return lines
@@ -690,6 +693,21 @@ def test_terminal_wraps_a_streamed_answer_by_word(tmp_path, spawn):
     # Every row holds whole words: read in order, they are the answer, broken only between words.
     assert " ".join(rows) == answer.strip(), rows
     assert all(set(row.split()) <= set(WORDS) for row in rows)
+
+
+def test_terminal_shows_an_answer_taller_than_the_screen_once(api, spawn):
+    """While a block grows past the screen, only its last screenful is redrawn; once done it is
+    printed whole: the scrollback holds each line once."""
+    conv = api.create(params={"max_tokens": 600, "temperature": 0})
+    child = spawn(width=60)
+    screen = Screen(child, 60, height=24)
+    screen.prompt()
+    child.send("Tell me a very long story\r")
+    lines = screen.prompt(1)
+    quit_with_ctrl_d(child)
+    shown = lines[lines.index("assistant>") + 1:next(i for i, line in enumerate(lines) if re.match(STATS, line))]
+    content = api.get(conv["id"])["messages"][-1]["content"]
+    assert len(shown) > 24 and "".join("".join(shown).split()) == "".join(printable(content).split())
 
 
 def test_terminal_renders_markdown(api, spawn):

@@ -20,9 +20,10 @@ from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.formatted_text import ANSI
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.segment import Segment
 from rich.text import Text
 
 from ..config import data_dir
@@ -420,12 +421,28 @@ def rendered(kind: str, text: str):
     return Markdown(text)
 
 
+class Tail:
+    """The last `height` lines of a renderable: how a block too tall for the screen is shown while
+    it grows, so that the newest text is in view and a redraw never scrolls (which would leave
+    copies of the earlier lines above)."""
+
+    def __init__(self, renderable, height: int):
+        self.renderable, self.height = renderable, height
+
+    def __rich_console__(self, console: Console, options):
+        lines = console.render_lines(self.renderable, options, pad=False)[-self.height:]
+        for i, line in enumerate(lines):
+            yield from line
+            if i < len(lines) - 1:  # no new line after the last: the region must not grow past `height`
+                yield Segment.line()
+
+
 class RenderedAnswer:
     """An answer in a real terminal, rendered as it streams: the reasoning dim italic, the answer as
     Markdown, both wrapped by word at the terminal's width. Each finished block (text up to a blank
     line outside a code fence: a paragraph, a list, a code block) is printed for good; the block
-    being written is redrawn in place (rich's Live) as it grows, cut at the screen's height until it
-    is finished, so that a redraw never scrolls."""
+    being written is redrawn in place (rich's Live) as it grows, its last screenful only (Tail)
+    until it is finished and printed whole."""
 
     REDRAW_S = 0.05  # at most this often while text arrives
 
@@ -463,26 +480,27 @@ class RenderedAnswer:
                 self.text = rest
             self.draw()
 
-    def draw(self, final: bool = False) -> None:
+    def draw(self) -> None:
         now = time.monotonic()
-        if not self.text.strip() or (not final and now - self.last_draw < self.REDRAW_S):
+        if not self.text.strip() or now - self.last_draw < self.REDRAW_S:
             return
         if self.live is None:
-            if self.content_blocks and self.kind == "content":
-                self.console.line()  # a blank line between blocks, as Markdown shows them
-            self.live = Live(console=self.console, auto_refresh=False, vertical_overflow="crop", transient=False,
+            # Transient: the growing block is erased when it ends, and printed whole instead (end_block).
+            self.live = Live(console=self.console, auto_refresh=False, vertical_overflow="visible", transient=True,
                              redirect_stdout=False, redirect_stderr=False)
             self.live.start()
-        if final:
-            self.live.vertical_overflow = "visible"
-        self.live.update(rendered(self.kind, self.text.strip("\n")), refresh=True)
+        self.live.update(Tail(rendered(self.kind, self.text.strip("\n")), max(1, self.console.size.height - 1)),
+                         refresh=True)
         self.last_draw = now
 
     def end_block(self) -> None:
-        self.draw(final=True)
         if self.live is not None:
             self.live.stop()
             self.live = None
+        if self.text.strip():
+            if self.content_blocks and self.kind == "content":
+                self.console.line()  # a blank line between blocks, as Markdown shows them
+            self.console.print(rendered(self.kind, self.text.strip("\n")))
             self.content_blocks += self.kind == "content"
         self.text = ""
 
