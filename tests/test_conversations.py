@@ -307,6 +307,17 @@ def test_continue_extends_a_cut_answer_token_exactly(server):
     turn2 = done(answer(server, f"/{conv_id}/messages", content="And then?", max_tokens=3))["message"]
     assert store.token_ids(turn2["id"])[0][:p1 + c1 + 7] == prompt1 + output2
     assert turn2["stats"]["cached_tokens"] == p1 + c1 + 7 - 1
+    # After a new system prompt the stored ids no longer fit: the history is rendered afresh and
+    # the answer's text encoded after it.
+    ok(call(server, "PATCH", f"/{conv_id}", json={"system_prompt": "Be brief."}))
+    history = [{"role": "system", "content": "Be brief."}] + [
+        {"role": m["role"], "content": m["content"]} for m in get(server, conv_id)["messages"][:-1]]
+    fresh, said = server.engine.apply_chat_template(history), tokenizer.encode(turn2["content"],
+                                                                              add_special_tokens=False)
+    again = done(answer(server, f"/{conv_id}/messages/{turn2['id']}/continue", max_tokens=2))["message"]
+    assert again["stats"]["prompt_tokens"] == len(fresh) + len(said)
+    prompt3, output3, _ = store.token_ids(turn2["id"])
+    assert (prompt3, output3[:len(said)], len(output3)) == (fresh, said, len(said) + 2)
     # Only the last answer of a branch goes on; a user message or an unknown one cannot.
     assert_error(call(server, "POST", f"/{conv_id}/messages/{first['id']}/continue"), 400, "message_id", "replies")
     assert_error(call(server, "POST", f"/{conv_id}/messages/{first['parent_id']}/continue"), 400, "message_id",
