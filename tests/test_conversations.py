@@ -453,6 +453,26 @@ def test_search_finds_titles_and_messages_a_page_at_a_time(server):
     assert ok(call(server, "GET", "/search", params={"q": '"C++"'}))["data"] == []  # quoted, it reads
 
 
+def test_search_indexes_a_store_from_before_search(tmp_path):
+    """A store written before the search index existed is indexed when opened."""
+    from chatserve.server.store import SCHEMA, Store
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO conversations (id, title, created, updated, params) VALUES "
+                   "('conv_old', 'Old title', 1, 1, '{}')")
+        db.execute("INSERT INTO messages (id, conversation_id, role, content, created, status) VALUES "
+                   "('msg_old', 'conv_old', 'user', 'an ancient wombat', 1, 'complete')")
+    db.close()
+    store = Store(str(path))
+    assert [c["id"] for c in store.conversations(query="wombat")] == ["conv_old"]
+    assert [c["id"] for c in store.conversations(query="old")] == ["conv_old"]
+    assert store.matches("conv_old", "wombat", 3) == [{"message_id": "msg_old", "role": "user",
+                                                       "snippet": "an ancient wombat", "highlights": [[11, 17]]}]
+    store.close()
+
+
 def comparable(export: dict) -> dict:
     """An export without what an import makes anew: ids (as each message's place) and timestamps."""
     place = {m["id"]: i for i, m in enumerate(export["messages"])}
