@@ -20,7 +20,7 @@ from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_unti
 from scripted_model import ANSWER, REASONING, write_scripted_model
 
 from chatserve.cli import build_parser
-from chatserve.client.chat import PARAM_TYPES, printable
+from chatserve.client.chat import PARAM_TYPES, command_help, printable
 from chatserve.config import ServerConfig
 
 API_KEY = "chat-test-key"
@@ -151,7 +151,9 @@ def test_chat_help_explains_every_flag():
     assert out.returncode == 0, out.stderr
     for flag in ("--url", "--api-key", "--model", "--db", "--new", "--device", "--num-kv-blocks"):
         assert flag in out.stdout
-    assert '"""' in out.stdout and "/edit" in out.stdout and "/branch" in out.stdout
+    assert '"""' in out.stdout and "/edit" in out.stdout and "/branch" in out.stdout and "/continue" in out.stdout
+    # And every command of the chat's /help.
+    assert all(f"/{name}" in out.stdout for name in command_help()), out.stdout
 
 
 def test_banner_message_answer_and_stats(api, spawn):
