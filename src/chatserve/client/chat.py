@@ -430,6 +430,9 @@ class Tail:
         self.renderable, self.height = renderable, height
 
     def __rich_console__(self, console: Console, options):
+        # Two columns short: the "^C" a terminal echoes at the cursor then never wraps to a new
+        # line, which the redraw would not know of and would leave behind.
+        options = options.update_width(max(1, options.max_width - 2))
         lines = console.render_lines(self.renderable, options, pad=False)[-self.height:]
         for i, line in enumerate(lines):
             yield from line
