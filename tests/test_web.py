@@ -738,6 +738,52 @@ def test_edit_regenerate_and_branch_arrows(page):
     screenshot(p, "web-branches.png")
 
 
+def length_stopped_answer(page: Page, max_tokens: int = 4) -> str:
+    """A new chat whose answer runs to max_tokens (the random model may end one by itself with its
+    stop token first: then it regenerates); returns the answer's text."""
+    page.new_chat()
+    page.settings(max_tokens=max_tokens)
+    page.send("Say something long")
+    for _ in range(5):
+        page.wait_answer()
+        if page.last_answer().locator(".badge.length").count():
+            return page.last_answer().locator(".content").inner_text()
+        page.last_answer().locator("button.regenerate").click()
+        page.expect(page.last_answer()).to_have_attribute("data-status", "generating")
+    pytest.fail("every answer ended by itself before max_tokens")
+
+
+def stored_branch(server, page: Page) -> list[dict]:
+    """The messages of the open conversation's branch, as the server has them."""
+    conversation_id = page.page.evaluate("localStorage.getItem('chatserve.lastConversation')")
+    return requests.get(f"{server.url}/v1/conversations/{conversation_id}", timeout=10).json()["messages"]
+
+
+def test_continue_a_length_stopped_answer(page, server):
+    """An answer cut by max_tokens has a Continue button: the extension streams into the same
+    message, which grows from the text it had; a question has none."""
+    p = page.page
+    length_stopped_answer(page)
+    answer = page.last_answer()
+    answer_id = answer.get_attribute("data-id")
+    before = stored_branch(server, page)[-1]["content"]
+    page.expect(answer.locator("button.continue")).to_have_count(1)
+    page.expect(page.messages("user").locator("button.continue")).to_have_count(0)
+    answer.locator("button.continue").click()
+    page.expect(page.last_answer()).to_have_attribute("data-status", re.compile("complete|stopped"))
+    page.expect(p.locator("#send")).to_be_visible()
+    page.expect(page.messages("assistant")).to_have_count(1)  # no new message, no sibling
+    answer = page.last_answer()
+    assert answer.get_attribute("data-id") == answer_id
+    page.expect(answer.locator(".branch-nav")).to_have_count(0)
+    after = stored_branch(server, page)[-1]
+    assert after["id"] == answer_id and after["content"].startswith(before) and len(after["content"]) > len(before)
+    shown = answer.locator(".content").inner_text()
+    page.reload()  # stored: the same message, the longer text
+    page.expect(page.last_answer()).to_have_attribute("data-id", answer_id)
+    assert page.last_answer().locator(".content").inner_text() == shown
+
+
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
     expect = page.expect

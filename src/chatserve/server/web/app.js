@@ -297,7 +297,7 @@ function placeMessage(conversation, message) {
   conversation.current_message_id = message.id;
 }
 
-/** POST a request whose answer is an SSE stream (send, edit, regenerate) and show it live. */
+/** POST a request whose answer is an SSE stream (send, edit, regenerate, continue) and show it live. */
 async function streamAnswer(conversation, path, body) {
   if (state.streams.has(conversation.id)) return false;
   const stream = { conversation, controller: new AbortController(), assistantId: null, sawMessage: false,
@@ -458,6 +458,19 @@ function editMessage(message, content) {
 function regenerate(message) {
   const conversation = state.current;
   streamAnswer(conversation, `${messagePath(conversation.id, message.id)}/regenerate`, {});
+}
+
+/** An answer cut by max_tokens or stopped, at the end of its branch, can go on: the server
+ * appends to the same message (its `message` event is the answer so far). */
+function continuable(message) {
+  const messages = state.current?.messages ?? [];
+  if (message.role !== "assistant" || messages[messages.length - 1] !== message) return false;
+  return message.status === "stopped" || (message.status === "complete" && message.finish_reason === "length");
+}
+
+function continueAnswer(message) {
+  const conversation = state.current;
+  streamAnswer(conversation, `${messagePath(conversation.id, message.id)}/continue`, {});
 }
 
 // ---------------------------------------------------------------- rendering
@@ -723,6 +736,12 @@ function messageNode(message) {
     again.disabled = busy || message.status === "generating";
     // The answer as the model wrote it (Markdown), read when clicked: it may still be streaming in.
     actions.append(copyButton(() => message.content ?? "", "Copy this answer"), again);
+    if (continuable(message)) {
+      const more = button("Continue", "icon-button continue", () => continueAnswer(message),
+                          "Go on with this answer where it stopped");
+      more.disabled = busy;
+      actions.append(more);
+    }
   }
   meta.append(actions);
   const time = timestamp(message.created);
