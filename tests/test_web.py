@@ -784,6 +784,120 @@ def test_continue_a_length_stopped_answer(page, server):
     assert page.last_answer().locator(".content").inner_text() == shown
 
 
+def test_delete_a_message_with_a_confirm(page, server):
+    """Each message has a delete button; after a confirm, the message and its replies go (an only
+    answer takes its question); dismissing the confirm deletes nothing."""
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=4)
+    page.send("keep this question")
+    page.wait_answer()
+    page.send("delete this question")
+    page.wait_answer()
+    page.expect(page.questions()).to_have_count(2)
+    answer = page.last_answer()
+    page.expect(answer.locator("button.delete-message")).to_have_attribute("aria-label", "Delete this answer")
+    p.once("dialog", lambda dialog: dialog.dismiss())
+    answer.locator("button.delete-message").click()
+    page.expect(page.questions()).to_have_count(2)
+    assert len(stored_branch(server, page)) == 4
+    p.once("dialog", lambda dialog: dialog.accept())
+    page.last_answer().locator("button.delete-message").click()
+    page.expect(page.questions()).to_have_text(["keep this question"])  # the only answer took its question
+    page.expect(page.messages("assistant")).to_have_count(1)
+    assert [m["content"] for m in stored_branch(server, page)][0] == "keep this question"
+    assert len(stored_branch(server, page)) == 2
+    # Deleting the first question takes everything; the conversation stays, empty.
+    p.once("dialog", lambda dialog: dialog.accept())
+    page.messages("user").first.locator("button.delete-message").click()
+    page.expect(p.locator("#empty-state")).to_be_visible()
+    assert stored_branch(server, page) == []
+    page.expect(p.locator("#chat-title")).to_have_text("keep this question")
+
+
+def test_search_finds_conversations_and_opens_them(page):
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=4)
+    page.send("Where do quokkas live?")
+    page.wait_answer()
+    page.new_chat()
+    p.fill("#search", "quokkas")
+    results = p.locator("#search-results .search-result")
+    page.expect(results).to_have_count(1)
+    page.expect(p.locator("#conversation-list")).to_be_hidden()
+    page.expect(p.locator("#search-status")).to_have_text("1 found")
+    page.expect(results.first.locator("mark")).to_have_text(["quokkas"])
+    results.first.locator(".open").click()
+    page.expect(p.locator("#chat-title")).to_have_text("Where do quokkas live?")
+    page.expect(page.questions()).to_have_text(["Where do quokkas live?"])
+    # A prefix; nothing found; a query FTS5 cannot read says so; Esc clears the search.
+    p.fill("#search", "quokk*")
+    page.expect(results).to_have_count(1)
+    p.fill("#search", "wombatsnotthere")
+    page.expect(p.locator("#search-status")).to_have_text("Nothing found")
+    page.expect(results).to_have_count(0)
+    p.fill("#search", '"unclosed')
+    page.expect(p.locator("#search-status")).to_have_text(re.compile("^Search failed: "))
+    p.press("#search", "Escape")
+    page.expect(p.locator("#search")).to_have_value("")
+    page.expect(p.locator("#search-results")).to_be_hidden()
+    page.expect(p.locator("#conversation-list")).to_be_visible()
+    page.expect(page.sidebar_item("Where do quokkas live?")).to_have_count(1)
+
+
+def test_export_json_and_markdown_and_import(page, tmp_path):
+    """Settings download the open conversation as JSON (the whole tree) and Markdown (the branch on
+    show); Import takes the JSON back as a new conversation, opened."""
+    import json
+
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=4)
+    page.send("Export me please")
+    page.wait_answer()
+    page.last_answer().locator("button.regenerate").click()  # two versions: the tree, not just the branch
+    page.wait_answer()
+    answer = page.last_answer().locator(".content").inner_text()
+    p.click("#chat-settings")
+    with p.expect_download() as download:
+        p.click("#export-json")
+    assert download.value.suggested_filename == "Export me please.json"
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert exported["object"] == "conversation.export" and exported["title"] == "Export me please"
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant", "assistant"]
+    with p.expect_download() as download:
+        p.click("#export-markdown")
+    assert download.value.suggested_filename == "Export me please.md"
+    markdown = Path(download.value.path()).read_text()
+    assert markdown.startswith("# Export me please") and "## You\n\nExport me please" in markdown
+
+    saved = tmp_path / "export.json"
+    saved.write_text(json.dumps(exported))
+    with p.expect_file_chooser() as chooser:
+        p.click("#import")
+    chooser.value.set_files(str(saved))
+    page.expect(p.locator("#settings-dialog")).to_be_hidden()
+    page.expect(page.sidebar_item("Export me please")).to_have_count(2)
+    page.expect(p.locator("#conversation-list .conversation.active .title")).to_have_text("Export me please")
+    page.expect(page.questions()).to_have_text(["Export me please"])
+    page.expect(page.last_answer().locator(".branch-index")).to_have_text("2/2")
+    assert page.last_answer().locator(".content").inner_text() == answer
+    imported_id = p.evaluate("localStorage.getItem('chatserve.lastConversation')")
+    assert imported_id not in {m["id"] for m in exported["messages"]}
+
+    # Not JSON: said in the dialog, nothing imported.
+    bad = tmp_path / "notes.json"
+    bad.write_text("not json")
+    p.click("#chat-settings")
+    with p.expect_file_chooser() as chooser:
+        p.click("#import")
+    chooser.value.set_files(str(bad))
+    page.expect(p.locator("#settings-error")).to_have_text(re.compile("notes.json is not JSON"))
+    p.click("#settings-cancel")
+    page.expect(page.sidebar_item("Export me please")).to_have_count(2)
+
+
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
     expect = page.expect

@@ -277,6 +277,139 @@ async function switchBranch(messageId) {
   }
 }
 
+/** Delete a message and everything below it (an only answer takes its question); the server
+ * says which branch is on show after it. */
+async function deleteMessage(message) {
+  const conversation = state.current;
+  if (!conversation || state.streams.has(conversation.id)) return;
+  const what = message.role === "user" ? "this message, its answers" : "this answer";
+  if (!confirm(`Delete ${what} and every reply below it? This cannot be undone.`)) return;
+  try {
+    const result = await api("DELETE", messagePath(conversation.id, message.id));
+    if (state.current !== conversation) return;
+    Object.assign(conversation, result.conversation);
+    state.editing = null;
+    remember(conversation);
+    renderSidebar();
+    renderConversation();
+  } catch (error) {
+    showBanner(`Could not delete the message: ${error.message}`);
+  }
+}
+
+/** Download the open conversation: format "json" (the whole tree, for import) or "markdown" (the
+ * branch on show). Fetched rather than linked, so that the API key goes with it. */
+async function exportConversation(format) {
+  const conversation = state.current;
+  if (!conversation?.id) return;
+  const response = await fetch(`${conversationPath(conversation.id)}/export?format=${format}`, { headers: headers(false) });
+  if (!response.ok) throw await errorOf(response);
+  const name = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") ?? "")?.[1]
+    ?? `conversation.${format === "json" ? "json" : "md"}`;
+  const url = URL.createObjectURL(await response.blob());
+  const link = el("a");
+  link.href = url;
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+/** A JSON export (from this server or another) becomes a new conversation, opened. */
+async function importConversation(file) {
+  let body;
+  try {
+    body = JSON.parse(await file.text());
+  } catch {
+    throw new Error(`${file.name} is not JSON: choose a conversation exported as JSON`);
+  }
+  const imported = await api("POST", "/v1/conversations/import", body);
+  state.deleted.delete(imported.id);
+  state.current = imported;
+  state.editing = null;
+  localStorage.setItem(LAST_CONVERSATION, imported.id);
+  remember(imported);
+  renderSidebar();
+  renderConversation({ scroll: true });
+}
+
+// ---------------------------------------------------------------- search
+
+let searchTimer = null;
+let searchSerial = 0; // only the newest query's answer is shown
+
+function onSearchInput() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(runSearch, 250);
+}
+
+async function runSearch() {
+  const query = $("search").value.trim();
+  const results = $("search-results");
+  const serial = ++searchSerial;
+  if (!query) {
+    results.hidden = true;
+    results.replaceChildren();
+    $("search-status").hidden = true;
+    $("conversation-list").hidden = false;
+    $("more-conversations").hidden = !state.listHasMore;
+    return;
+  }
+  let found;
+  try {
+    found = await api("GET", `/v1/conversations/search?${new URLSearchParams({ q: query, limit: "50" })}`);
+  } catch (error) {
+    if (serial !== searchSerial) return;
+    found = { data: [], error: error.message };
+  }
+  if (serial !== searchSerial) return;
+  $("conversation-list").hidden = true;
+  $("more-conversations").hidden = true;
+  const status = $("search-status");
+  status.hidden = false;
+  status.textContent = found.error ? `Search failed: ${found.error}`
+    : found.data.length ? `${found.data.length}${found.has_more ? "+" : ""} found` : "Nothing found";
+  results.replaceChildren(...found.data.map(searchResult));
+  results.hidden = false;
+}
+
+/** A found conversation: its title, and the first matching message's snippet with the matched
+ * words marked; opening it shows that message's branch. */
+function searchResult(conversation) {
+  const item = el("li", "conversation search-result");
+  item.dataset.id = conversation.id;
+  const open = el("button", "open");
+  open.type = "button";
+  const text = el("span", "result-text");
+  text.append(el("span", "title", conversation.title || "New chat"));
+  const match = conversation.matches?.find((m) => m.message_id) ?? conversation.matches?.[0];
+  if (match?.snippet) text.append(highlighted(match));
+  open.append(text);
+  open.addEventListener("click", async () => {
+    closeDrawer();
+    await openConversation(conversation.id);
+    if (match?.message_id && state.current?.id === conversation.id
+        && !state.current.messages.some((m) => m.id === match.message_id)) {
+      await switchBranch(match.message_id);
+    }
+  });
+  item.append(open);
+  return item;
+}
+
+function highlighted(match) {
+  const snippet = el("span", "snippet");
+  let at = 0;
+  for (const [start, end] of match.highlights ?? []) {
+    if (start < at) continue;
+    snippet.append(match.snippet.slice(at, start), el("mark", "", match.snippet.slice(start, end)));
+    at = end;
+  }
+  snippet.append(match.snippet.slice(at));
+  return snippet;
+}
+
 // ---------------------------------------------------------------- answers
 
 /** Put a message the stream announced into the branch on show: under its parent, replacing
@@ -542,7 +675,7 @@ function renderSidebar() {
     previous = item;
   }
   for (const gone of items.values()) gone.remove();
-  $("more-conversations").hidden = !state.listHasMore;
+  $("more-conversations").hidden = !state.listHasMore || !$("search-results").hidden;
   if (focused?.isConnected && document.activeElement !== focused) focused.focus(); // moving an item drops it
 }
 
@@ -724,6 +857,10 @@ function messageNode(message) {
     meta.append(nav);
   }
   const actions = el("span", "actions");
+  const remove = iconButton("trash", "delete-message",
+                            message.role === "user" ? "Delete this message and its answers" : "Delete this answer",
+                            () => deleteMessage(message));
+  remove.disabled = busy;
   if (message.role === "user") {
     const edit = button("Edit", "icon-button edit", () => {
       state.editing = message.id;
@@ -743,6 +880,7 @@ function messageNode(message) {
       actions.append(more);
     }
   }
+  actions.append(remove);
   meta.append(actions);
   const time = timestamp(message.created);
   if (time) meta.append(time);
@@ -925,7 +1063,13 @@ function openSettings() {
   $("conversation-settings").querySelector("legend").textContent =
     conversation && !conversation.draft ? "This conversation" : "A new conversation";
   $("settings-error").hidden = true;
+  $("export").hidden = !conversation?.id;
   dialog.showModal();
+}
+
+function settingsProblem(problem) {
+  $("settings-error").textContent = problem.message;
+  $("settings-error").hidden = false;
 }
 
 function numberSetting(id, name, { integer = false } = {}) {
@@ -1095,6 +1239,30 @@ function bind() {
     if (list.scrollTop + list.clientHeight >= list.scrollHeight - 40) loadMoreConversations();
   });
   $("chat-settings").addEventListener("click", openSettings);
+  const search = $("search");
+  search.addEventListener("input", onSearchInput);
+  search.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && search.value) {
+      event.preventDefault(); // clears the search, and only that
+      search.value = "";
+      runSearch();
+    }
+  });
+  for (const format of ["json", "markdown"]) {
+    $(`export-${format}`).addEventListener("click", () => exportConversation(format).catch(settingsProblem));
+  }
+  $("import").addEventListener("click", () => $("import-file").click());
+  $("import-file").addEventListener("change", async () => {
+    const file = $("import-file").files[0];
+    $("import-file").value = "";
+    if (!file) return;
+    try {
+      await importConversation(file);
+      $("settings-dialog").close();
+    } catch (problem) {
+      settingsProblem(problem);
+    }
+  });
   $("settings-form").addEventListener("submit", saveSettings);
   $("settings-cancel").addEventListener("click", () => $("settings-dialog").close());
   setInterval(() => {
