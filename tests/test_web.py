@@ -898,6 +898,59 @@ def test_export_json_and_markdown_and_import(page, tmp_path):
     page.expect(page.sidebar_item("Export me please")).to_have_count(2)
 
 
+def test_settings_show_every_sampling_value_with_its_source(browser, tmp_path):
+    """Settings have a field for every sampling value the API takes; under each, the value answers
+    get and where it comes from (GET .../sampling): the server's override, the built-in default, or
+    the conversation's own once set; they are stored with the conversation."""
+    engine_config = tiny_engine_config(override_generation_config={"top_p": 0.5})
+    with live_server(engine_config, ServerConfig(db_path=str(tmp_path / "sampling.sqlite3"))) as srv:
+        page = Page(browser, srv.url)
+        try:
+            p = page.page
+            names = ["temperature", "top-p", "top-k", "min-p", "repetition-penalty", "presence-penalty",
+                     "frequency-penalty", "max-tokens", "seed", "stop"]
+            p.click("#chat-settings")
+            for name in names:
+                page.expect(p.locator(f"#setting-{name}")).to_be_visible()
+            page.expect(p.locator("#setting-top-p-effective")).to_have_text("0.5 · the server's")
+            page.expect(p.locator("#setting-temperature-effective")).to_have_text("1 · built-in")
+            page.expect(p.locator("#setting-seed-effective")).to_have_text("random · built-in")
+            page.expect(p.locator("#setting-stop-effective")).to_have_text("none · built-in")
+            p.click("#settings-cancel")
+            # A draft's settings go with its first message; then each shows as the conversation's.
+            page.settings(max_tokens=4, top_k=5, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
+                          frequency_penalty=-0.5, seed=42, stop="END\\nhere\nSTOP")
+            page.send("Sample me")
+            page.wait_answer()
+            p.click("#chat-settings")
+            page.expect(p.locator("#setting-top-k")).to_have_value("5")
+            page.expect(p.locator("#setting-stop")).to_have_value("END\\nhere\nSTOP")
+            page.expect(p.locator("#setting-top-k-effective")).to_have_text("5 · this conversation")
+            page.expect(p.locator("#setting-stop-effective")).to_have_text('"END\\nhere" "STOP" · this conversation')
+            page.expect(p.locator("#setting-top-p-effective")).to_have_text("0.5 · the server's")
+            # Edited: only this conversation's values change; emptied: back to the server's.
+            p.fill("#setting-top-p", "0.9")
+            p.fill("#setting-seed", "")
+            p.click("#settings-save")
+            page.expect(p.locator("#settings-dialog")).to_be_hidden()
+            conversation_id = p.evaluate("localStorage.getItem('chatserve.lastConversation')")
+            params = requests.get(f"{srv.url}/v1/conversations/{conversation_id}", timeout=10).json()["params"]
+            assert params == {"temperature": None, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
+                              "presence_penalty": 0.5, "frequency_penalty": -0.5, "max_tokens": 4, "seed": None,
+                              "stop": ["END\nhere", "STOP"]}
+            p.click("#chat-settings")
+            page.expect(p.locator("#setting-top-p-effective")).to_have_text("0.9 · this conversation")
+            # A value out of the API's bounds is refused in the dialog (the field's own range); nothing saved.
+            p.fill("#setting-min-p", "3")
+            p.click("#settings-save")
+            page.expect(p.locator("#setting-min-p:invalid")).to_have_count(1)
+            page.expect(p.locator("#settings-dialog")).to_be_visible()
+            p.click("#settings-cancel")
+            assert requests.get(f"{srv.url}/v1/conversations/{conversation_id}", timeout=10).json()["params"] == params
+        finally:
+            page.close()
+
+
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
     expect = page.expect

@@ -23,6 +23,7 @@ const state = {
   openReasoning: new Set(), // assistant message ids whose reasoning the user expanded
   editing: null, // id of the user message being edited in place
   deleted: new Set(), // conversations deleted here: a late answer or list must not bring them back
+  contextLength: null, // the model's context in tokens (GET .../sampling says)
 };
 
 class ApiError extends Error {
@@ -1050,21 +1051,98 @@ function hideBanner() {
   $("banner").hidden = true;
 }
 
+// Every sampling value a conversation's params take (docs/conversations-api.md), with the
+// server's bounds: one field each in Settings, ids setting-NAME (dashes for underscores).
+const SAMPLING = [
+  { name: "temperature", label: "Temperature", min: 0, max: 2, step: 0.05 },
+  { name: "top_p", label: "Top p", min: 0, max: 1, step: 0.01 },
+  { name: "top_k", label: "Top k", min: -1, step: 1, integer: true },
+  { name: "min_p", label: "Min p", min: 0, max: 1, step: 0.01 },
+  { name: "repetition_penalty", label: "Repetition penalty", min: 0, max: 2, step: 0.05 },
+  { name: "presence_penalty", label: "Presence penalty", min: -2, max: 2, step: 0.1 },
+  { name: "frequency_penalty", label: "Frequency penalty", min: -2, max: 2, step: 0.1 },
+  { name: "max_tokens", label: "Max tokens", min: 1, step: 1, integer: true },
+  { name: "seed", label: "Seed", step: 1, integer: true },
+  { name: "stop", label: "Stop strings", stop: true },
+];
+const SOURCES = {
+  conversation: "this conversation",
+  server: "the server's",
+  model: "the model's",
+  default: "built-in",
+};
+const settingId = (name) => `setting-${name.replaceAll("_", "-")}`;
+
+/** The sampling fields, built once from SAMPLING. */
+function buildSamplingFields() {
+  const row = $("sampling-fields");
+  for (const spec of SAMPLING) {
+    const setting = el("div", spec.stop ? "setting wide" : "setting");
+    const label = el("label", "", spec.label);
+    const field = el(spec.stop ? "textarea" : "input");
+    field.id = settingId(spec.name);
+    if (spec.stop) {
+      field.rows = 2;
+      field.placeholder = "one a line, at most 4; \\n is a newline";
+    } else {
+      field.type = "number";
+      field.placeholder = "default";
+      for (const key of ["min", "max", "step"]) if (spec[key] !== undefined) field[key] = String(spec[key]);
+    }
+    const effective = el("span", "effective");
+    effective.id = `${field.id}-effective`;
+    field.setAttribute("aria-describedby", effective.id);
+    label.append(field);
+    setting.append(label, effective); // outside the label: a description, not part of the name
+    row.append(setting);
+  }
+}
+
+// A stop string per line; a newline inside one is written \n (and a backslash \\).
+const stopText = (list) => (list ?? []).map((s) => s.replaceAll("\\", "\\\\").replaceAll("\n", "\\n")).join("\n");
+const stopList = (text) => text.split("\n").filter((line) => line !== "")
+  .map((line) => line.replace(/\\(\\|n)/g, (_, c) => (c === "n" ? "\n" : "\\")));
+
 function openSettings() {
   const dialog = $("settings-dialog");
   if (dialog.open) return;
   const conversation = state.current;
   const params = conversation?.params ?? {};
   $("setting-system-prompt").value = conversation?.system_prompt ?? "";
-  $("setting-temperature").value = params.temperature ?? "";
-  $("setting-top-p").value = params.top_p ?? "";
-  $("setting-max-tokens").value = params.max_tokens ?? "";
+  for (const spec of SAMPLING) {
+    const value = params[spec.name];
+    $(settingId(spec.name)).value = spec.stop ? stopText(typeof value === "string" ? [value] : value) : value ?? "";
+    $(`${settingId(spec.name)}-effective`).textContent = "";
+  }
   $("setting-api-key").value = localStorage.getItem(API_KEY) ?? "";
   $("conversation-settings").querySelector("legend").textContent =
     conversation && !conversation.draft ? "This conversation" : "A new conversation";
   $("settings-error").hidden = true;
   $("export").hidden = !conversation?.id;
   dialog.showModal();
+  showEffectiveSampling(conversation);
+}
+
+/** Under each field, the value the conversation's answers get and its source (GET .../sampling). */
+async function showEffectiveSampling(conversation) {
+  let sampling;
+  try {
+    sampling = await api("GET", conversation?.id ? `${conversationPath(conversation.id)}/sampling`
+                                                 : "/v1/conversations/sampling");
+  } catch (error) {
+    for (const spec of SAMPLING) $(`${settingId(spec.name)}-effective`).textContent = `unknown: ${error.message}`;
+    return;
+  }
+  if (state.current !== conversation || !$("settings-dialog").open) return;
+  if (sampling.context_length) state.contextLength = sampling.context_length;
+  for (const spec of SAMPLING) {
+    const { value, source } = sampling.params[spec.name] ?? {};
+    const shown = spec.stop ? (value?.length ? value.map((s) => JSON.stringify(s)).join(" ") : "none")
+      : value ?? (spec.name === "max_tokens" ? "to the end of the context" : spec.name === "seed" ? "random" : "none");
+    const node = $(`${settingId(spec.name)}-effective`);
+    node.textContent = `${shown} · ${SOURCES[source] ?? source}`;
+    node.dataset.source = source;
+  }
 }
 
 function settingsProblem(problem) {
@@ -1072,14 +1150,20 @@ function settingsProblem(problem) {
   $("settings-error").hidden = false;
 }
 
-function numberSetting(id, name, { integer = false } = {}) {
-  const text = $(id).value.trim();
+function numberSetting({ name, label, integer = false }) {
+  const text = $(settingId(name)).value.trim();
   if (text === "") return null;
   const value = Number(text);
-  if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
-    throw new Error(`${name} must be ${integer ? "a whole number" : "a number"}`);
+  if (!Number.isFinite(value) || (integer && !Number.isSafeInteger(value))) {
+    throw new Error(`${label} must be ${integer ? "a whole number" : "a number"}`);
   }
   return value;
+}
+
+function stopSetting({ name, label }) {
+  const list = stopList($(settingId(name)).value);
+  if (list.length > 4) throw new Error(`${label}: at most 4`);
+  return list.length ? list : null;
 }
 
 async function saveSettings(event) {
@@ -1090,11 +1174,8 @@ async function saveSettings(event) {
   try {
     changes = {
       system_prompt: $("setting-system-prompt").value.trim() ? $("setting-system-prompt").value : null,
-      params: {
-        temperature: numberSetting("setting-temperature", "Temperature"),
-        top_p: numberSetting("setting-top-p", "Top p"),
-        max_tokens: numberSetting("setting-max-tokens", "Max tokens", { integer: true }),
-      },
+      params: Object.fromEntries(SAMPLING.map((spec) => [spec.name, spec.stop ? stopSetting(spec)
+                                                                   : numberSetting(spec)])),
     };
   } catch (problem) {
     error.textContent = problem.message;
@@ -1201,6 +1282,7 @@ function autosize(area) {
 }
 
 function bind() {
+  buildSamplingFields();
   const input = $("input");
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
