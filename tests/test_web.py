@@ -951,6 +951,47 @@ def test_settings_show_every_sampling_value_with_its_source(browser, tmp_path):
             page.close()
 
 
+def test_context_usage_of_the_model_context(browser, tmp_path):
+    """Under the composer: the tokens the conversation takes (its last answer's prompt and answer)
+    of the model's context length, growing each turn, in the danger colour from 80%."""
+    engine_config = tiny_engine_config(max_model_len=160)
+    with live_server(engine_config, ServerConfig(db_path=str(tmp_path / "context.sqlite3"))) as srv:
+        page = Page(browser, srv.url)
+        try:
+            p = page.page
+            usage = p.locator("#context-usage")
+            page.expect(usage).to_be_hidden()  # nothing said yet
+            page.settings(max_tokens=4)
+            page.send("How much room is left?")
+            page.wait_answer()
+            page.expect(usage).to_be_visible()
+            stats = stored_branch(srv, page)[-1]["stats"]
+            used = stats["prompt_tokens"] + stats["completion_tokens"]
+            page.expect(p.locator("#context-text")).to_have_text(
+                f"{used} of 160 context tokens ({round(used * 100 / 160)}%)")
+            assert requests.get(f"{srv.url}/v1/conversations/sampling", timeout=10).json()["context_length"] == 160
+            page.expect(usage).not_to_have_class(re.compile("nearly-full"))
+            width = p.eval_on_selector("#context-fill", "e => e.getBoundingClientRect().width")
+            assert width > 0
+            for turn in range(6):
+                if "nearly-full" in (usage.get_attribute("class") or ""):
+                    break
+                page.settings(max_tokens=16)
+                page.send(f"And now? {turn}")
+                page.wait_answer(re.compile("complete|stopped"))
+                stats = stored_branch(srv, page)[-1]["stats"]
+                grown = stats["prompt_tokens"] + stats["completion_tokens"]
+                assert grown > used
+                used = grown
+                page.expect(p.locator("#context-text")).to_have_text(re.compile(f"^{used} of 160 "))
+            page.expect(usage).to_have_class(re.compile("nearly-full"))
+            assert p.eval_on_selector("#context-fill", "e => e.getBoundingClientRect().width") > width
+            page.new_chat()
+            page.expect(usage).to_be_hidden()
+        finally:
+            page.close()
+
+
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
     expect = page.expect

@@ -789,6 +789,7 @@ function renderConversation({ scroll = false } = {}) {
     for (const message of conversation.messages) container.append(messageNode(message));
   }
   updateComposer();
+  updateContextUsage();
   if (stick) container.scrollTop = container.scrollHeight;
   if (focus) refocus(container, focus);
   updateToBottom();
@@ -821,6 +822,34 @@ function updateToBottom() {
   const container = $("messages");
   const hidden = nearBottom(container);
   if ($("to-bottom").hidden !== hidden) $("to-bottom").hidden = hidden;
+}
+
+/** How much of the model's context the conversation fills: the last answer's prompt and its
+ * tokens (a continued answer's prompt holds the answer so far), of the context length. */
+function updateContextUsage() {
+  const box = $("context-usage");
+  const stats = state.current?.messages?.findLast((m) => m.role === "assistant" && m.stats)?.stats;
+  const used = stats ? (stats.prompt_tokens ?? 0) + (stats.completion_tokens ?? 0) : 0;
+  box.hidden = !used || !state.contextLength;
+  if (box.hidden) return;
+  const share = Math.min(1, used / state.contextLength);
+  $("context-fill").style.width = `${(share * 100).toFixed(1)}%`; // CSSOM, which the CSP allows
+  box.classList.toggle("nearly-full", share >= 0.8);
+  $("context-text").textContent =
+    `${used.toLocaleString()} of ${state.contextLength.toLocaleString()} context tokens (${Math.round(share * 100)}%)`;
+  box.title = "Tokens of the model's context the conversation takes: the last answer's prompt and answer";
+}
+
+/** The model's context length, for the context-usage line (the model must be loaded). */
+async function loadContextLength() {
+  try {
+    const response = await fetch("/v1/conversations/sampling", { headers: headers(false) });
+    if (!response.ok) return;
+    state.contextLength = (await response.json()).context_length;
+    updateContextUsage();
+  } catch {
+    // unreachable: showModel says so
+  }
 }
 
 function updateComposer() {
@@ -1219,6 +1248,7 @@ async function showModel() {
     const label = $("model-name");
     label.textContent = response.ok ? body.model : `${body.model} (${body.status})`;
     if (!response.ok && body.status === "loading") setTimeout(showModel, 2000);
+    if (response.ok && !state.contextLength) loadContextLength();
   } catch {
     $("model-name").textContent = "server unreachable";
   }
