@@ -712,6 +712,27 @@ def test_terminal_shows_an_answer_taller_than_the_screen_once(api, spawn):
     assert len(shown) > 24 and "".join("".join(shown).split()) == "".join(printable(content).split())
 
 
+def test_terminal_ctrl_c_leaves_the_answer_shown_as_received(api, spawn, server):
+    """Ctrl-C mid-block: the redrawn part is replaced by the text received, nothing left behind
+    (not even a line the echoed ^C wrapped)."""
+    conv = api.create(params={"max_tokens": 3000, "temperature": 0})
+    child = spawn(width=60)
+    screen = Screen(child, 60, height=24)
+    screen.prompt()
+    child.send("Tell me a very long story\r")
+    # The block being written fills the screen (its last screenful only: nothing scrolls off yet).
+    screen.wait(lambda lines: sum(len(line) > 50 for line in lines[-24:]) >= 20, "the answer to fill the screen")
+    child.sendintr()
+    lines = screen.wait(lambda lines: lines[-1] == "you>" and any(line.startswith("[stopped") for line in lines),
+                        "the answer stopped")
+    quit_with_ctrl_d(child)
+    wait_until(lambda: idle(server.engine), "the engine to free the stopped request")
+    shown = lines[lines.index("assistant>") + 1:next(i for i, line in enumerate(lines) if line.startswith("[stopped"))]
+    shown_text = "".join("".join(shown).split())
+    stored = "".join(printable(api.get(conv["id"])["messages"][-1]["content"]).split())
+    assert len(shown_text) >= 20 * 50 and stored.startswith(shown_text)
+
+
 def test_terminal_renders_markdown(api, spawn):
     text = ("## Shopping\n\nBuy **three** apples and `one` pear.\n\n- first item\n- second item\n\n"
             "```python\nprint('hi')\n```\n\n| name | count |\n|------|-------|\n| pear | 1 |")

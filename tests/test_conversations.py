@@ -345,6 +345,16 @@ def test_continue_a_stopped_answer_completes_it(server):
     assert (final["status"], final["finish_reason"]) == ("complete", "length")
     assert final["content"].startswith(stopped["content"]) and len(final["content"]) > len(stopped["content"])
     settled(server)
+    # A continuation is stopped as an answer is, its text so far kept, the old and the new.
+    with slow_engine(server), call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/continue", stream=True,
+                                   json={"max_tokens": LONG}) as r:
+        stream = events(r)
+        next(stream), next(stream)
+        again = ok(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/stop"))
+        list(stream)
+    assert (again["status"], again["finish_reason"]) == ("stopped", "abort")
+    assert again["content"].startswith(final["content"]) and again["stats"]["completion_tokens"] < LONG
+    settled(server)
 
 
 # -- deleting messages, search, export and import ---------------------------------------------------

@@ -651,6 +651,7 @@ class Answer:
                  output_ids: tuple[int, ...] = ()):
         """content, reasoning, output_ids: the answer so far, which this generation continues."""
         self.app, self.store, self.conv_id, self.message_id, self.gen = app, store, conv_id, message_id, gen
+        self.request_id = message_id  # the engine's id of this generation (/stop aborts it)
         self.parser = parser
         self.content: list[str] = [content] if content else []
         self.reasoning: list[str] = [reasoning] if reasoning else []
@@ -788,7 +789,7 @@ async def start_answer(request: Request, engine: AsyncEngine, store: Store, conv
         param="content")
     params = answer_params(body, conv["params"], engine.engine.generation_config)
 
-    message_id = new_id("msg")  # also the engine's request id, for /stop
+    message_id = new_id("msg")  # also the engine's request id (Answer.request_id), for /stop
     assistant = {"id": message_id, "parent_id": branch[-1]["id"], "role": "assistant", "content": "",
                  "status": "generating"}
     title = title_from(user_content) if user and parent_id is None and conv["title"] == DEFAULT_TITLE else None
@@ -811,7 +812,8 @@ async def stream_answer(request: Request, engine: AsyncEngine, answer: "Answer",
     app.state.answers[conv_id] = None  # taken before the first await: a second message now gets 409
     gen = None
     try:
-        gen = Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, params, message_id), message_id)
+        gen = Generation(request, engine.generate({"prompt_token_ids": prompt_ids}, params, answer.request_id),
+                         answer.request_id)
         try:
             await gen.first()  # the engine refusing the prompt is a 400 before anything is stored
         except APIError as exc:
@@ -879,6 +881,7 @@ async def continue_answer(request: Request, engine: AsyncEngine, store: Store, c
         parser.held = ""
     answer = Answer(app, store, conv_id, msg["id"], None, parser, msg["content"], msg["reasoning_content"] or "",
                     output_ids)
+    answer.request_id = new_id(msg["id"])  # the message's last generation may still be leaving the engine
     return await stream_answer(request, engine, answer, prompt_ids + output_ids, params, "message_id",
                                lambda: store.start_continue(conv_id, msg["id"], prompt_ids, output_ids, key),
                                [msg["id"]])
@@ -981,7 +984,7 @@ async def delete_conversation(conv_id: str, request: Request, store: Store = Dep
     find_conversation(store, conv_id, current_user(request))
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
     if answer is not None and request.app.state.engine is not None:
-        request.app.state.engine.abort(answer.message_id)  # the message ids are the request ids
+        request.app.state.engine.abort(answer.request_id)
     store.delete_conversation(conv_id)
     return {"id": conv_id, "object": "conversation.deleted", "deleted": True}
 
@@ -1076,7 +1079,7 @@ async def delete_message(conv_id: str, message_id: str, request: Request, store:
         current = tree.leaf_below(rest[0]) if rest else top_parent
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
     if answer is not None and answer.message_id in gone and request.app.state.engine is not None:
-        request.app.state.engine.abort(answer.message_id)
+        request.app.state.engine.abort(answer.request_id)
     store.delete_messages(conv_id, gone, current)
     conv = find_conversation(store, conv_id, current_user(request))
     return {"id": message_id, "object": "conversation.message.deleted", "deleted": True, "deleted_ids": gone,
@@ -1107,7 +1110,7 @@ async def stop(conv_id: str, message_id: str, request: Request, store: Store = D
     answer: Optional[Answer] = request.app.state.answers.get(conv_id)
     engine: Optional[AsyncEngine] = request.app.state.engine
     if answer is not None and answer.message_id == message_id and engine is not None:
-        engine.abort(message_id)  # the answer's stream sees the abort and saves the end
+        engine.abort(answer.request_id)  # the answer's stream sees the abort and saves the end
         # A stream whose reader stalls may take longer; the message then still says generating.
         with suppress(asyncio.TimeoutError):
             await asyncio.wait_for(answer.ended.wait(), STOP_WAIT_S)
