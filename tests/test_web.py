@@ -761,7 +761,10 @@ def stored_branch(server, page: Page) -> list[dict]:
 
 def test_continue_a_length_stopped_answer(page, server):
     """An answer cut by max_tokens has a Continue button: the extension streams into the same
-    message, which grows from the text it had; a question has none."""
+    message, which grows from the text it had; a question has none. So has an answer stopped by
+    the user, while it is its branch's last message."""
+    from playwright.sync_api import Error as PlaywrightError
+
     p = page.page
     length_stopped_answer(page)
     answer = page.last_answer()
@@ -782,6 +785,27 @@ def test_continue_a_length_stopped_answer(page, server):
     page.reload()  # stored: the same message, the longer text
     page.expect(page.last_answer()).to_have_attribute("data-id", answer_id)
     assert page.last_answer().locator(".content").inner_text() == shown
+
+    # An answer the user stopped goes on too, and its continuation stops with the Stop button.
+    page.settings(max_tokens=LONG_ANSWER)
+    stop_long_answer(page)
+    stopped_id = page.last_answer().get_attribute("data-id")
+    before = stored_branch(server, page)[-1]["content"]
+    page.expect(page.messages("assistant").first.locator("button.continue")).to_have_count(0)  # not the last
+    page.last_answer().locator("button.continue").click()
+    page.expect(page.last_answer()).to_have_attribute("data-status", "generating")
+    p.wait_for_function("""(length) => {
+        const answer = [...document.querySelectorAll("#messages article.assistant")].pop();
+        return answer.dataset.status !== "generating" || answer.querySelector(".content").textContent.length > length;
+    }""", arg=len(page.last_answer().locator(".content").inner_text()))
+    try:
+        p.click("#stop", timeout=2000, force=True)
+    except PlaywrightError:  # the continuation ended by itself meanwhile
+        pass
+    page.wait_answer(re.compile("stopped|complete"))
+    after = stored_branch(server, page)[-1]
+    assert after["id"] == stopped_id and after["content"].startswith(before) and len(after["content"]) > len(before)
+    page.expect(page.messages("assistant")).to_have_count(2)
 
 
 def test_delete_a_message_with_a_confirm(page, server):
