@@ -1496,7 +1496,8 @@ AXE_RUN = """async () => {
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_accessibility_with_axe(browser, tmp_path, theme):
     """axe-core, injected into the page, finds no serious or critical violation (contrast, names,
-    roles, ...) in either theme: on an answer just streamed (warm cache badge, stats), a stored one
+    roles, ...) in either theme: on an answer just streamed (warm cache badge, stats, context
+    usage), search results, a stored one
     with a table, code, math, reasoning and the stopped badge, the settings dialog, and on a phone
     with the drawer open."""
     db = tmp_path / "axe.sqlite3"
@@ -1534,7 +1535,12 @@ def test_accessibility_with_axe(browser, tmp_path, theme):
             page.send("Hello")
             page.wait_answer()
             page.expect(p.locator("#cache-badge.warm")).to_be_visible()
+            page.expect(p.locator("#context-usage")).to_be_visible()
             check("a streamed answer")
+            p.fill("#search", "rich OR hello")
+            page.expect(p.locator("#search-results .search-result mark").first).to_be_visible()
+            check("search results")
+            p.press("#search", "Escape")
             page.sidebar_item("Rich answer").click()
             page.expect(page.last_answer().locator(".badge.stopped")).to_be_visible()
             page.last_answer().locator("details.reasoning summary").click()
