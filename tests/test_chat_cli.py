@@ -9,21 +9,24 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 import requests
 from live_server import WAIT_S, idle, live_server, tiny_engine_config, wait_until
 from scripted_model import ANSWER, REASONING, write_scripted_model
 
 from chatserve.cli import build_parser
-from chatserve.client.chat import printable
+from chatserve.client.chat import PARAM_TYPES, command_help, printable
 from chatserve.config import ServerConfig
 
 API_KEY = "chat-test-key"
 PROMPT = "you> "
 STATS = r"\[\d+ tokens"  # the dim line after each answer
+UNSET = dict.fromkeys(PARAM_TYPES)  # a conversation's params, none set
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,8 +96,13 @@ def api(server):
 def spawn(server, tmp_path):
     children = []
 
-    def spawn(*args: str, url: str | None = None, colour: bool = False, env: dict | None = None) -> pexpect.spawn:
+    def spawn(*args: str, url: str | None = None, colour: bool = False, env: dict | None = None,
+              width: int | None = None) -> pexpect.spawn:
+        """A dumb terminal 200 columns wide; with width, a real one (xterm) that wide, 24 rows."""
         environ = {**os.environ, "TERM": "dumb", "XDG_DATA_HOME": str(tmp_path), "CHATSERVE_API_KEY": API_KEY}
+        if width is not None:
+            # No one answers prompt_toolkit's cursor position requests here (a terminal would).
+            environ.update(TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
         environ.pop("NO_COLOR", None)
         if not colour:
             environ["NO_COLOR"] = "1"
@@ -102,7 +110,7 @@ def spawn(server, tmp_path):
         environ = {k: v for k, v in environ.items() if v is not None}
         argv = ["-m", "chatserve.cli", "chat", *(["--url", url or server.url] if "--model" not in args else []), *args]
         child = pexpect.spawn(sys.executable, argv, env=environ, encoding="utf-8", timeout=WAIT_S,
-                              dimensions=(50, 200), cwd=str(REPO))
+                              dimensions=(50, 200) if width is None else (24, width), cwd=str(REPO))
         children.append(child)
         return child
 
@@ -143,7 +151,9 @@ def test_chat_help_explains_every_flag():
     assert out.returncode == 0, out.stderr
     for flag in ("--url", "--api-key", "--model", "--db", "--new", "--device", "--num-kv-blocks"):
         assert flag in out.stdout
-    assert '"""' in out.stdout and "/edit" in out.stdout and "/branch" in out.stdout
+    assert '"""' in out.stdout and "/edit" in out.stdout and "/branch" in out.stdout and "/continue" in out.stdout
+    # And every command of the chat's /help.
+    assert all(f"/{name}" in out.stdout for name in command_help()), out.stdout
 
 
 def test_banner_message_answer_and_stats(api, spawn):
@@ -408,9 +418,14 @@ def test_system_prompt_and_params(api, spawn):
     command(child, "/params temperature=0.5 top_p=0.9 max_tokens=3", "temperature=0.5 top_p=0.9 max_tokens=3")
     stored = api.get(conv["id"])
     assert stored["system_prompt"] == "You are terse."
-    assert stored["params"] == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 3}
-    command(child, "/params temperature=default", "temperature=default top_p=0.9 max_tokens=3")
-    assert api.get(conv["id"])["params"] == {"temperature": None, "top_p": 0.9, "max_tokens": 3}
+    assert stored["params"] == {**UNSET, "temperature": 0.5, "top_p": 0.9, "max_tokens": 3}
+    command(child, "/params temperature=default", "temperature=default top_p=0.9 max_tokens=3",
+            "In effect: temperature 1.0 (default), top_p 0.9 (conversation), max_tokens 3 (conversation)")
+    assert api.get(conv["id"])["params"] == {**UNSET, "top_p": 0.9, "max_tokens": 3}
+    command(child, "/params top_k=5 stop=END seed=7", "top_k=5", "stop=END",
+            "top_k 5 (conversation)", 'seed 7 (conversation), stop ["END"] (conversation)')
+    assert api.get(conv["id"])["params"] == {**UNSET, "top_p": 0.9, "max_tokens": 3, "top_k": 5, "stop": ["END"],
+                                             "seed": 7}
     # Bad values: a clear message, no traceback, the chat goes on.
     command(child, "/params temperature=warm", "error: temperature must be a number")
     command(child, "/params colour=blue", "error: cannot read 'colour=blue'")
@@ -551,18 +566,186 @@ def test_reasoning_model_end_to_end(reasoning_server, spawn):
     quit_with_ctrl_d(child)
 
 
-def test_an_answer_cut_off_by_a_server_shutdown_says_so(spawn, tmp_path):
+@pytest.mark.parametrize("terminal", ["dumb", "xterm"])
+def test_an_answer_cut_off_by_a_server_shutdown_is_marked_aborted(spawn, tmp_path, terminal):
     from chatserve.server.app import drain
 
     config = ServerConfig(db_path=str(tmp_path / "conversations.sqlite3"), api_key=API_KEY)
     with live_server(tiny_engine_config(num_kv_blocks=256), config) as srv:
         API(srv.url).create(params={"max_tokens": 3000, "temperature": 0})
-        child = spawn(url=srv.url)
-        child.expect_exact(PROMPT)
-        child.sendline("Tell me a very long story")
+        child = spawn(url=srv.url, width=None if terminal == "dumb" else 200)
+        prompt = PROMPT if terminal == "dumb" else "you>"
+        child.expect_exact(prompt)
+        child.send("Tell me a very long story\r")
         child.expect_exact("assistant> ")
         child.expect(r"\S{3}")  # the answer is under way
         drain(srv.app)  # what SIGTERM and Ctrl-C on the server do
-        child.expect(r"\[cut off: the server is shutting down; \d+ tokens")
-        child.expect_exact(PROMPT)
+        child.expect_exact("[aborted: the server is shutting down]")
+        child.expect_exact(prompt)
+        assert not re.search(STATS, child.before)  # no stats line: it did not finish
         quit_with_ctrl_d(child)
+
+
+# -- in a real terminal: line editing (prompt_toolkit) and rendered answers (rich) -----------------
+
+
+class Screen:
+    """What a terminal shows of a child's output: its bytes played on a pyte screen as wide as the
+    child's, and tall enough that nothing scrolls off; or, given its height, as tall as the child's,
+    with the lines scrolled off above kept (as a terminal's scrollback)."""
+
+    def __init__(self, child: pexpect.spawn, width: int, height: int | None = None):
+        self.child = child
+        self.screen = pyte.Screen(width, 1000) if height is None else pyte.HistoryScreen(width, height, 100_000)
+        self.stream = pyte.Stream(self.screen)
+
+    def lines(self) -> list[str]:
+        history = getattr(self.screen, "history", None)
+        scrolled = [] if history is None else ["".join(c.data for c in line.values()) for line in history.top]
+        lines = [line.rstrip() for line in scrolled + self.screen.display]
+        while lines and not lines[-1]:
+            lines.pop()
+        return lines
+
+    def wait(self, condition, what: str) -> list[str]:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                self.stream.feed(self.child.read_nonblocking(65536, timeout=0.05))
+            except (pexpect.TIMEOUT, pexpect.EOF):
+                pass
+            lines = self.lines()
+            if condition(lines):
+                return lines
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; the screen ends:\n" + "\n".join(lines[-30:]))
+
+    def prompt(self, answers: int = 0) -> list[str]:
+        """Wait for the prompt, after `answers` stats lines in all."""
+        return self.wait(lambda lines: lines and lines[-1] == "you>" and
+                         sum(bool(re.match(STATS, line)) for line in lines) == answers,
+                         f"the prompt after {answers} answers")
+
+
+def test_terminal_recalls_a_block_whole_completes_commands_and_continues(api, spawn):
+    conv = api.create(params={"max_tokens": 6, "temperature": 0})
+    child = spawn(width=60)
+    screen = Screen(child, 60)
+    screen.prompt()
+    child.send('"""\r')
+    child.send("line one\r")
+    child.send('line two"""\r')  # Enter inside the block starts a new line; after its end, it sends
+    screen.prompt(1)
+    # The up arrow brings back the whole block, ready to send again as it was.
+    child.send("\x1b[A")
+    screen.wait(lambda lines: lines[-3:] == ['you> """', "...> line one", '...> line two"""'], "the block recalled")
+    child.send("\r")
+    screen.prompt(2)
+    users = [m["content"] for m in api.get(conv["id"])["messages"] if m["role"] == "user"]
+    assert users == ["line one\nline two"] * 2
+
+    # Tab completes a command; /continue goes on with the answer, in the same message.
+    before = api.get(conv["id"])["messages"][-1]
+    assert before["finish_reason"] == "length"
+    child.send("/cont\t")
+    screen.wait(lambda lines: lines[-1] == "you> /continue", "the command completed")
+    child.send("\r")
+    lines = screen.prompt(3)
+    assert "assistant> (continued)" in lines
+    after = api.get(conv["id"])["messages"][-1]
+    assert after["id"] == before["id"] and after["siblings"] == [before["id"]]
+    assert after["content"].startswith(before["content"]) and len(after["content"]) > len(before["content"])
+    assert after["stats"]["prompt_tokens"] == before["stats"]["prompt_tokens"] + 6
+    assert len(api.get(conv["id"])["messages"]) == 4
+
+    # Ctrl-C throws an unfinished message away; at an empty prompt, it exits.
+    child.send('"""never sent\r')
+    child.sendintr()
+    screen.wait(lambda lines: lines[-2:] == ["(unfinished message discarded)", "you>"], "the message discarded")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert len(api.get(conv["id"])["messages"]) == 4
+
+
+# Words each one token of the scripted model's tokenizer (with the space before them): its script
+# must not repeat a token. Together, an answer many lines long at 40 columns.
+WORDS = ("about answer assist asyncio before block check code computer early error every first function good "
+         "help item keeps know largest leave like list look love main mean meeting model morning name next night "
+         "numbers only planet poem point").split()
+
+
+def test_terminal_wraps_a_streamed_answer_by_word(tmp_path, spawn):
+    answer = " " + " ".join(WORDS)
+    model_dir, _ = write_scripted_model(tmp_path / "model", answer)
+    with live_server(tiny_engine_config(model=str(model_dir)), ServerConfig(api_key=API_KEY)) as srv:
+        API(srv.url).create(params={"temperature": 0, "max_tokens": 100})
+        child = spawn(url=srv.url, width=40)
+        screen = Screen(child, 40)
+        screen.prompt()
+        child.send("Hi there. How are you?\r")
+        lines = screen.prompt(1)
+        quit_with_ctrl_d(child)
+    shown = lines[lines.index("assistant>") + 1:]
+    shown = shown[:next(i for i, line in enumerate(shown) if re.match(STATS, line))]
+    assert shown[0] == f"(thinking) {REASONING}"
+    rows = shown[1:]
+    assert len(rows) >= 6 and all(len(row) <= 40 for row in rows), rows
+    # Every row holds whole words: read in order, they are the answer, broken only between words.
+    assert " ".join(rows) == answer.strip(), rows
+    assert all(set(row.split()) <= set(WORDS) for row in rows)
+
+
+def test_terminal_shows_an_answer_taller_than_the_screen_once(api, spawn):
+    """While a block grows past the screen, only its last screenful is redrawn; once done it is
+    printed whole: the scrollback holds each line once."""
+    conv = api.create(params={"max_tokens": 600, "temperature": 0})
+    child = spawn(width=60)
+    screen = Screen(child, 60, height=24)
+    screen.prompt()
+    child.send("Tell me a very long story\r")
+    lines = screen.prompt(1)
+    quit_with_ctrl_d(child)
+    shown = lines[lines.index("assistant>") + 1:next(i for i, line in enumerate(lines) if re.match(STATS, line))]
+    content = api.get(conv["id"])["messages"][-1]["content"]
+    assert len(shown) > 24 and "".join("".join(shown).split()) == "".join(printable(content).split())
+
+
+def test_terminal_ctrl_c_leaves_the_answer_shown_as_received(api, spawn, server):
+    """Ctrl-C mid-block: the redrawn part is replaced by the text received, nothing left behind
+    (not even a line the echoed ^C wrapped)."""
+    conv = api.create(params={"max_tokens": 3000, "temperature": 0})
+    child = spawn(width=60)
+    screen = Screen(child, 60, height=24)
+    screen.prompt()
+    child.send("Tell me a very long story\r")
+    # The block being written fills the screen (its last screenful only: nothing scrolls off yet).
+    screen.wait(lambda lines: sum(len(line) > 50 for line in lines[-24:]) >= 20, "the answer to fill the screen")
+    child.sendintr()
+    lines = screen.wait(lambda lines: lines[-1] == "you>" and any(line.startswith("[stopped") for line in lines),
+                        "the answer stopped")
+    quit_with_ctrl_d(child)
+    wait_until(lambda: idle(server.engine), "the engine to free the stopped request")
+    shown = lines[lines.index("assistant>") + 1:next(i for i, line in enumerate(lines) if line.startswith("[stopped"))]
+    shown_text = "".join("".join(shown).split())
+    stored = "".join(printable(api.get(conv["id"])["messages"][-1]["content"]).split())
+    assert len(shown_text) >= 20 * 50 and stored.startswith(shown_text)
+
+
+def test_terminal_renders_markdown(api, spawn):
+    text = ("## Shopping\n\nBuy **three** apples and `one` pear.\n\n- first item\n- second item\n\n"
+            "```python\nprint('hi')\n```\n\n| name | count |\n|------|-------|\n| pear | 1 |")
+    api.call("POST", "/import", json={"title": "Markdown", "messages": [
+        {"id": "q", "parent_id": None, "role": "user", "content": "A list?"},
+        {"id": "a", "parent_id": "q", "role": "assistant", "content": text}]})
+    child = spawn(width=60)
+    screen = Screen(child, 60)
+    lines = screen.prompt()
+    quit_with_ctrl_d(child)
+    shown = "\n".join(lines[lines.index("assistant #1a>") + 1:])
+    assert "Shopping" in shown and "##" not in shown
+    assert "Buy three apples and one pear." in shown and "**" not in shown and "`" not in shown
+    assert re.search(r"• first item\n\s*• second item", shown), shown
+    assert "print('hi')" in shown and "```" not in shown
+    assert re.search(r"name +count\n *─+\n *pear +1", shown) and "|" not in shown, shown  # a table

@@ -20,11 +20,12 @@ from chatserve.engine.request import RequestOutput
 from chatserve.models.dummy import IM_END, build_dummy_tokenizer
 from chatserve.server import app as app_module
 from chatserve.server.app import create_app
-from chatserve.server.conversations import (Answer, DeltaEvent, DoneEvent, MessageEvent, Tree, build_prompt,
-                                            conversation_json)
+from chatserve.server.conversations import (Answer, DeltaEvent, DoneEvent, MessageEvent, Params, Tree, answer_params,
+                                            build_prompt, conversation_json)
 from chatserve.server.reasoning import ReasoningParser
 
 BS = 16  # tiny_engine_config's block size
+UNSET = dict.fromkeys(Params.model_fields)  # a conversation's params, none set
 LONG = 400  # max_tokens of an answer that is stopped long before it ends
 
 
@@ -109,12 +110,14 @@ def test_create_list_get_rename_delete(server):
     a = create(server)
     assert a["id"].startswith("conv_") and a["object"] == "conversation" and a["title"] == "New chat"
     assert a["messages"] == [] and a["current_message_id"] is None and a["system_prompt"] is None
-    assert a["params"] == {"temperature": None, "top_p": None, "max_tokens": None}
+    assert a["params"] == UNSET
+    assert list(UNSET) == ["temperature", "top_p", "max_tokens", "top_k", "min_p", "repetition_penalty",
+                           "presence_penalty", "frequency_penalty", "seed", "stop"]
     assert a["cache"] == {"warm": False, "cached_tokens": 0}
     assert isinstance(a["created"], int) and isinstance(a["updated"], int)
     b = create(server, title="Trip", system_prompt="Be brief.", params={"temperature": 0})
     assert b["title"] == "Trip" and b["system_prompt"] == "Be brief."
-    assert b["params"] == {"temperature": 0, "top_p": None, "max_tokens": None}
+    assert b["params"] == {**UNSET, "temperature": 0}
 
     listed = ok(call(server, "GET", ""))
     assert listed["object"] == "list"
@@ -128,10 +131,10 @@ def test_create_list_get_rename_delete(server):
     assert ids.index(a["id"]) < ids.index(b["id"])
     # In params only the keys sent change; null unsets one.
     patched = ok(call(server, "PATCH", f"/{b['id']}", json={"params": {"max_tokens": 5}, "system_prompt": None}))
-    assert patched["params"] == {"temperature": 0, "top_p": None, "max_tokens": 5}
+    assert patched["params"] == {**UNSET, "temperature": 0, "max_tokens": 5}
     assert patched["system_prompt"] is None and patched["title"] == "Trip"
     patched = ok(call(server, "PATCH", f"/{b['id']}", json={"params": {"temperature": None}}))
-    assert patched["params"] == {"temperature": None, "top_p": None, "max_tokens": 5}
+    assert patched["params"] == {**UNSET, "max_tokens": 5}
     assert get(server, b["id"])["params"] == patched["params"]
 
     assert ok(call(server, "DELETE", f"/{a['id']}")) == {"id": a["id"], "object": "conversation.deleted",
@@ -272,6 +275,309 @@ def test_the_next_turn_extends_the_previous_token_ids(server):
     settled(server)
 
 
+def test_continue_extends_a_cut_answer_token_exactly(server):
+    """A length-stopped answer goes on in the same message: its prompt is the stored history and
+    answer ids (nothing re-rendered, no end of turn), and the next turn reuses all of it from the cache."""
+    store, tokenizer = server.app.state.store, server.engine.tokenizer
+    conv_id = create(server, params={"temperature": 0})["id"]
+    first = done(answer(server, f"/{conv_id}/messages", content="Tell me a story", max_tokens=6))["message"]
+    assert (first["status"], first["finish_reason"]) == ("complete", "length")
+    prompt1, output1, key1 = store.token_ids(first["id"])
+    p1, c1 = len(prompt1), len(output1)
+
+    evts = answer(server, f"/{conv_id}/messages/{first['id']}/continue", max_tokens=7)
+    opening = evts[0]["message"]  # the same message, generating again, with its text so far; no user message
+    assert evts[0]["type"] == "message" and evts[1]["type"] == "delta"
+    assert (opening["id"], opening["status"], opening["finish_reason"], opening["content"]) == \
+        (first["id"], "generating", None, first["content"])
+    final = done(evts)["message"]
+    added = "".join(e.get("content", "") for e in evts[1:-2])
+    assert added and final["content"] == first["content"] + added
+    assert (final["id"], final["status"], final["finish_reason"]) == (first["id"], "complete", "length")
+    assert final["siblings"] == [first["id"]] and done(evts)["conversation"]["current_message_id"] == first["id"]
+    # Its prompt: the history and the answer so far, token for token, all computed ones from the cache.
+    stats = final["stats"]
+    assert (stats["prompt_tokens"], stats["cached_tokens"], stats["completion_tokens"]) == (p1 + c1, p1 + c1 - 1, 7)
+    prompt2, output2, key2 = store.token_ids(first["id"])
+    assert (prompt2, key2) == (prompt1, key1) and output2[:c1] == output1 and len(output2) == c1 + 7
+    assert tokenizer.decode(output2, skip_special_tokens=True) == final["content"]
+    assert get(server, conv_id)["messages"][-1] == final
+
+    # The next turn extends the whole history: every computed token of it from the prefix cache.
+    turn2 = done(answer(server, f"/{conv_id}/messages", content="And then?", max_tokens=3))["message"]
+    assert store.token_ids(turn2["id"])[0][:p1 + c1 + 7] == prompt1 + output2
+    assert turn2["stats"]["cached_tokens"] == p1 + c1 + 7 - 1
+    # After a new system prompt the stored ids no longer fit: the history is rendered afresh and
+    # the answer's text encoded after it.
+    ok(call(server, "PATCH", f"/{conv_id}", json={"system_prompt": "Be brief."}))
+    history = [{"role": "system", "content": "Be brief."}] + [
+        {"role": m["role"], "content": m["content"]} for m in get(server, conv_id)["messages"][:-1]]
+    fresh, said = server.engine.apply_chat_template(history), tokenizer.encode(turn2["content"],
+                                                                              add_special_tokens=False)
+    again = done(answer(server, f"/{conv_id}/messages/{turn2['id']}/continue", max_tokens=2))["message"]
+    assert again["stats"]["prompt_tokens"] == len(fresh) + len(said)
+    prompt3, output3, _ = store.token_ids(turn2["id"])
+    assert (prompt3, output3[:len(said)], len(output3)) == (fresh, said, len(said) + 2)
+    # Only the last answer of a branch goes on; a user message or an unknown one cannot.
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['id']}/continue"), 400, "message_id", "replies")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{first['parent_id']}/continue"), 400, "message_id",
+                 "user message")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/msg_nope/continue"), 404, "message_id")
+    assert_error(call(server, "POST", f"/{conv_id}/messages/{turn2['id']}/continue", json={"max_tokens": 100_000}),
+                 400, "max_tokens")
+    assert store.message(conv_id, turn2["id"])["status"] == "complete"  # the refused one changed nothing
+    settled(server)
+
+
+def test_continue_a_stopped_answer_completes_it(server):
+    settled(server)
+    conv_id = create(server, params={"temperature": 0})["id"]
+    with slow_engine(server), requests.post(f"{server.url}/v1/conversations/{conv_id}/messages", stream=True,
+                                            timeout=WAIT_S, json={"content": "Hi", "max_tokens": LONG}) as r:
+        stream = events(r)
+        assistant = [next(stream), next(stream)][1]["message"]
+        next(stream)
+        stopped = ok(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/stop"))
+        list(stream)
+    assert (stopped["status"], stopped["finish_reason"]) == ("stopped", "abort")
+    settled(server)
+    final = done(answer(server, f"/{conv_id}/messages/{assistant['id']}/continue", max_tokens=3))["message"]
+    assert (final["status"], final["finish_reason"]) == ("complete", "length")
+    assert final["content"].startswith(stopped["content"]) and len(final["content"]) > len(stopped["content"])
+    settled(server)
+    # A continuation is stopped as an answer is, its text so far kept, the old and the new.
+    with slow_engine(server), call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/continue", stream=True,
+                                   json={"max_tokens": LONG}) as r:
+        stream = events(r)
+        next(stream), next(stream)
+        again = ok(call(server, "POST", f"/{conv_id}/messages/{assistant['id']}/stop"))
+        list(stream)
+    assert (again["status"], again["finish_reason"]) == ("stopped", "abort")
+    assert again["content"].startswith(final["content"]) and again["stats"]["completion_tokens"] < LONG
+    settled(server)
+
+
+# -- deleting messages, search, export and import ---------------------------------------------------
+
+
+def test_deleting_a_message_takes_its_replies_and_moves_the_branch(server):
+    conv_id = create(server, params={"max_tokens": 2})["id"]
+    a1 = done(answer(server, f"/{conv_id}/messages", content="one"))["message"]
+    a2 = done(answer(server, f"/{conv_id}/messages", content="two"))["message"]
+    a2b = done(answer(server, f"/{conv_id}/messages/{a2['id']}/regenerate"))["message"]
+    a3 = done(answer(server, f"/{conv_id}/messages", content="three"))["message"]
+    u1, u2 = a1["parent_id"], a2["parent_id"]
+
+    # An answer with replies: it and everything below it; the branch moves to the sibling before it.
+    gone = ok(call(server, "DELETE", f"/{conv_id}/messages/{a2b['id']}"))
+    assert (gone["id"], gone["object"], gone["deleted"]) == (a2b["id"], "conversation.message.deleted", True)
+    assert gone["deleted_ids"] == [a2b["id"], a3["parent_id"], a3["id"]]
+    assert gone["conversation"]["current_message_id"] == a2["id"]
+    assert [m["id"] for m in gone["conversation"]["messages"]] == [u1, a1["id"], u2, a2["id"]]
+    assert gone["conversation"]["messages"][-1]["siblings"] == [a2["id"]]
+    assert get(server, conv_id) == gone["conversation"]
+    # Its question's only answer: the question goes too; the branch ends at the answer before.
+    gone = ok(call(server, "DELETE", f"/{conv_id}/messages/{a2['id']}"))
+    assert gone["deleted_ids"] == [u2, a2["id"]]
+    assert [m["id"] for m in gone["conversation"]["messages"]] == [u1, a1["id"]]
+    assert gone["conversation"]["current_message_id"] == a1["id"]
+    # The conversation goes on from there.
+    again = done(answer(server, f"/{conv_id}/messages", content="two again"))["message"]
+    assert [m["id"] for m in get(server, conv_id)["messages"]] == [u1, a1["id"], again["parent_id"], again["id"]]
+    # A first message: the whole tree under it.
+    gone = ok(call(server, "DELETE", f"/{conv_id}/messages/{u1}"))
+    assert gone["deleted_ids"] == [u1, a1["id"], again["parent_id"], again["id"]]
+    assert (gone["conversation"]["messages"], gone["conversation"]["current_message_id"]) == ([], None)
+    assert server.app.state.store.messages(conv_id) == []
+    assert_error(call(server, "DELETE", f"/{conv_id}/messages/{u1}"), 404, "message_id")
+    assert_error(call(server, "DELETE", f"/conv_nope/messages/{u1}"), 404, "id")
+    settled(server)
+
+
+def test_search_export_and_import_are_the_users_own(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("alice alice-key\nbob bob-key\n")
+    with live_server(server_config=ServerConfig(db_path=":memory:", api_key_file=str(keys))) as srv:
+        alice, bob = ({"Authorization": f"Bearer {k}"} for k in ("alice-key", "bob-key"))
+        conv_id = ok(call(srv, "POST", "", json={"title": "Café plans"}, headers=alice), 201)["id"]
+        done(answer_as(srv, alice, f"/{conv_id}/messages", content="Where is the zebra crossing?", max_tokens=2))
+        for path, method in ((f"/{conv_id}/export", "GET"), ("/search?q=zebra", "GET"),
+                             (f"/{conv_id}/messages/{get_as(srv, alice, conv_id)['current_message_id']}", "DELETE")):
+            response = call(srv, method, path, headers=bob)
+            if path.startswith("/search"):
+                assert ok(response)["data"] == []  # bob finds none of alice's
+            else:
+                assert_error(response, 404, "id")
+        assert [c["id"] for c in ok(call(srv, "GET", "/search", params={"q": "cafe"}, headers=alice))["data"]] \
+            == [conv_id]
+        exported = ok(call(srv, "GET", f"/{conv_id}/export", headers=alice))
+        imported = ok(call(srv, "POST", "/import", json=exported, headers=bob), 201)
+        assert ok(call(srv, "GET", "", headers=bob))["data"][0]["id"] == imported["id"]  # bob's copy
+        assert [c["title"] for c in ok(call(srv, "GET", "", headers=alice))["data"]] == ["Café plans"]
+
+
+def answer_as(server, headers: dict, path: str, **body) -> list:
+    with call(server, "POST", path, json=body, stream=True, headers=headers) as r:
+        return list(events(r))
+
+
+def get_as(server, headers: dict, conv_id: str) -> dict:
+    return ok(call(server, "GET", f"/{conv_id}", headers=headers))
+
+
+def test_search_finds_titles_and_messages_a_page_at_a_time(server):
+    ids = [create(server, title=f"Zorblax notes {i}")["id"] for i in range(3)][::-1]  # most recent first
+    talk = create(server, params={"max_tokens": 2})["id"]
+    done(answer(server, f"/{talk}/messages", content="Tell me about the quokka and the Zorblax"))
+    other = create(server, params={"max_tokens": 2})["id"]
+    done(answer(server, f"/{other}/messages", content="Nothing to see"))
+
+    found = ok(call(server, "GET", "/search", params={"q": "zorblax"}))
+    assert found["object"] == "list" and [c["id"] for c in found["data"]] == [talk, *ids]
+    assert not found["has_more"] and (found["first_id"], found["last_id"]) == (talk, ids[-1])
+    user_message = get(server, talk)["messages"][0]
+    match = found["data"][0]["matches"][-1]
+    assert (match["message_id"], match["role"]) == (user_message["id"], "user")
+    assert [match["snippet"][a:b] for a, b in match["highlights"]] == ["Zorblax"]
+    title_match = found["data"][1]["matches"]
+    assert title_match == [{"message_id": None, "role": None, "snippet": "Zorblax notes 2", "highlights": [[0, 7]]}]
+    assert found["data"][1]["title"] == "Zorblax notes 2" and "messages" not in found["data"][1]
+    # Paged as the list is; FTS5's syntax: phrases, prefixes, OR; every word must match.
+    first = ok(call(server, "GET", "/search", params={"q": "zorblax", "limit": 2}))
+    rest = ok(call(server, "GET", "/search", params={"q": "zorblax", "limit": 2, "after": first["last_id"]}))
+    assert [c["id"] for c in first["data"] + rest["data"]] == [talk, *ids] and first["has_more"]
+    assert not rest["has_more"]
+    for q, expected in (('"the quokka"', [talk]), ("quok*", [talk]), ("quokka OR nothing", [other, talk]),
+                        ("quokka nothing", []), ("notes NOT 2", ids[1:])):
+        assert [c["id"] for c in ok(call(server, "GET", "/search", params={"q": q}))["data"]] == expected, q
+    # A renamed conversation is found by its new title only; a deleted one is gone from the index.
+    ok(call(server, "PATCH", f"/{ids[0]}", json={"title": "Renamed"}))
+    assert [c["id"] for c in ok(call(server, "GET", "/search", params={"q": "zorblax"}))["data"]] == [talk, *ids[1:]]
+    ok(call(server, "DELETE", f"/{talk}"))
+    assert ok(call(server, "GET", "/search", params={"q": "quokka"}))["data"] == []
+    # FTS5 syntax errors and bad values: 400s naming the parameter; the server keeps serving.
+    for params, param in (({"q": "AND ("}, "q"), ({"q": '"unclosed'}, "q"), ({"q": "nope:word"}, "q"),
+                          ({}, "q"), ({"q": ""}, "q"), ({"q": "x", "limit": 0}, "limit"),
+                          ({"q": "x", "after": "conv_nope"}, "after")):
+        assert_error(call(server, "GET", "/search", params=params), 400, param)
+    assert ok(call(server, "GET", "/search", params={"q": '"C++"'}))["data"] == []  # quoted, it reads
+
+
+def test_search_indexes_a_store_from_before_search(tmp_path):
+    """A store written before the search index existed is indexed when opened."""
+    from chatserve.server.store import SCHEMA, Store
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO conversations (id, title, created, updated, params) VALUES "
+                   "('conv_old', 'Old title', 1, 1, '{}')")
+        db.execute("INSERT INTO messages (id, conversation_id, role, content, created, status) VALUES "
+                   "('msg_old', 'conv_old', 'user', 'an ancient wombat', 1, 'complete')")
+    db.close()
+    store = Store(str(path))
+    assert [c["id"] for c in store.conversations(query="wombat")] == ["conv_old"]
+    assert [c["id"] for c in store.conversations(query="old")] == ["conv_old"]
+    assert store.matches("conv_old", "wombat", 3) == [{"message_id": "msg_old", "role": "user",
+                                                       "snippet": "an ancient wombat", "highlights": [[11, 17]]}]
+    store.close()
+
+
+def comparable(export: dict) -> dict:
+    """An export without what an import makes anew: ids (as each message's place) and timestamps."""
+    place = {m["id"]: i for i, m in enumerate(export["messages"])}
+    return {**{k: v for k, v in export.items() if k not in ("updated", "created")},
+            "current_message_id": place.get(export["current_message_id"]),
+            "messages": [{**m, "id": place[m["id"]], "parent_id": place.get(m["parent_id"])}
+                         for m in export["messages"]]}
+
+
+def test_export_then_import_makes_the_same_tree(server):
+    conv_id = create(server, title="Round trip", system_prompt="Be brief.", params={"max_tokens": 3,
+                                                                                     "temperature": 0})["id"]
+    a1 = done(answer(server, f"/{conv_id}/messages", content="one"))["message"]
+    done(answer(server, f"/{conv_id}/messages", content="two"))
+    done(answer(server, f"/{conv_id}/messages/{a1['id']}/regenerate"))
+    done(answer(server, f"/{conv_id}/messages", content="other root", parent_id=None))
+    ok(call(server, "POST", f"/{conv_id}/switch", json={"message_id": a1["id"]}))
+
+    response = call(server, "GET", f"/{conv_id}/export")
+    exported = ok(response)
+    assert response.headers["content-disposition"] == 'attachment; filename="Round trip.json"'
+    assert (exported["object"], exported["version"], exported["title"]) == ("conversation.export", 1, "Round trip")
+    assert len(exported["messages"]) == 7 and exported["current_message_id"] != a1["id"]  # a1's newest leaf
+    imported = ok(call(server, "POST", "/import", json=exported), 201)
+    assert imported["id"] != conv_id and imported["title"] == "Round trip"
+    assert [m["content"] for m in imported["messages"]] == [m["content"] for m in get(server, conv_id)["messages"]]
+    again = ok(call(server, "GET", f"/{imported['id']}/export"))
+    assert not {m["id"] for m in again["messages"]} & {m["id"] for m in exported["messages"]}
+    assert comparable(again) == comparable(exported)
+    # The imported conversation goes on like any other (its prompt rendered afresh).
+    assert done(answer(server, f"/{imported['id']}/messages", content="more"))["message"]["status"] == "complete"
+
+    # Markdown: the branch on show.
+    response = call(server, "GET", f"/{conv_id}/export", params={"format": "markdown"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/markdown")
+    branch = get(server, conv_id)["messages"]
+    expected = "# Round trip\n\n## System\n\nBe brief.\n\n" + "".join(
+        f"## {'You' if m['role'] == 'user' else 'Assistant'}\n\n{m['content']}\n\n" for m in branch)
+    assert response.text == expected[:-1]  # one line break at the end
+
+    # A tree that is not one: a 400 naming the field; nothing stored.
+    before = len(server.app.state.store.conversations())
+    msgs = exported["messages"]
+    bad = [({**exported, "messages": [{**msgs[1], "parent_id": None}]}, "messages[0].role"),
+           ({**exported, "messages": [msgs[0], {**msgs[1], "parent_id": "nope"}]}, "messages[1].parent_id"),
+           ({**exported, "messages": [msgs[0], msgs[0]]}, "messages[1].id"),
+           ({**exported, "messages": msgs[:1], "current_message_id": None}, "messages[0]"),
+           ({**exported, "current_message_id": msgs[0]["id"]}, "current_message_id"),
+           ({**exported, "messages": [msgs[0], {**msgs[1], "role": "user"}]}, "messages[1].role"),
+           ({**exported, "version": 2}, "version"), ({**exported, "messages": [{"role": "user"}]}, "messages[0].id")]
+    for body, param in bad:
+        assert_error(call(server, "POST", "/import", json=body), 400, param)
+    assert len(server.app.state.store.conversations()) == before
+    empty = ok(call(server, "POST", "/import", json={"title": "Empty"}), 201)
+    assert (empty["messages"], empty["current_message_id"], empty["title"]) == ([], None, "Empty")
+    settled(server)
+
+
+def test_sampling_tells_each_value_an_answer_gets_and_its_source(qwen2_dir):
+    """Conversation params, else --override-generation-config, else the model's generation_config
+    (the tiny model's: temperature 0.7, top_p 0.8, top_k 20), else the built-in default."""
+    engine_config = tiny_engine_config(model=str(qwen2_dir), override_generation_config={"top_p": 0.5, "min_p": 0.05})
+    with live_server(engine_config) as srv:
+        fresh = ok(call(srv, "GET", "/sampling"))
+        assert fresh["object"] == "conversation.sampling" and fresh["conversation_id"] is None
+        assert fresh["context_length"] == srv.engine.max_model_len
+        assert fresh["params"]["temperature"] == {"value": 0.7, "source": "model"}
+        conv = create(srv, params={"temperature": 0.3, "stop": "END", "seed": 7})
+        got = ok(call(srv, "GET", f"/{conv['id']}/sampling"))
+        assert got["conversation_id"] == conv["id"]
+        assert got["params"] == {
+            "temperature": {"value": 0.3, "source": "conversation"}, "top_p": {"value": 0.5, "source": "server"},
+            "max_tokens": {"value": None, "source": "default"}, "top_k": {"value": 20, "source": "model"},
+            "min_p": {"value": 0.05, "source": "server"}, "repetition_penalty": {"value": 1.0, "source": "default"},
+            "presence_penalty": {"value": 0.0, "source": "default"},
+            "frequency_penalty": {"value": 0.0, "source": "default"}, "seed": {"value": 7, "source": "conversation"},
+            "stop": {"value": ["END"], "source": "conversation"}}
+        # They are what an answer is sampled with.
+        used = answer_params(Params(), get(srv, conv["id"])["params"], srv.engine.generation_config)
+        assert {name: getattr(used, name) for name in got["params"]} == {
+            name: v["value"] for name, v in got["params"].items()}
+        # Set in the conversation, any value is the conversation's; unset, it falls back again.
+        ok(call(srv, "PATCH", f"/{conv['id']}", json={"params": {"top_k": 5, "temperature": None,
+                                                                   "repetition_penalty": 1.1}}))
+        got = ok(call(srv, "GET", f"/{conv['id']}/sampling"))["params"]
+        assert got["top_k"] == {"value": 5, "source": "conversation"}
+        assert got["temperature"] == {"value": 0.7, "source": "model"}
+        assert got["repetition_penalty"] == {"value": 1.1, "source": "conversation"}
+        assert_error(call(srv, "GET", "/conv_nope/sampling"), 404, "id")
+        for params, param in (({"top_k": -2}, "params.top_k"), ({"min_p": 1.5}, "params.min_p"),
+                              ({"stop": ["a"] * 5}, "params.stop"), ({"seed": 2**64}, "params.seed"),
+                              ({"presence_penalty": 3}, "params.presence_penalty")):
+            assert_error(call(srv, "PATCH", f"/{conv['id']}", json={"params": params}), 400, param)
+
+
 # Like Qwen3's template: the answer after the last user message is rendered with an (empty)
 # thinking block, every earlier answer without one.
 THINKING_TEMPLATE = (
@@ -360,6 +666,18 @@ def test_a_reasoning_model_answer_is_stored_split_and_its_ids_extended(tmp_path)
         assert output1 == script[1:]  # the raw ids, think tags and end of turn included
         assert prompt2[:len(prompt1) + len(output1)] == prompt1 + output1
         assert turns[1]["stats"]["cached_tokens"] == len(prompt1) + len(output1) - 1
+        # Continuing an answer that ended on its end-of-turn token goes on from before that token
+        # (none inserted), in the answer's part (here: past the reasoning, so content).
+        _, output2, _ = srv.app.state.store.token_ids(turns[1]["id"])
+        evts = answer(srv, f"/{conv_id}/messages/{turns[1]['id']}/continue", max_tokens=40)
+        again = done(evts)["message"]
+        assert again["stats"]["prompt_tokens"] == len(prompt2) + len(output2) - 1
+        # Its every token is computed already, but the last must be again for its logits: so
+        # the partial last block is recomputed, the full ones come from the cache.
+        assert again["stats"]["cached_tokens"] == (len(prompt2) + len(output2) - 2) // BS * BS
+        assert all("reasoning_content" not in e for e in evts[1:-2])
+        assert (again["reasoning_content"], again["finish_reason"]) == (REASONING, "stop")
+        assert again["content"].startswith(ANSWER)
         stored = get(srv, conv_id)["messages"]
         assert [(m["role"], m["reasoning_content"]) for m in stored] == \
             [("user", None), ("assistant", REASONING), ("user", None), ("assistant", REASONING)]
@@ -592,9 +910,15 @@ JSON_ROUTES = {("/v1/conversations", "post"): ("201", "ConversationWithMessages"
                ("/v1/conversations/{conv_id}", "patch"): ("200", "ConversationWithMessages"),
                ("/v1/conversations/{conv_id}", "delete"): ("200", "DeletedConversation"),
                ("/v1/conversations/{conv_id}/messages/{message_id}/stop", "post"): ("200", "Message"),
-               ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages")}
+               ("/v1/conversations/{conv_id}/switch", "post"): ("200", "ConversationWithMessages"),
+               ("/v1/conversations/search", "get"): ("200", "SearchList"),
+               ("/v1/conversations/sampling", "get"): ("200", "EffectiveSampling"),
+               ("/v1/conversations/{conv_id}/sampling", "get"): ("200", "EffectiveSampling"),
+               ("/v1/conversations/import", "post"): ("201", "ConversationWithMessages"),
+               ("/v1/conversations/{conv_id}/messages/{message_id}", "delete"): ("200", "DeletedMessages")}
 ANSWERING_ROUTES = ("/v1/conversations/{conv_id}/messages", "/v1/conversations/{conv_id}/messages/{message_id}/edit",
-                    "/v1/conversations/{conv_id}/messages/{message_id}/regenerate")
+                    "/v1/conversations/{conv_id}/messages/{message_id}/regenerate",
+                    "/v1/conversations/{conv_id}/messages/{message_id}/continue")
 
 
 def ref(name: str) -> dict:

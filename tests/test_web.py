@@ -738,6 +738,284 @@ def test_edit_regenerate_and_branch_arrows(page):
     screenshot(p, "web-branches.png")
 
 
+def length_stopped_answer(page: Page, max_tokens: int = 4) -> str:
+    """A new chat whose answer runs to max_tokens (the random model may end one by itself with its
+    stop token first: then it regenerates); returns the answer's text."""
+    page.new_chat()
+    page.settings(max_tokens=max_tokens)
+    page.send("Say something long")
+    for _ in range(5):
+        page.wait_answer()
+        if page.last_answer().locator(".badge.length").count():
+            return page.last_answer().locator(".content").inner_text()
+        page.last_answer().locator("button.regenerate").click()
+        page.expect(page.last_answer()).to_have_attribute("data-status", "generating")
+    pytest.fail("every answer ended by itself before max_tokens")
+
+
+def stored_branch(server, page: Page) -> list[dict]:
+    """The messages of the open conversation's branch, as the server has them."""
+    conversation_id = page.page.evaluate("localStorage.getItem('chatserve.lastConversation')")
+    return requests.get(f"{server.url}/v1/conversations/{conversation_id}", timeout=10).json()["messages"]
+
+
+def test_continue_a_length_stopped_answer(page, server):
+    """An answer cut by max_tokens has a Continue button: the extension streams into the same
+    message, which grows from the text it had; a question has none. So has an answer stopped by
+    the user, while it is its branch's last message."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    p = page.page
+    length_stopped_answer(page)
+    answer = page.last_answer()
+    answer_id = answer.get_attribute("data-id")
+    before = stored_branch(server, page)[-1]["content"]
+    page.expect(answer.locator("button.continue")).to_have_count(1)
+    page.expect(page.messages("user").locator("button.continue")).to_have_count(0)
+    answer.locator("button.continue").click()
+    page.expect(page.last_answer()).to_have_attribute("data-status", re.compile("complete|stopped"))
+    page.expect(p.locator("#send")).to_be_visible()
+    page.expect(page.messages("assistant")).to_have_count(1)  # no new message, no sibling
+    answer = page.last_answer()
+    assert answer.get_attribute("data-id") == answer_id
+    page.expect(answer.locator(".branch-nav")).to_have_count(0)
+    after = stored_branch(server, page)[-1]
+    assert after["id"] == answer_id and after["content"].startswith(before) and len(after["content"]) > len(before)
+    shown = answer.locator(".content").inner_text()
+    page.reload()  # stored: the same message, the longer text
+    page.expect(page.last_answer()).to_have_attribute("data-id", answer_id)
+    assert page.last_answer().locator(".content").inner_text() == shown
+
+    # An answer the user stopped goes on too, and its continuation stops with the Stop button.
+    page.settings(max_tokens=LONG_ANSWER)
+    stop_long_answer(page)
+    stopped_id = page.last_answer().get_attribute("data-id")
+    before = stored_branch(server, page)[-1]["content"]
+    page.expect(page.messages("assistant").first.locator("button.continue")).to_have_count(0)  # not the last
+    page.last_answer().locator("button.continue").click()
+    page.expect(page.last_answer()).to_have_attribute("data-status", "generating")
+    p.wait_for_function("""(length) => {
+        const answer = [...document.querySelectorAll("#messages article.assistant")].pop();
+        return answer.dataset.status !== "generating" || answer.querySelector(".content").textContent.length > length;
+    }""", arg=len(page.last_answer().locator(".content").inner_text()))
+    try:
+        p.click("#stop", timeout=2000, force=True)
+    except PlaywrightError:  # the continuation ended by itself meanwhile
+        pass
+    page.wait_answer(re.compile("stopped|complete"))
+    after = stored_branch(server, page)[-1]
+    assert after["id"] == stopped_id and after["content"].startswith(before) and len(after["content"]) > len(before)
+    page.expect(page.messages("assistant")).to_have_count(2)
+
+
+def test_delete_a_message_with_a_confirm(page, server):
+    """Each message has a delete button; after a confirm, the message and its replies go (an only
+    answer takes its question); dismissing the confirm deletes nothing."""
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=4)
+    page.send("keep this question")
+    page.wait_answer()
+    page.send("delete this question")
+    page.wait_answer()
+    page.expect(page.questions()).to_have_count(2)
+    answer = page.last_answer()
+    page.expect(answer.locator("button.delete-message")).to_have_attribute("aria-label", "Delete this answer")
+    p.once("dialog", lambda dialog: dialog.dismiss())
+    answer.locator("button.delete-message").click()
+    page.expect(page.questions()).to_have_count(2)
+    assert len(stored_branch(server, page)) == 4
+    p.once("dialog", lambda dialog: dialog.accept())
+    page.last_answer().locator("button.delete-message").click()
+    page.expect(page.questions()).to_have_text(["keep this question"])  # the only answer took its question
+    page.expect(page.messages("assistant")).to_have_count(1)
+    assert [m["content"] for m in stored_branch(server, page)][0] == "keep this question"
+    assert len(stored_branch(server, page)) == 2
+    # Deleting the first question takes everything; the conversation stays, empty.
+    p.once("dialog", lambda dialog: dialog.accept())
+    page.messages("user").first.locator("button.delete-message").click()
+    page.expect(p.locator("#empty-state")).to_be_visible()
+    assert stored_branch(server, page) == []
+    page.expect(p.locator("#chat-title")).to_have_text("keep this question")
+
+
+def test_search_finds_conversations_and_opens_them(page):
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=4)
+    page.send("Where do quokkas live?")
+    page.wait_answer()
+    page.new_chat()
+    p.fill("#search", "quokkas")
+    results = p.locator("#search-results .search-result")
+    page.expect(results).to_have_count(1)
+    page.expect(p.locator("#conversation-list")).to_be_hidden()
+    page.expect(p.locator("#search-status")).to_have_text("1 found")
+    page.expect(results.first.locator("mark")).to_have_text(["quokkas"])
+    results.first.locator(".open").click()
+    page.expect(p.locator("#chat-title")).to_have_text("Where do quokkas live?")
+    page.expect(page.questions()).to_have_text(["Where do quokkas live?"])
+    # A prefix; nothing found; a query FTS5 cannot read says so; Esc clears the search.
+    p.fill("#search", "quokk*")
+    page.expect(results).to_have_count(1)
+    p.fill("#search", "wombatsnotthere")
+    page.expect(p.locator("#search-status")).to_have_text("Nothing found")
+    page.expect(results).to_have_count(0)
+    p.fill("#search", '"unclosed')
+    page.expect(p.locator("#search-status")).to_have_text(re.compile("^Search failed: "))
+    p.press("#search", "Escape")
+    page.expect(p.locator("#search")).to_have_value("")
+    page.expect(p.locator("#search-results")).to_be_hidden()
+    page.expect(p.locator("#conversation-list")).to_be_visible()
+    page.expect(page.sidebar_item("Where do quokkas live?")).to_have_count(1)
+
+
+def test_export_json_and_markdown_and_import(page, tmp_path):
+    """Settings download the open conversation as JSON (the whole tree) and Markdown (the branch on
+    show); Import takes the JSON back as a new conversation, opened."""
+    import json
+
+    p = page.page
+    page.new_chat()
+    page.settings(max_tokens=4)
+    page.send("Export me please")
+    page.wait_answer()
+    page.last_answer().locator("button.regenerate").click()  # two versions: the tree, not just the branch
+    page.wait_answer()
+    answer = page.last_answer().locator(".content").inner_text()
+    p.click("#chat-settings")
+    with p.expect_download() as download:
+        p.click("#export-json")
+    assert download.value.suggested_filename == "Export me please.json"
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert exported["object"] == "conversation.export" and exported["title"] == "Export me please"
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant", "assistant"]
+    with p.expect_download() as download:
+        p.click("#export-markdown")
+    assert download.value.suggested_filename == "Export me please.md"
+    markdown = Path(download.value.path()).read_text()
+    assert markdown.startswith("# Export me please") and "## You\n\nExport me please" in markdown
+
+    saved = tmp_path / "export.json"
+    saved.write_text(json.dumps(exported))
+    with p.expect_file_chooser() as chooser:
+        p.click("#import")
+    chooser.value.set_files(str(saved))
+    page.expect(p.locator("#settings-dialog")).to_be_hidden()
+    page.expect(page.sidebar_item("Export me please")).to_have_count(2)
+    page.expect(p.locator("#conversation-list .conversation.active .title")).to_have_text("Export me please")
+    page.expect(page.questions()).to_have_text(["Export me please"])
+    page.expect(page.last_answer().locator(".branch-index")).to_have_text("2/2")
+    assert page.last_answer().locator(".content").inner_text() == answer
+    imported_id = p.evaluate("localStorage.getItem('chatserve.lastConversation')")
+    assert imported_id not in {m["id"] for m in exported["messages"]}
+
+    # Not JSON: said in the dialog, nothing imported.
+    bad = tmp_path / "notes.json"
+    bad.write_text("not json")
+    p.click("#chat-settings")
+    with p.expect_file_chooser() as chooser:
+        p.click("#import")
+    chooser.value.set_files(str(bad))
+    page.expect(p.locator("#settings-error")).to_have_text(re.compile("notes.json is not JSON"))
+    p.click("#settings-cancel")
+    page.expect(page.sidebar_item("Export me please")).to_have_count(2)
+
+
+def test_settings_show_every_sampling_value_with_its_source(browser, tmp_path):
+    """Settings have a field for every sampling value the API takes; under each, the value answers
+    get and where it comes from (GET .../sampling): the server's override, the built-in default, or
+    the conversation's own once set; they are stored with the conversation."""
+    engine_config = tiny_engine_config(override_generation_config={"top_p": 0.5})
+    with live_server(engine_config, ServerConfig(db_path=str(tmp_path / "sampling.sqlite3"))) as srv:
+        page = Page(browser, srv.url)
+        try:
+            p = page.page
+            names = ["temperature", "top-p", "top-k", "min-p", "repetition-penalty", "presence-penalty",
+                     "frequency-penalty", "max-tokens", "seed", "stop"]
+            p.click("#chat-settings")
+            for name in names:
+                page.expect(p.locator(f"#setting-{name}")).to_be_visible()
+            page.expect(p.locator("#setting-top-p-effective")).to_have_text("0.5 · the server's")
+            page.expect(p.locator("#setting-temperature-effective")).to_have_text("1 · built-in")
+            page.expect(p.locator("#setting-seed-effective")).to_have_text("random · built-in")
+            page.expect(p.locator("#setting-stop-effective")).to_have_text("none · built-in")
+            p.click("#settings-cancel")
+            # A draft's settings go with its first message; then each shows as the conversation's.
+            page.settings(max_tokens=4, top_k=5, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
+                          frequency_penalty=-0.5, seed=42, stop="END\\nhere\nSTOP")
+            page.send("Sample me")
+            page.wait_answer()
+            p.click("#chat-settings")
+            page.expect(p.locator("#setting-top-k")).to_have_value("5")
+            page.expect(p.locator("#setting-stop")).to_have_value("END\\nhere\nSTOP")
+            page.expect(p.locator("#setting-top-k-effective")).to_have_text("5 · this conversation")
+            page.expect(p.locator("#setting-stop-effective")).to_have_text('"END\\nhere" "STOP" · this conversation')
+            page.expect(p.locator("#setting-top-p-effective")).to_have_text("0.5 · the server's")
+            # Edited: only this conversation's values change; emptied: back to the server's.
+            p.fill("#setting-top-p", "0.9")
+            p.fill("#setting-seed", "")
+            p.click("#settings-save")
+            page.expect(p.locator("#settings-dialog")).to_be_hidden()
+            conversation_id = p.evaluate("localStorage.getItem('chatserve.lastConversation')")
+            params = requests.get(f"{srv.url}/v1/conversations/{conversation_id}", timeout=10).json()["params"]
+            assert params == {"temperature": None, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
+                              "presence_penalty": 0.5, "frequency_penalty": -0.5, "max_tokens": 4, "seed": None,
+                              "stop": ["END\nhere", "STOP"]}
+            p.click("#chat-settings")
+            page.expect(p.locator("#setting-top-p-effective")).to_have_text("0.9 · this conversation")
+            # A value out of the API's bounds is refused in the dialog (the field's own range); nothing saved.
+            p.fill("#setting-min-p", "3")
+            p.click("#settings-save")
+            page.expect(p.locator("#setting-min-p:invalid")).to_have_count(1)
+            page.expect(p.locator("#settings-dialog")).to_be_visible()
+            p.click("#settings-cancel")
+            assert requests.get(f"{srv.url}/v1/conversations/{conversation_id}", timeout=10).json()["params"] == params
+        finally:
+            page.close()
+
+
+def test_context_usage_of_the_model_context(browser, tmp_path):
+    """Under the composer: the tokens the conversation takes (its last answer's prompt and answer)
+    of the model's context length, growing each turn, in the danger colour from 80%."""
+    engine_config = tiny_engine_config(max_model_len=160)
+    with live_server(engine_config, ServerConfig(db_path=str(tmp_path / "context.sqlite3"))) as srv:
+        page = Page(browser, srv.url)
+        try:
+            p = page.page
+            usage = p.locator("#context-usage")
+            page.expect(usage).to_be_hidden()  # nothing said yet
+            page.settings(max_tokens=4)
+            page.send("How much room is left?")
+            page.wait_answer()
+            page.expect(usage).to_be_visible()
+            stats = stored_branch(srv, page)[-1]["stats"]
+            used = stats["prompt_tokens"] + stats["completion_tokens"]
+            page.expect(p.locator("#context-text")).to_have_text(
+                f"{used} of 160 context tokens ({round(used * 100 / 160)}%)")
+            assert requests.get(f"{srv.url}/v1/conversations/sampling", timeout=10).json()["context_length"] == 160
+            page.expect(usage).not_to_have_class(re.compile("nearly-full"))
+            width = p.eval_on_selector("#context-fill", "e => e.getBoundingClientRect().width")
+            assert width > 0
+            for turn in range(6):
+                if "nearly-full" in (usage.get_attribute("class") or ""):
+                    break
+                page.settings(max_tokens=16)
+                page.send(f"And now? {turn}")
+                page.wait_answer(re.compile("complete|stopped"))
+                stats = stored_branch(srv, page)[-1]["stats"]
+                grown = stats["prompt_tokens"] + stats["completion_tokens"]
+                assert grown > used
+                used = grown
+                page.expect(p.locator("#context-text")).to_have_text(re.compile(f"^{used} of 160 "))
+            page.expect(usage).to_have_class(re.compile("nearly-full"))
+            assert p.eval_on_selector("#context-fill", "e => e.getBoundingClientRect().width") > width
+            page.new_chat()
+            page.expect(usage).to_be_hidden()
+        finally:
+            page.close()
+
+
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
     expect = page.expect
@@ -1218,7 +1496,8 @@ AXE_RUN = """async () => {
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_accessibility_with_axe(browser, tmp_path, theme):
     """axe-core, injected into the page, finds no serious or critical violation (contrast, names,
-    roles, ...) in either theme: on an answer just streamed (warm cache badge, stats), a stored one
+    roles, ...) in either theme: on an answer just streamed (warm cache badge, stats, context
+    usage), search results, a stored one
     with a table, code, math, reasoning and the stopped badge, the settings dialog, and on a phone
     with the drawer open."""
     db = tmp_path / "axe.sqlite3"
@@ -1256,7 +1535,12 @@ def test_accessibility_with_axe(browser, tmp_path, theme):
             page.send("Hello")
             page.wait_answer()
             page.expect(p.locator("#cache-badge.warm")).to_be_visible()
+            page.expect(p.locator("#context-usage")).to_be_visible()
             check("a streamed answer")
+            p.fill("#search", "rich OR hello")
+            page.expect(p.locator("#search-results .search-result mark").first).to_be_visible()
+            check("search results")
+            p.press("#search", "Escape")
             page.sidebar_item("Rich answer").click()
             page.expect(page.last_answer().locator(".badge.stopped")).to_be_visible()
             page.last_answer().locator("details.reasoning summary").click()

@@ -366,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "most recently updated one is resumed.",
                           epilog="Enter sends a message. End a line with \\ to continue on the next one, or put "
                                  '""" on a line\nto start a block and again to end it. Ctrl-C stops an answer; '
-                                 "Ctrl-C or Ctrl-D at the prompt exits.\n\n"
-                                 "Commands: /new /list /switch /rename /delete /history /edit /regen /branch "
-                                 "/system /params /help /quit\n(/help in the chat explains each).")
+                                 "Ctrl-C or Ctrl-D at the prompt exits.\nIn a terminal: the up arrow recalls a "
+                                 "whole message, Tab completes a /command, answers show as Markdown.\n\n"
+                                 "Commands: /new /list /switch /rename /delete /history /edit /regen /continue "
+                                 "/branch /system /params /help /quit\n(/help in the chat explains each).")
     chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                       help="how much to log on stderr (default %(default)s: the chat stays readable)")
     where = chat.add_argument_group("server")

@@ -11,10 +11,20 @@ import re
 import sys
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, suppress
 from typing import Callable, Iterator, Optional
 
 import httpx
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.formatted_text import ANSI
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.text import Text
 
 from ..config import data_dir
 
@@ -24,14 +34,19 @@ except ImportError:  # Windows, or a Python built without it: plain input() stil
     readline = None
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-PARAM_TYPES = {"temperature": float, "top_p": float, "max_tokens": int}
+# The conversation's params /params sets (stop: one string here).
+PARAM_TYPES = {"temperature": float, "top_p": float, "max_tokens": int, "top_k": int, "min_p": float,
+               "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "seed": int,
+               "stop": str}
 LIST_PAGE, MAX_LIST_PAGE = 50, 100  # conversations a /list shows at once; the most the server gives a page
 NOT_REACHABLE_HINT = ("start one with `chatserve serve` (or chat with a model in-process: "
                       "`chatserve chat --model MODEL`)")
 
 MULTILINE_HELP = ('Multi-line: end a line with \\ to continue on the next one, or put """ on a line '
-                  'to start a block and again to end it.')
+                  'to start a block and again to end it. In a terminal, the up arrow recalls a whole '
+                  'message, Tab completes a /command, and answers are shown as rendered Markdown.')
 
+HELP_COLUMN = 26  # where each command's description starts in COMMANDS_HELP
 COMMANDS_HELP = """\
 Commands:
   /new                    start a new conversation (stored once you send its first message)
@@ -46,18 +61,112 @@ Commands:
                           again; the old version stays as a branch ("(1/2)"). Without TEXT you
                           are asked for it.
   /regen                  answer your last message again, as a new branch
+  /continue               go on with the last answer (one cut at max_tokens or stopped): the
+                          new text is appended to the same answer
   /branch N [next|prev|K] show another version of message N (#N or #Na as /history numbers
                           them): the next one (the default; after the last, the first), the
                           previous one, or version K; then the branch through it. /branch
                           alone lists the messages on this branch that have other versions.
   /system [TEXT|none]     show or set (none: clear) this conversation's system prompt
-  /params [K=V ...]       show or set temperature, top_p, max_tokens (V = default to unset),
-                          e.g. /params temperature=0.7 top_p=0.9 max_tokens=256
+  /params [K=V ...]       show or set the sampling values: temperature, top_p, max_tokens,
+                          top_k, min_p, repetition_penalty, presence_penalty,
+                          frequency_penalty, seed, stop (V = default to unset), e.g.
+                          /params temperature=0.7 top_p=0.9 max_tokens=256; then shows the
+                          values answers get and where each comes from (the conversation,
+                          the server, the model's generation_config or the built-in default)
   /help                   this help
   /quit                   exit (also Ctrl-D on an empty prompt, or Ctrl-C at the prompt)
 Ctrl-C while an answer streams stops it (the partial answer is kept, marked stopped).
 Start a message with // to send text that begins with /.
 """
+
+
+def message_complete(raw: str) -> bool:
+    """Whether the text typed so far is a whole message: not a \"\"\" block still open, not a
+    last line ending with \\ (which continues on the next)."""
+    stripped = raw.lstrip()
+    if stripped.startswith('"""'):
+        return stripped[3:].rstrip().endswith('"""')
+    return not raw.endswith("\\")
+
+
+def parse_message(raw: str) -> str:
+    """The message a complete input stands for: a \"\"\" block's lines (without the quotes, and
+    without the lines they stand alone on), or lines joined where one ended with \\."""
+    stripped = raw.lstrip()
+    if stripped.startswith('"""'):
+        lines = stripped[3:].rstrip()[:-3].split("\n")
+        if len(lines) > 1 and not lines[-1]:
+            lines.pop()  # the closing quotes on a line of their own
+        if lines and not lines[0]:
+            lines.pop(0)  # the opening quotes on a line of their own
+        return "\n".join(lines)
+    lines = raw.split("\n")
+    return "\n".join(line[:-1] if line.endswith("\\") and i < len(lines) - 1 else line
+                     for i, line in enumerate(lines))
+
+
+class Discarded(Exception):
+    """Ctrl-C on an unfinished message: it is thrown away, the chat goes on."""
+
+
+class CommandCompleter(Completer):
+    """Completes a /command at the start of the input (Tab), each with its line of /help."""
+
+    def __init__(self, commands: dict[str, str]):
+        self.commands = commands
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/") or any(c.isspace() for c in text):
+            return
+        for name, meta in self.commands.items():
+            if f"/{name}".startswith(text):
+                yield Completion(f"/{name}", start_position=-len(text), display_meta=meta)
+
+
+class LineEditor:
+    """Line editing in a real terminal (prompt_toolkit): the arrows move through the text and the
+    history, a message of several lines is one history entry (recalled whole by the up arrow),
+    Tab completes a /command. Enter sends a complete message and starts a new line in an
+    unfinished one (message_complete)."""
+
+    def __init__(self, commands: dict[str, str], history_path: Optional[str], style: "Style"):
+        history = InMemoryHistory()
+        if history_path:
+            with suppress(OSError):
+                os.makedirs(os.path.dirname(history_path), exist_ok=True)
+                history = FileHistory(history_path)
+        keys = KeyBindings()
+
+        @keys.add("enter")
+        def _enter(event) -> None:
+            buffer = event.current_buffer
+            buffer.complete_state = None  # an open completion menu: Enter takes the completion
+            if message_complete(buffer.text):
+                buffer.validate_and_handle()
+            else:
+                buffer.insert_text("\n")
+
+        @keys.add("c-c")
+        def _interrupt(event) -> None:
+            text = event.current_buffer.text
+            event.app.exit(exception=Discarded() if text else KeyboardInterrupt())
+
+        continuation = ANSI(style("...> ", "dim"))
+        self.session = PromptSession(history=history, multiline=True, key_bindings=keys,
+                                     completer=CommandCompleter(commands), complete_while_typing=False,
+                                     prompt_continuation=lambda width, line, wrapped: continuation if not wrapped
+                                     else "", enable_open_in_editor=False, reserve_space_for_menu=4)
+
+    def read(self, prompt: str, default: str = "") -> str:
+        """One input, as typed (parse_message makes it a message); EOFError on Ctrl-D at an empty
+        prompt, KeyboardInterrupt on Ctrl-C at an empty one, Discarded on Ctrl-C at a non-empty one."""
+        return self.session.prompt(ANSI(prompt), default=default)
+
+    def ask(self, question: str) -> str:
+        """A one-line answer, kept out of the history."""
+        return PromptSession().prompt(question)
 
 
 class ChatError(Exception):
@@ -236,10 +345,176 @@ def ago(timestamp: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(timestamp))
 
 
+def command_help() -> dict[str, str]:
+    """Each /command's first line of help (for completion), from COMMANDS_HELP."""
+    return {line[3:].split()[0]: line[HELP_COLUMN:].strip() for line in COMMANDS_HELP.splitlines()
+            if line.startswith("  /")}
+
+
+def fancy_terminal() -> bool:
+    """Line editing and redrawn answers need a terminal at both ends that can move its cursor."""
+    return sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class StreamedAnswer:
+    """An answer written as its text comes (a pipe, a dumb terminal): the label, the reasoning dim
+    italic after "(thinking) ", a new line, then the answer's text as it is."""
+
+    def __init__(self, out, style: Style):
+        self.out, self.style = out, style
+        self.started = self.reasoning = self.content = False
+        self.at_line_start = True
+
+    def __enter__(self) -> "StreamedAnswer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.started and not self.at_line_start:
+            self.out.write("\n")
+            self.out.flush()
+
+    def start(self, label: str) -> None:
+        self.out.write(label)
+        self.out.flush()
+        self.started, self.at_line_start = True, False
+
+    def feed(self, reasoning: str, content: str) -> None:
+        if reasoning:
+            if not self.reasoning:
+                self.out.write(self.style("(thinking) ", "dim", "italic"))
+                self.reasoning = True
+            self.out.write(self.style(reasoning, "dim", "italic"))
+        if content:
+            if self.reasoning and not self.content:
+                self.out.write("\n")
+            self.content = True
+            self.out.write(content)
+        if reasoning or content:
+            self.at_line_start = (content or reasoning).endswith("\n")  # content is written last
+        self.out.flush()
+
+
+FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+
+
+def split_block(text: str) -> tuple[Optional[str], str]:
+    """(the first finished Markdown block of text, the rest), or (None, text) when none is finished
+    yet: a block ends at a blank line outside a code fence."""
+    fence, pos, seen = None, 0, False
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break  # a line still being written
+        opening = FENCE.match(line)
+        if opening and (fence is None or opening.group(1).startswith(fence)):
+            fence = opening.group(1)[:3] if fence is None else None
+        elif fence is None and not line.strip() and seen:
+            return text[:pos], text[pos + len(line):].lstrip("\n")
+        seen = seen or bool(line.strip())
+        pos += len(line)
+    return None, text
+
+
+def rendered(kind: str, text: str):
+    """What rich prints for a part of an answer: its reasoning dim italic, its text as Markdown."""
+    if kind == "reasoning":
+        return Text("(thinking) " + text, style="dim italic")
+    return Markdown(text)
+
+
+class Tail:
+    """The last `height` lines of a renderable: how a block too tall for the screen is shown while
+    it grows, so that the newest text is in view and a redraw never scrolls (which would leave
+    copies of the earlier lines above)."""
+
+    def __init__(self, renderable, height: int):
+        self.renderable, self.height = renderable, height
+
+    def __rich_console__(self, console: Console, options):
+        # Two columns short: the "^C" a terminal echoes at the cursor then never wraps to a new
+        # line, which the redraw would not know of and would leave behind.
+        options = options.update_width(max(1, options.max_width - 2))
+        lines = console.render_lines(self.renderable, options, pad=False)[-self.height:]
+        for i, line in enumerate(lines):
+            yield from line
+            if i < len(lines) - 1:  # no new line after the last: the region must not grow past `height`
+                yield Segment.line()
+
+
+class RenderedAnswer:
+    """An answer in a real terminal, rendered as it streams: the reasoning dim italic, the answer as
+    Markdown, both wrapped by word at the terminal's width. Each finished block (text up to a blank
+    line outside a code fence: a paragraph, a list, a code block) is printed for good; the block
+    being written is redrawn in place (rich's Live) as it grows, its last screenful only (Tail)
+    until it is finished and printed whole."""
+
+    REDRAW_S = 0.05  # at most this often while text arrives
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.live: Optional[Live] = None
+        self.kind: Optional[str] = None  # of the block being written: "reasoning" or "content"
+        self.text = ""
+        self.content_blocks = 0  # printed for good
+        self.last_draw = 0.0
+
+    def __enter__(self) -> "RenderedAnswer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end_block()
+
+    def start(self, label: str) -> None:
+        self.console.print(Text.from_ansi(label))
+
+    def feed(self, reasoning: str, content: str) -> None:
+        for kind, text in (("reasoning", reasoning), ("content", content)):
+            if not text:
+                continue
+            if kind != self.kind:
+                self.end_block()
+                self.kind = kind
+            self.text += text
+            while kind == "content":
+                block, rest = split_block(self.text)
+                if block is None:
+                    break
+                self.text = block
+                self.end_block()
+                self.text = rest
+            self.draw()
+
+    def draw(self) -> None:
+        now = time.monotonic()
+        if not self.text.strip() or now - self.last_draw < self.REDRAW_S:
+            return
+        if self.live is None:
+            # Transient: the growing block is erased when it ends, and printed whole instead (end_block).
+            self.live = Live(console=self.console, auto_refresh=False, vertical_overflow="visible", transient=True,
+                             redirect_stdout=False, redirect_stderr=False)
+            self.live.start()
+        self.live.update(Tail(rendered(self.kind, self.text.strip("\n")), max(1, self.console.size.height - 1)),
+                         refresh=True)
+        self.last_draw = now
+
+    def end_block(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        if self.text.strip():
+            if self.content_blocks and self.kind == "content":
+                self.console.line()  # a blank line between blocks, as Markdown shows them
+            self.console.print(rendered(self.kind, self.text.strip("\n")))
+            self.content_blocks += self.kind == "content"
+        self.text = ""
+
+
 class Chat:
     """The interactive loop: read a message or a /command, act on it through ChatAPI, print."""
 
-    def __init__(self, api: ChatAPI, style: Style, out=sys.stdout, err=sys.stderr, where: Optional[str] = None):
+    def __init__(self, api: ChatAPI, style: Style, out=sys.stdout, err=sys.stderr, where: Optional[str] = None,
+                 terminal: bool = False):
+        """terminal: a real terminal (fancy_terminal()): line editing, and answers rendered as Markdown,
+        wrapped by word. Otherwise (a pipe, a dumb terminal) lines are read with input() and text written as it comes."""
         self.api, self.style, self.out, self.err = api, style, out, err
         self.where = where or f"the server at {api.url}"
         self.conv: Optional[dict] = None  # None: a new chat, stored when its first message is sent
@@ -250,14 +525,23 @@ class Chat:
         self.commands: dict[str, Callable[[str], None]] = {
             "new": self.cmd_new, "list": self.cmd_list, "ls": self.cmd_list, "switch": self.cmd_switch,
             "rename": self.cmd_rename, "delete": self.cmd_delete, "history": self.cmd_history,
-            "edit": self.cmd_edit, "regen": self.cmd_regen, "branch": self.cmd_branch, "system": self.cmd_system,
+            "edit": self.cmd_edit, "regen": self.cmd_regen, "continue": self.cmd_continue, "branch": self.cmd_branch, "system": self.cmd_system,
             "params": self.cmd_params,
             "help": self.cmd_help, "?": self.cmd_help,
         }
+        self.editor: Optional[LineEditor] = None
+        self.console: Optional[Console] = None
+        if terminal:
+            self.editor = LineEditor(command_help(), str(data_dir() / "chat_prompt_history"), style)
+            self.console = Console(file=out, highlight=False, emoji=False, no_color=not style.enabled,
+                                   force_terminal=True)
 
     # -- output -------------------------------------------------------------------------------
 
     def say(self, text: str = "", *styles: str, end: str = "\n") -> None:
+        if self.console is not None:  # wrapped by word at the terminal's width
+            self.console.print(Text.from_ansi(self.style(text, *styles)), end=end, soft_wrap=False)
+            return
         self.out.write(self.style(text, *styles) + end)
         self.out.flush()
 
@@ -337,41 +621,25 @@ class Chat:
     def prompt(self, label: str = "you") -> str:
         return self.style(f"{label}> ", "bold", "green", prompt=True)
 
-    def read_message(self, label: str = "you") -> Optional[str]:
+    def read_message(self, label: str = "you", default: str = "") -> Optional[str]:
         """One message: a line, a line ending with \\ and its continuations, or a \"\"\" block.
-        EOFError/KeyboardInterrupt at the first prompt propagate (they exit); in a continuation
-        they discard the unfinished message and give None."""
-        line = input(self.prompt(label))
-        if line.lstrip().startswith('"""'):
-            first = line.lstrip()[3:]
-            if first.rstrip().endswith('"""'):
-                return first.rstrip()[:-3]
-            lines = [first] if first else []
-            return self._continue(lines, block=True)
-        if line.endswith("\\"):
-            return self._continue([line[:-1]], block=False)
-        return line
-
-    def _continue(self, lines: list[str], block: bool) -> Optional[str]:
+        EOFError/KeyboardInterrupt at an empty first prompt propagate (they exit); an unfinished
+        message that Ctrl-C (or Ctrl-D) ends is discarded: None."""
+        if self.editor is not None:
+            try:
+                return parse_message(self.editor.read(self.style(f"{label}> ", "bold", "green"), default))
+            except Discarded:
+                self.note("(unfinished message discarded)")
+                return None
+        raw = input(self.prompt(label))
         try:
-            while True:
-                line = input(self.style("...> ", "dim", prompt=True))
-                if block:
-                    if line.rstrip().endswith('"""'):
-                        last = line.rstrip()[:-3]
-                        if last:
-                            lines.append(last)
-                        return "\n".join(lines)
-                    lines.append(line)
-                elif line.endswith("\\"):
-                    lines.append(line[:-1])
-                else:
-                    lines.append(line)
-                    return "\n".join(lines)
+            while not message_complete(raw):
+                raw += "\n" + input(self.style("...> ", "dim", prompt=True))
         except (EOFError, KeyboardInterrupt):
             self.say()
             self.note("(unfinished message discarded)")
             return None
+        return parse_message(raw)
 
     def run(self) -> int:
         while True:
@@ -425,16 +693,16 @@ class Chat:
             body["parent_id"] = self.branch[-1]["id"]  # continue the branch on show here
         self.answer(f"/v1/conversations/{conv['id']}/messages", body)
 
-    def answer(self, path: str, body: dict, show_user: bool = False) -> None:
+    def answer(self, path: str, body: dict, show_user: bool = False, continuing: bool = False) -> None:
         """Stream one answer to the terminal; Ctrl-C stops it and keeps the program running."""
         conv_id = self.conv["id"]
         assistant: Optional[dict] = None
         final: Optional[dict] = None
-        state = {"reasoning": False, "content": False, "at_line_start": False}
+        view = RenderedAnswer(self.console) if self.console is not None else StreamedAnswer(self.out, self.style)
         stopped, failure = False, None
         events = self.api.stream(path, body)
         try:
-            with closing(events):
+            with closing(events), view:
                 for event in events:
                     kind = event.get("type")
                     if kind == "message":
@@ -445,9 +713,11 @@ class Chat:
                                 self.print_messages([message], first_number=self.user_count(self.branch[:-1]) + 1)
                         else:
                             assistant = message
-                            self.say(self.label(message), end="")
+                            view.start(self.label(message) + (self.style("(continued) ", "dim") if continuing
+                                                              else ""))
                     elif kind == "delta":
-                        self.write_delta(event, state)
+                        view.feed(printable(event.get("reasoning_content") or ""),
+                                  printable(event.get("content") or ""))
                     elif kind == "done":
                         final = event["message"]
                         self.attach(final)
@@ -460,33 +730,32 @@ class Chat:
         except KeyboardInterrupt:
             stopped = True
         except ChatError:
-            if assistant is not None:  # it broke mid-answer: end the line, then read back what is stored
-                self.say()
+            if assistant is not None:  # it broke mid-answer: say so, then read back what is stored
+                self.note("[aborted: the connection to the server broke]")
                 self.refresh(quiet=True)
             raise
-        if assistant is not None and not state["at_line_start"]:
-            self.say()
         if stopped:
             self.stopped(conv_id, assistant)
         elif final is not None:
-            line = stats_text(final.get("stats"), final.get("finish_reason"))
-            if final.get("status") == "stopped":  # ended on the server before it was complete
-                self.note(f"[cut off: {self.why_cut_off()}" + (f"; {line[1:-1]}" if line else "") + "]")
-            elif line:
-                self.note(line)
+            if final.get("status") == "stopped":  # ended on the server, not by us: no stats, it did not finish
+                self.note(f"[{self.why_cut_off()}]")
+            else:
+                line = stats_text(final.get("stats"), final.get("finish_reason"))
+                if line:
+                    self.note(line)
         else:
             self.error(failure or "the answer stream ended without a result")
             self.refresh()  # the stored message, with its status (error, or stopped)
 
     def why_cut_off(self) -> str:
-        """Why the server stopped an answer that we did not stop: it is shutting down (or already
+        """Why the server ended an answer that we did not stop: it is shutting down (or already
         gone), or someone stopped it there (e.g. from the web page)."""
         try:
             status, body = self.api.health()
         except ChatError:
-            return "the server went away"
+            return "aborted: the server went away"
         if status == 503 and body.get("status") == "shutting down":
-            return "the server is shutting down"
+            return "aborted: the server is shutting down"
         return "stopped on the server (e.g. from the web page)"
 
     def stopped(self, conv_id: str, assistant: Optional[dict]) -> None:
@@ -509,22 +778,6 @@ class Chat:
             except ChatError as exc:
                 if not quiet:
                     self.report(exc)
-
-    def write_delta(self, event: dict, state: dict) -> None:
-        reasoning, content = event.get("reasoning_content"), event.get("content")
-        if reasoning:
-            if not state["reasoning"]:
-                self.out.write(self.style("(thinking) ", "dim", "italic"))
-                state["reasoning"] = True
-            self.out.write(self.style(printable(reasoning), "dim", "italic"))
-        if content:
-            if state["reasoning"] and not state["content"]:
-                self.out.write("\n")
-            state["content"] = True
-            self.out.write(printable(content))
-        if reasoning or content:
-            state["at_line_start"] = (content or reasoning).endswith("\n")  # content is written last
-        self.out.flush()
 
     def attach(self, message: dict) -> None:
         """Put a streamed message on the local branch: after its parent, replacing what followed."""
@@ -572,6 +825,14 @@ class Chat:
                 number += 1
                 continue
             text = self.label(message, number - 1 if number > 1 else None)
+            if self.console is not None:
+                self.console.print(Text.from_ansi(text))
+                if message.get("reasoning_content"):
+                    self.console.print(rendered("reasoning", printable(message["reasoning_content"])))
+                self.console.print(rendered("content", printable(message.get("content") or "")))
+                if message.get("status") in ("stopped", "error", "generating"):
+                    self.note(f"[{message['status']}]")
+                continue
             if message.get("reasoning_content"):
                 text += self.style("(thinking) " + printable(message["reasoning_content"]), "dim", "italic") + "\n"
             text += printable(message.get("content") or "")
@@ -655,8 +916,9 @@ class Chat:
             raise ChatError("this conversation is not stored yet; nothing to delete")
         title = printable(target.get("title") or "New chat")
         try:
-            answer = input(f"Delete {title!r} ({target['id']})? [y/N] ")
-            if readline is not None and answer and readline.get_current_history_length():
+            question = f"Delete {title!r} ({target['id']})? [y/N] "
+            answer = self.editor.ask(question) if self.editor is not None else input(question)
+            if self.editor is None and readline is not None and answer and readline.get_current_history_length():
                 readline.remove_history_item(readline.get_current_history_length() - 1)  # a "y" is no history
         except EOFError:
             answer = ""
@@ -705,9 +967,15 @@ class Chat:
         self.hint_versions(str(number), target)
 
     def ask_edit(self, old: str) -> Optional[str]:
-        """Read the new text, pre-filled with the old one where readline can (one-line messages)."""
+        """Read the new text, pre-filled with the old one (with readline: one-line messages only)."""
         self.note(f"Editing: {old}")
         self.note("Type the new text (empty: cancel).")
+        if self.editor is not None:
+            try:
+                text = self.read_message("edit", old if "\n" not in old else f'"""\n{old}\n"""')
+            except (EOFError, KeyboardInterrupt):
+                return None
+            return text if text and text.strip() else None
         prefill = readline is not None and "\n" not in old
         if prefill:
             readline.set_pre_input_hook(lambda: (readline.insert_text(old), readline.redisplay()))
@@ -729,6 +997,13 @@ class Chat:
         name = next(name for name, message in self.numbered(self.branch) if message is target)
         self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/regenerate", {})
         self.hint_versions(name, target)
+
+    def cmd_continue(self, _rest: str) -> None:
+        if not self.branch or self.branch[-1]["role"] != "assistant":
+            raise ChatError("no answer to continue yet" if not self.branch else
+                            "the last message is yours, with no answer to continue: send it again with /regen")
+        target = self.branch[-1]
+        self.answer(f"/v1/conversations/{self.conv['id']}/messages/{target['id']}/continue", {}, continuing=True)
 
     def hint_versions(self, name: str, old: dict) -> None:
         """After /edit or /regen: one dim line on how to go back to the version they replaced."""
@@ -823,6 +1098,13 @@ class Chat:
         shown = " ".join(f"{name}={'default' if current.get(name) is None else current.get(name)}"
                          for name in PARAM_TYPES)
         self.say(shown)
+        path = f"/v1/conversations/{self.conv['id']}/sampling" if self.conv else "/v1/conversations/sampling"
+        try:
+            effective = self.api.request("GET", path)["params"]
+        except ChatError:
+            return  # a server without the route, or still loading: the values set are shown already
+        self.note("In effect: " + ", ".join(f"{name} {json.dumps(v['value'])} ({v['source']})"
+                                            for name, v in effective.items()))
 
 
 # -- in-process server ---------------------------------------------------------------------------
@@ -902,7 +1184,8 @@ def run_chat(url: str = DEFAULT_URL, api_key: Optional[str] = None, engine_confi
         print(style(f"loading {engine_config.model} in-process (conversations in {local.db_path}) ...", "dim"),
               flush=True)
     api = ChatAPI(url, api_key)
-    chat = Chat(api, style, where="the in-process server" if local else None)
+    terminal = fancy_terminal()
+    chat = Chat(api, style, where="the in-process server" if local else None, terminal=terminal)
     try:
         try:
             chat.connect(local)
@@ -913,7 +1196,8 @@ def run_chat(url: str = DEFAULT_URL, api_key: Optional[str] = None, engine_confi
         except ChatError as exc:
             chat.report(exc)
             return 1
-        _setup_readline()
+        if not terminal:
+            _setup_readline()
         chat.banner()
         return chat.run()
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import time
 import uuid
@@ -31,7 +32,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     system_prompt TEXT,
-    params TEXT NOT NULL,                -- JSON {"temperature", "top_p", "max_tokens"}
+    params TEXT NOT NULL,                -- JSON {"temperature", "top_p", "max_tokens", ...}: server/conversations.py Params
     current_message_id TEXT,
     owner TEXT NOT NULL DEFAULT 'default'   -- the user whose key created it (DEFAULT_USER)
 );
@@ -58,6 +59,25 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id
 """
 # After the migrations: the owner column may be new.
 INDEXES = "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, updated);"
+# Full-text search over titles and message text (SQLite's FTS5): indexes kept by triggers over the
+# tables themselves (external content), so every write, a cascade included, keeps them right.
+SEARCH_TABLES = {"messages_fts": ("messages", "seq", "content"), "titles_fts": ("conversations", "rowid", "title")}
+SEARCH_SCHEMA = "".join(f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS {fts} USING fts5({column}, content='{table}', content_rowid='{rowid}',
+    tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS {fts}_insert AFTER INSERT ON {table} BEGIN
+    INSERT INTO {fts} (rowid, {column}) VALUES (new.{rowid}, new.{column});
+END;
+CREATE TRIGGER IF NOT EXISTS {fts}_delete AFTER DELETE ON {table} BEGIN
+    INSERT INTO {fts} ({fts}, rowid, {column}) VALUES ('delete', old.{rowid}, old.{column});
+END;
+CREATE TRIGGER IF NOT EXISTS {fts}_update AFTER UPDATE OF {column} ON {table} BEGIN
+    INSERT INTO {fts} ({fts}, rowid, {column}) VALUES ('delete', old.{rowid}, old.{column});
+    INSERT INTO {fts} (rowid, {column}) VALUES (new.{rowid}, new.{column});
+END;""" for fts, (table, rowid, column) in SEARCH_TABLES.items())
+# Around the matched terms of a search snippet, then taken out (the API gives their offsets).
+MATCH_START, MATCH_END = "\ue000", "\ue001"
+SNIPPET_TOKENS = 16
 assert DEFAULT_USER == "default"  # the owner column's default above
 
 # Every column but the token ids, which only the prompt builder and the cache check need.
@@ -85,6 +105,23 @@ def _message(row: sqlite3.Row) -> dict:
     return out
 
 
+def _unmark(marked: str) -> tuple[str, list[list[int]]]:
+    """A snippet without its match marks, and the [start, end) offsets they enclosed."""
+    text, highlights, start = [], [], None
+    length = 0
+    for piece in re.split(f"([{MATCH_START}{MATCH_END}])", marked):
+        if piece == MATCH_START:
+            start = length
+        elif piece == MATCH_END:
+            if start is not None:
+                highlights.append([start, length])
+            start = None
+        else:
+            text.append(piece)
+            length += len(piece)
+    return "".join(text), highlights
+
+
 class Store:
     def __init__(self, path: str):
         self.path = path
@@ -101,6 +138,11 @@ class Store:
             self.db.executescript(SCHEMA)
             self._migrate()
             self.db.executescript(INDEXES)
+            new_indexes = [name for name in SEARCH_TABLES if not self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone()]
+            self.db.executescript(SEARCH_SCHEMA)
+            for name in new_indexes:  # a store from before search: index what it holds
+                self.db.execute(f"INSERT INTO {name} ({name}) VALUES ('rebuild')")
             cut = self.db.execute("UPDATE messages SET status = 'stopped', finish_reason = 'abort' "
                                   "WHERE status = 'generating'").rowcount
         if cut:
@@ -155,11 +197,17 @@ class Store:
         return _conversation(row) if row else None
 
     def conversations(self, owner: Optional[str] = None, limit: Optional[int] = None,
-                      after: Optional[str] = None) -> list[dict]:
+                      after: Optional[str] = None, query: Optional[str] = None) -> list[dict]:
         """Most recently updated first: owner's (None: everyone's), at most limit, those after the
-        conversation `after` in that order (a cursor that stays put while others are added).
-        Raises KeyError when `after` is not one of them."""
+        conversation `after` in that order (a cursor that stays put while others are added); with
+        query (FTS5 syntax), only those whose title or any message matches it.
+        Raises KeyError when `after` is not one of them, sqlite3.OperationalError for a query FTS5 cannot read."""
         where, args = ["(? IS NULL OR owner = ?)"], [owner, owner]
+        if query is not None:
+            where.append("id IN (SELECT m.conversation_id FROM messages_fts JOIN messages m ON m.seq = messages_fts.rowid "
+                         "WHERE messages_fts MATCH ? UNION SELECT c.id FROM titles_fts JOIN conversations c ON "
+                         "c.rowid = titles_fts.rowid WHERE titles_fts MATCH ?)")
+            args += [query, query]
         if after is not None:
             cursor = self.db.execute("SELECT updated, rowid FROM conversations WHERE id = ? AND (? IS NULL OR "
                                      "owner = ?)", (after, owner, owner)).fetchone()
@@ -170,6 +218,25 @@ class Store:
         rows = self.db.execute(f"SELECT * FROM conversations WHERE {' AND '.join(where)} "
                                "ORDER BY updated DESC, rowid DESC LIMIT ?", (*args, -1 if limit is None else limit))
         return [_conversation(row) for row in rows]
+
+    def matches(self, conv_id: str, query: str, limit: int) -> list[dict]:
+        """Where query matches in the conversation: its title ("message_id" None), then its best
+        matching messages, at most limit in all, each {"message_id", "role", "snippet", "highlights"}:
+        a piece of the text around the match and the [start, end) offsets of the matched terms in it."""
+        rows = self.db.execute(
+            "SELECT NULL, NULL, snippet(titles_fts, 0, ?, ?, '…', ?) FROM titles_fts JOIN conversations c "
+            "ON c.rowid = titles_fts.rowid WHERE titles_fts MATCH ? AND c.id = ?",
+            (MATCH_START, MATCH_END, SNIPPET_TOKENS, query, conv_id)).fetchall()
+        rows += self.db.execute(
+            "SELECT m.id, m.role, snippet(messages_fts, 0, ?, ?, '…', ?) FROM messages_fts JOIN messages m "
+            "ON m.seq = messages_fts.rowid WHERE messages_fts MATCH ? AND m.conversation_id = ? "
+            "ORDER BY rank, m.seq LIMIT ?",
+            (MATCH_START, MATCH_END, SNIPPET_TOKENS, query, conv_id, limit)).fetchall()
+        out = []
+        for message_id, role, marked in rows[:limit]:
+            text, highlights = _unmark(marked)
+            out.append({"message_id": message_id, "role": role, "snippet": text, "highlights": highlights})
+        return out
 
     def update_conversation(self, conv_id: str, touch: bool = True, **values) -> None:
         """Set columns (params as a dict); touch: also mark it updated now."""
@@ -199,6 +266,30 @@ class Store:
         row = self.db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND id = ?",
                               (conv_id, message_id)).fetchone()
         return _message(row) if row else None
+
+    def delete_messages(self, conv_id: str, message_ids: list[str], current_message_id: Optional[str]) -> None:
+        """Delete these messages and show current_message_id's branch: one transaction."""
+        with self.db:
+            self.db.executemany("DELETE FROM messages WHERE conversation_id = ? AND id = ?",
+                                [(conv_id, message_id) for message_id in message_ids])
+            self.db.execute("UPDATE conversations SET current_message_id = ?, updated = ? WHERE id = ?",
+                            (current_message_id, time.time(), conv_id))
+
+    def import_conversation(self, owner: str, title: str, system_prompt: Optional[str], params: dict,
+                            created: float, messages: list[dict], current_message_id: Optional[str]) -> dict:
+        """A new conversation holding `messages` (parents first, ids already fresh): one transaction."""
+        conv_id, now = new_id("conv"), time.time()
+        with self.db:
+            self.db.execute("INSERT INTO conversations (id, title, created, updated, system_prompt, params, owner, "
+                            "current_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (conv_id, title, created, now, system_prompt, json.dumps(params), owner,
+                             current_message_id))
+            self.db.executemany(
+                "INSERT INTO messages (id, conversation_id, parent_id, role, content, reasoning_content, created, "
+                "status, finish_reason, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(m["id"], conv_id, m["parent_id"], m["role"], m["content"], m["reasoning_content"], m["created"],
+                  m["status"], m["finish_reason"], json.dumps(m["stats"]) if m["stats"] else None) for m in messages])
+        return self.conversation(conv_id)
 
     def token_ids(self, message_id: str) -> tuple[Optional[list[int]], Optional[list[int]], Optional[str]]:
         """(prompt ids, output ids, prompt key) of an assistant message; Nones when unknown."""
@@ -240,6 +331,17 @@ class Store:
                 values["title"] = title
             assignments = ", ".join(f"{name} = ?" for name in values)
             self.db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*values.values(), conv_id))
+
+    def start_continue(self, conv_id: str, message_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                       prompt_key: str) -> None:
+        """Mark an answer generating again, to be extended (the ids it goes on from), and show its branch."""
+        now = time.time()
+        with self.db:
+            self.db.execute("UPDATE messages SET status = 'generating', finish_reason = NULL, stats = NULL, "
+                            "prompt_token_ids = ?, output_token_ids = ?, prompt_key = ? WHERE id = ?",
+                            (json.dumps(prompt_token_ids), json.dumps(output_token_ids), prompt_key, message_id))
+            self.db.execute("UPDATE conversations SET current_message_id = ?, updated = ? WHERE id = ?",
+                            (message_id, now, conv_id))
 
     def save_answer(self, conv_id: str, message_id: str, content: str, reasoning_content: Optional[str],
                     output_token_ids: list[int], status: str = "generating", finish_reason: Optional[str] = None,

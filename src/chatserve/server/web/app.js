@@ -23,6 +23,7 @@ const state = {
   openReasoning: new Set(), // assistant message ids whose reasoning the user expanded
   editing: null, // id of the user message being edited in place
   deleted: new Set(), // conversations deleted here: a late answer or list must not bring them back
+  contextLength: null, // the model's context in tokens (GET .../sampling says)
 };
 
 class ApiError extends Error {
@@ -277,6 +278,139 @@ async function switchBranch(messageId) {
   }
 }
 
+/** Delete a message and everything below it (an only answer takes its question); the server
+ * says which branch is on show after it. */
+async function deleteMessage(message) {
+  const conversation = state.current;
+  if (!conversation || state.streams.has(conversation.id)) return;
+  const what = message.role === "user" ? "this message, its answers" : "this answer";
+  if (!confirm(`Delete ${what} and every reply below it? This cannot be undone.`)) return;
+  try {
+    const result = await api("DELETE", messagePath(conversation.id, message.id));
+    if (state.current !== conversation) return;
+    Object.assign(conversation, result.conversation);
+    state.editing = null;
+    remember(conversation);
+    renderSidebar();
+    renderConversation();
+  } catch (error) {
+    showBanner(`Could not delete the message: ${error.message}`);
+  }
+}
+
+/** Download the open conversation: format "json" (the whole tree, for import) or "markdown" (the
+ * branch on show). Fetched rather than linked, so that the API key goes with it. */
+async function exportConversation(format) {
+  const conversation = state.current;
+  if (!conversation?.id) return;
+  const response = await fetch(`${conversationPath(conversation.id)}/export?format=${format}`, { headers: headers(false) });
+  if (!response.ok) throw await errorOf(response);
+  const name = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") ?? "")?.[1]
+    ?? `conversation.${format === "json" ? "json" : "md"}`;
+  const url = URL.createObjectURL(await response.blob());
+  const link = el("a");
+  link.href = url;
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+/** A JSON export (from this server or another) becomes a new conversation, opened. */
+async function importConversation(file) {
+  let body;
+  try {
+    body = JSON.parse(await file.text());
+  } catch {
+    throw new Error(`${file.name} is not JSON: choose a conversation exported as JSON`);
+  }
+  const imported = await api("POST", "/v1/conversations/import", body);
+  state.deleted.delete(imported.id);
+  state.current = imported;
+  state.editing = null;
+  localStorage.setItem(LAST_CONVERSATION, imported.id);
+  remember(imported);
+  renderSidebar();
+  renderConversation({ scroll: true });
+}
+
+// ---------------------------------------------------------------- search
+
+let searchTimer = null;
+let searchSerial = 0; // only the newest query's answer is shown
+
+function onSearchInput() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(runSearch, 250);
+}
+
+async function runSearch() {
+  const query = $("search").value.trim();
+  const results = $("search-results");
+  const serial = ++searchSerial;
+  if (!query) {
+    results.hidden = true;
+    results.replaceChildren();
+    $("search-status").hidden = true;
+    $("conversation-list").hidden = false;
+    $("more-conversations").hidden = !state.listHasMore;
+    return;
+  }
+  let found;
+  try {
+    found = await api("GET", `/v1/conversations/search?${new URLSearchParams({ q: query, limit: "50" })}`);
+  } catch (error) {
+    if (serial !== searchSerial) return;
+    found = { data: [], error: error.message };
+  }
+  if (serial !== searchSerial) return;
+  $("conversation-list").hidden = true;
+  $("more-conversations").hidden = true;
+  const status = $("search-status");
+  status.hidden = false;
+  status.textContent = found.error ? `Search failed: ${found.error}`
+    : found.data.length ? `${found.data.length}${found.has_more ? "+" : ""} found` : "Nothing found";
+  results.replaceChildren(...found.data.map(searchResult));
+  results.hidden = false;
+}
+
+/** A found conversation: its title, and the first matching message's snippet with the matched
+ * words marked; opening it shows that message's branch. */
+function searchResult(conversation) {
+  const item = el("li", "conversation search-result");
+  item.dataset.id = conversation.id;
+  const open = el("button", "open");
+  open.type = "button";
+  const text = el("span", "result-text");
+  text.append(el("span", "title", conversation.title || "New chat"));
+  const match = conversation.matches?.find((m) => m.message_id) ?? conversation.matches?.[0];
+  if (match?.snippet) text.append(highlighted(match));
+  open.append(text);
+  open.addEventListener("click", async () => {
+    closeDrawer();
+    await openConversation(conversation.id);
+    if (match?.message_id && state.current?.id === conversation.id
+        && !state.current.messages.some((m) => m.id === match.message_id)) {
+      await switchBranch(match.message_id);
+    }
+  });
+  item.append(open);
+  return item;
+}
+
+function highlighted(match) {
+  const snippet = el("span", "snippet");
+  let at = 0;
+  for (const [start, end] of match.highlights ?? []) {
+    if (start < at) continue;
+    snippet.append(match.snippet.slice(at, start), el("mark", "", match.snippet.slice(start, end)));
+    at = end;
+  }
+  snippet.append(match.snippet.slice(at));
+  return snippet;
+}
+
 // ---------------------------------------------------------------- answers
 
 /** Put a message the stream announced into the branch on show: under its parent, replacing
@@ -297,7 +431,7 @@ function placeMessage(conversation, message) {
   conversation.current_message_id = message.id;
 }
 
-/** POST a request whose answer is an SSE stream (send, edit, regenerate) and show it live. */
+/** POST a request whose answer is an SSE stream (send, edit, regenerate, continue) and show it live. */
 async function streamAnswer(conversation, path, body) {
   if (state.streams.has(conversation.id)) return false;
   const stream = { conversation, controller: new AbortController(), assistantId: null, sawMessage: false,
@@ -460,6 +594,19 @@ function regenerate(message) {
   streamAnswer(conversation, `${messagePath(conversation.id, message.id)}/regenerate`, {});
 }
 
+/** An answer cut by max_tokens or stopped, at the end of its branch, can go on: the server
+ * appends to the same message (its `message` event is the answer so far). */
+function continuable(message) {
+  const messages = state.current?.messages ?? [];
+  if (message.role !== "assistant" || messages[messages.length - 1] !== message) return false;
+  return message.status === "stopped" || (message.status === "complete" && message.finish_reason === "length");
+}
+
+function continueAnswer(message) {
+  const conversation = state.current;
+  streamAnswer(conversation, `${messagePath(conversation.id, message.id)}/continue`, {});
+}
+
 // ---------------------------------------------------------------- rendering
 
 function el(tag, className, text) {
@@ -529,7 +676,7 @@ function renderSidebar() {
     previous = item;
   }
   for (const gone of items.values()) gone.remove();
-  $("more-conversations").hidden = !state.listHasMore;
+  $("more-conversations").hidden = !state.listHasMore || !$("search-results").hidden;
   if (focused?.isConnected && document.activeElement !== focused) focused.focus(); // moving an item drops it
 }
 
@@ -642,6 +789,7 @@ function renderConversation({ scroll = false } = {}) {
     for (const message of conversation.messages) container.append(messageNode(message));
   }
   updateComposer();
+  updateContextUsage();
   if (stick) container.scrollTop = container.scrollHeight;
   if (focus) refocus(container, focus);
   updateToBottom();
@@ -674,6 +822,34 @@ function updateToBottom() {
   const container = $("messages");
   const hidden = nearBottom(container);
   if ($("to-bottom").hidden !== hidden) $("to-bottom").hidden = hidden;
+}
+
+/** How much of the model's context the conversation fills: the last answer's prompt and its
+ * tokens (a continued answer's prompt holds the answer so far), of the context length. */
+function updateContextUsage() {
+  const box = $("context-usage");
+  const stats = state.current?.messages?.findLast((m) => m.role === "assistant" && m.stats)?.stats;
+  const used = stats ? (stats.prompt_tokens ?? 0) + (stats.completion_tokens ?? 0) : 0;
+  box.hidden = !used || !state.contextLength;
+  if (box.hidden) return;
+  const share = Math.min(1, used / state.contextLength);
+  $("context-fill").style.width = `${(share * 100).toFixed(1)}%`; // CSSOM, which the CSP allows
+  box.classList.toggle("nearly-full", share >= 0.8);
+  $("context-text").textContent =
+    `${used.toLocaleString()} of ${state.contextLength.toLocaleString()} context tokens (${Math.round(share * 100)}%)`;
+  box.title = "Tokens of the model's context the conversation takes: the last answer's prompt and answer";
+}
+
+/** The model's context length, for the context-usage line (the model must be loaded). */
+async function loadContextLength() {
+  try {
+    const response = await fetch("/v1/conversations/sampling", { headers: headers(false) });
+    if (!response.ok) return;
+    state.contextLength = (await response.json()).context_length;
+    updateContextUsage();
+  } catch {
+    // unreachable: showModel says so
+  }
 }
 
 function updateComposer() {
@@ -711,6 +887,10 @@ function messageNode(message) {
     meta.append(nav);
   }
   const actions = el("span", "actions");
+  const remove = iconButton("trash", "delete-message",
+                            message.role === "user" ? "Delete this message and its answers" : "Delete this answer",
+                            () => deleteMessage(message));
+  remove.disabled = busy;
   if (message.role === "user") {
     const edit = button("Edit", "icon-button edit", () => {
       state.editing = message.id;
@@ -723,7 +903,14 @@ function messageNode(message) {
     again.disabled = busy || message.status === "generating";
     // The answer as the model wrote it (Markdown), read when clicked: it may still be streaming in.
     actions.append(copyButton(() => message.content ?? "", "Copy this answer"), again);
+    if (continuable(message)) {
+      const more = button("Continue", "icon-button continue", () => continueAnswer(message),
+                          "Go on with this answer where it stopped");
+      more.disabled = busy;
+      actions.append(more);
+    }
   }
+  actions.append(remove);
   meta.append(actions);
   const time = timestamp(message.created);
   if (time) meta.append(time);
@@ -893,30 +1080,119 @@ function hideBanner() {
   $("banner").hidden = true;
 }
 
+// Every sampling value a conversation's params take (docs/conversations-api.md), with the
+// server's bounds: one field each in Settings, ids setting-NAME (dashes for underscores).
+const SAMPLING = [
+  { name: "temperature", label: "Temperature", min: 0, max: 2, step: 0.05 },
+  { name: "top_p", label: "Top p", min: 0, max: 1, step: 0.01 },
+  { name: "top_k", label: "Top k", min: -1, step: 1, integer: true },
+  { name: "min_p", label: "Min p", min: 0, max: 1, step: 0.01 },
+  { name: "repetition_penalty", label: "Repetition penalty", min: 0, max: 2, step: 0.05 },
+  { name: "presence_penalty", label: "Presence penalty", min: -2, max: 2, step: 0.1 },
+  { name: "frequency_penalty", label: "Frequency penalty", min: -2, max: 2, step: 0.1 },
+  { name: "max_tokens", label: "Max tokens", min: 1, step: 1, integer: true },
+  { name: "seed", label: "Seed", step: 1, integer: true },
+  { name: "stop", label: "Stop strings", stop: true },
+];
+const SOURCES = {
+  conversation: "this conversation",
+  server: "the server's",
+  model: "the model's",
+  default: "built-in",
+};
+const settingId = (name) => `setting-${name.replaceAll("_", "-")}`;
+
+/** The sampling fields, built once from SAMPLING. */
+function buildSamplingFields() {
+  const row = $("sampling-fields");
+  for (const spec of SAMPLING) {
+    const setting = el("div", spec.stop ? "setting wide" : "setting");
+    const label = el("label", "", spec.label);
+    const field = el(spec.stop ? "textarea" : "input");
+    field.id = settingId(spec.name);
+    if (spec.stop) {
+      field.rows = 2;
+      field.placeholder = "one a line, at most 4; \\n is a newline";
+    } else {
+      field.type = "number";
+      field.placeholder = "default";
+      for (const key of ["min", "max", "step"]) if (spec[key] !== undefined) field[key] = String(spec[key]);
+    }
+    const effective = el("span", "effective");
+    effective.id = `${field.id}-effective`;
+    field.setAttribute("aria-describedby", effective.id);
+    label.append(field);
+    setting.append(label, effective); // outside the label: a description, not part of the name
+    row.append(setting);
+  }
+}
+
+// A stop string per line; a newline inside one is written \n (and a backslash \\).
+const stopText = (list) => (list ?? []).map((s) => s.replaceAll("\\", "\\\\").replaceAll("\n", "\\n")).join("\n");
+const stopList = (text) => text.split("\n").filter((line) => line !== "")
+  .map((line) => line.replace(/\\(\\|n)/g, (_, c) => (c === "n" ? "\n" : "\\")));
+
 function openSettings() {
   const dialog = $("settings-dialog");
   if (dialog.open) return;
   const conversation = state.current;
   const params = conversation?.params ?? {};
   $("setting-system-prompt").value = conversation?.system_prompt ?? "";
-  $("setting-temperature").value = params.temperature ?? "";
-  $("setting-top-p").value = params.top_p ?? "";
-  $("setting-max-tokens").value = params.max_tokens ?? "";
+  for (const spec of SAMPLING) {
+    const value = params[spec.name];
+    $(settingId(spec.name)).value = spec.stop ? stopText(typeof value === "string" ? [value] : value) : value ?? "";
+    $(`${settingId(spec.name)}-effective`).textContent = "";
+  }
   $("setting-api-key").value = localStorage.getItem(API_KEY) ?? "";
   $("conversation-settings").querySelector("legend").textContent =
     conversation && !conversation.draft ? "This conversation" : "A new conversation";
   $("settings-error").hidden = true;
+  $("export").hidden = !conversation?.id;
   dialog.showModal();
+  showEffectiveSampling(conversation);
 }
 
-function numberSetting(id, name, { integer = false } = {}) {
-  const text = $(id).value.trim();
+/** Under each field, the value the conversation's answers get and its source (GET .../sampling). */
+async function showEffectiveSampling(conversation) {
+  let sampling;
+  try {
+    sampling = await api("GET", conversation?.id ? `${conversationPath(conversation.id)}/sampling`
+                                                 : "/v1/conversations/sampling");
+  } catch (error) {
+    for (const spec of SAMPLING) $(`${settingId(spec.name)}-effective`).textContent = `unknown: ${error.message}`;
+    return;
+  }
+  if (state.current !== conversation || !$("settings-dialog").open) return;
+  if (sampling.context_length) state.contextLength = sampling.context_length;
+  for (const spec of SAMPLING) {
+    const { value, source } = sampling.params[spec.name] ?? {};
+    const shown = spec.stop ? (value?.length ? value.map((s) => JSON.stringify(s)).join(" ") : "none")
+      : value ?? (spec.name === "max_tokens" ? "to the end of the context" : spec.name === "seed" ? "random" : "none");
+    const node = $(`${settingId(spec.name)}-effective`);
+    node.textContent = `${shown} · ${SOURCES[source] ?? source}`;
+    node.dataset.source = source;
+  }
+}
+
+function settingsProblem(problem) {
+  $("settings-error").textContent = problem.message;
+  $("settings-error").hidden = false;
+}
+
+function numberSetting({ name, label, integer = false }) {
+  const text = $(settingId(name)).value.trim();
   if (text === "") return null;
   const value = Number(text);
-  if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
-    throw new Error(`${name} must be ${integer ? "a whole number" : "a number"}`);
+  if (!Number.isFinite(value) || (integer && !Number.isSafeInteger(value))) {
+    throw new Error(`${label} must be ${integer ? "a whole number" : "a number"}`);
   }
   return value;
+}
+
+function stopSetting({ name, label }) {
+  const list = stopList($(settingId(name)).value);
+  if (list.length > 4) throw new Error(`${label}: at most 4`);
+  return list.length ? list : null;
 }
 
 async function saveSettings(event) {
@@ -927,11 +1203,8 @@ async function saveSettings(event) {
   try {
     changes = {
       system_prompt: $("setting-system-prompt").value.trim() ? $("setting-system-prompt").value : null,
-      params: {
-        temperature: numberSetting("setting-temperature", "Temperature"),
-        top_p: numberSetting("setting-top-p", "Top p"),
-        max_tokens: numberSetting("setting-max-tokens", "Max tokens", { integer: true }),
-      },
+      params: Object.fromEntries(SAMPLING.map((spec) => [spec.name, spec.stop ? stopSetting(spec)
+                                                                   : numberSetting(spec)])),
     };
   } catch (problem) {
     error.textContent = problem.message;
@@ -975,6 +1248,7 @@ async function showModel() {
     const label = $("model-name");
     label.textContent = response.ok ? body.model : `${body.model} (${body.status})`;
     if (!response.ok && body.status === "loading") setTimeout(showModel, 2000);
+    if (response.ok && !state.contextLength) loadContextLength();
   } catch {
     $("model-name").textContent = "server unreachable";
   }
@@ -1038,6 +1312,7 @@ function autosize(area) {
 }
 
 function bind() {
+  buildSamplingFields();
   const input = $("input");
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -1076,6 +1351,30 @@ function bind() {
     if (list.scrollTop + list.clientHeight >= list.scrollHeight - 40) loadMoreConversations();
   });
   $("chat-settings").addEventListener("click", openSettings);
+  const search = $("search");
+  search.addEventListener("input", onSearchInput);
+  search.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && search.value) {
+      event.preventDefault(); // clears the search, and only that
+      search.value = "";
+      runSearch();
+    }
+  });
+  for (const format of ["json", "markdown"]) {
+    $(`export-${format}`).addEventListener("click", () => exportConversation(format).catch(settingsProblem));
+  }
+  $("import").addEventListener("click", () => $("import-file").click());
+  $("import-file").addEventListener("change", async () => {
+    const file = $("import-file").files[0];
+    $("import-file").value = "";
+    if (!file) return;
+    try {
+      await importConversation(file);
+      $("settings-dialog").close();
+    } catch (problem) {
+      settingsProblem(problem);
+    }
+  });
   $("settings-form").addEventListener("submit", saveSettings);
   $("settings-cancel").addEventListener("click", () => $("settings-dialog").close());
   setInterval(() => {
