@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -309,6 +310,35 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   return out;
 }
 
+#ifdef __AVX512F__
+// 16 fp32 results stored as the output's dtype (bf16 rounded to nearest even, as PyTorch does).
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(c10::BFloat16* out, __m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
+}
+#endif
+
+// Runs `body` with a pointer to `out`'s data as its C++ type (fp32 or bf16): the integer and bf16
+// kernels write their results in the activations' dtype directly, no conversion op after.
+template <typename F>
+void with_output_type(const at::Tensor& out, F&& body) {
+  if (out.scalar_type() == at::kBFloat16) body(out.data_ptr<c10::BFloat16>());
+  else body(out.data_ptr<float>());
+}
+
+// The dtype a kernel writes: the one asked for where it can (fp32, bf16), else fp32 and a cast.
+at::ScalarType direct_dtype(at::ScalarType want) {
+  return want == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+// The activations as fp32 or bf16 (what the quantizers read), without a copy when they are.
+at::Tensor readable(const at::Tensor& x) {
+  return (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) ? x : x.to(at::kFloat);
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr bool kHaveInt8Gemv = true;
 
@@ -323,12 +353,14 @@ struct QuantizedRows {
   std::vector<float> scales;        // [rows, K / 64, 16]
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t K) {
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t K) {
   QuantizedRows q{std::vector<uint8_t>(rows * K), std::vector<uint64_t>(rows * K / 64),
                   std::vector<float>(rows * K / 64 * 16)};
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < K / 32; ++b) {
-      const float* v = x + r * K + b * 32;
+      float v[32];
+      for (int i = 0; i < 32; ++i) v[i] = to_f<T>(x[r * K + b * 32 + i]);
       float amax = 0.f;
       for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -353,8 +385,8 @@ struct QuantizedView {
   const float* scales;
 };
 
-template <int R, int NB>
-inline void int8_gemv_block(const QuantizedView& q, int64_t K, const int8_t* w, const float* scale, float* out,
+template <int R, int NB, typename OutT>
+inline void int8_gemv_block(const QuantizedView& q, int64_t K, const int8_t* w, const float* scale, OutT* out,
                             int64_t N, int64_t n) {
   const int64_t chunks = K / 64;
   const __m512i zero = _mm512_setzero_si512();
@@ -371,6 +403,9 @@ inline void int8_gemv_block(const QuantizedView& q, int64_t K, const int8_t* w, 
       d[r] = _mm512_loadu_ps(q.scales + (r * chunks + c) * 16);
     }
     for (int j = 0; j < NB; ++j) {
+      // Rows are short (K bytes): ask for the block after next now, or the hardware prefetcher,
+      // which learns long streams, leaves every row to a miss (9 against 22 GB/s on 2 threads).
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + 2 * NB) * K + (c * NB + j) * 64), _MM_HINT_T0);
       const __m512i wv = _mm512_loadu_si512(w + (n + j) * K + c * 64);
       for (int r = 0; r < R; ++r) {
         const __m512i signed_w = _mm512_mask_sub_epi8(wv, neg[r], zero, wv);
@@ -379,30 +414,31 @@ inline void int8_gemv_block(const QuantizedView& q, int64_t K, const int8_t* w, 
     }
   }
   for (int j = 0; j < NB; ++j)
-    for (int r = 0; r < R; ++r) out[r * N + n + j] = _mm512_reduce_add_ps(acc[r][j]) * scale[n + j];
+    for (int r = 0; r < R; ++r) out[r * N + n + j] = from_f<OutT>(_mm512_reduce_add_ps(acc[r][j]) * scale[n + j]);
 }
 
 // Outputs n0..n1 for every row of x: blocks of four outputs, each against the rows four at a time
 // (the block's weights stay in L1 while the row groups pass over them).
+template <typename OutT>
 void int8_gemv_range(const QuantizedRows& q, int64_t rows, int64_t K, const int8_t* w, const float* scale,
-                     float* out, int64_t N, int64_t n0, int64_t n1) {
+                     OutT* out, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1;) {
     const bool full = n + 4 <= n1;
     for (int64_t r = 0; r < rows; r += 4) {
       const int64_t left = std::min<int64_t>(4, rows - r);
       const int64_t offset = r;  // rows r.. of x and of out
-      float* o = out + offset * N;
+      OutT* o = out + offset * N;
       QuantizedView v{q.magnitude.data() + offset * K, q.negative.data() + offset * (K / 64),
                       q.scales.data() + offset * (K / 64) * 16};
       switch (left * 2 + (full ? 1 : 0)) {
-        case 3: int8_gemv_block<1, 4>(v, K, w, scale, o, N, n); break;
-        case 2: int8_gemv_block<1, 1>(v, K, w, scale, o, N, n); break;
-        case 5: int8_gemv_block<2, 4>(v, K, w, scale, o, N, n); break;
-        case 4: int8_gemv_block<2, 1>(v, K, w, scale, o, N, n); break;
-        case 7: int8_gemv_block<3, 4>(v, K, w, scale, o, N, n); break;
-        case 6: int8_gemv_block<3, 1>(v, K, w, scale, o, N, n); break;
-        case 9: int8_gemv_block<4, 4>(v, K, w, scale, o, N, n); break;
-        default: int8_gemv_block<4, 1>(v, K, w, scale, o, N, n); break;
+        case 3: int8_gemv_block<1, 4, OutT>(v, K, w, scale, o, N, n); break;
+        case 2: int8_gemv_block<1, 1, OutT>(v, K, w, scale, o, N, n); break;
+        case 5: int8_gemv_block<2, 4, OutT>(v, K, w, scale, o, N, n); break;
+        case 4: int8_gemv_block<2, 1, OutT>(v, K, w, scale, o, N, n); break;
+        case 7: int8_gemv_block<3, 4, OutT>(v, K, w, scale, o, N, n); break;
+        case 6: int8_gemv_block<3, 1, OutT>(v, K, w, scale, o, N, n); break;
+        case 9: int8_gemv_block<4, 4, OutT>(v, K, w, scale, o, N, n); break;
+        default: int8_gemv_block<4, 1, OutT>(v, K, w, scale, o, N, n); break;
       }
     }
     n += full ? 4 : 1;
@@ -421,11 +457,13 @@ struct Int4Rows {
   std::vector<float> sum;     // [rows, K / 32] the block's sum of its quantized activations
 };
 
-Int4Rows quantize_rows_int4(const float* x, int64_t rows, int64_t K) {
+template <typename T>
+Int4Rows quantize_rows_int4(const T* x, int64_t rows, int64_t K) {
   Int4Rows out{std::vector<int8_t>(rows * K), std::vector<float>(rows * K / 32), std::vector<float>(rows * K / 32)};
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < K / 32; ++b) {
-      const float* v = x + r * K + b * 32;
+      float v[32];
+      for (int i = 0; i < 32; ++i) v[i] = to_f<T>(x[r * K + b * 32 + i]);
       float amax = 0.f;
       for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -449,9 +487,9 @@ inline __m512 bf16x16(const uint16_t* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-template <int R>
+template <int R, typename OutT>
 inline void int4_gemm_tile(const Int4Rows& x, int64_t row0, int64_t K, const uint8_t* packed,
-                           const uint16_t* scale_min, float* out, int64_t N, int64_t tile) {
+                           const uint16_t* scale_min, OutT* out, int64_t N, int64_t tile) {
   const int64_t groups = K / 32;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const uint8_t* w = packed + tile * 16 * (K / 2);
@@ -481,7 +519,7 @@ inline void int4_gemm_tile(const Int4Rows& x, int64_t row0, int64_t K, const uin
       acc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + (row0 + r) * N + tile * 16, acc[r]);
+  for (int r = 0; r < R; ++r) store16(out + (row0 + r) * N + tile * 16, acc[r]);
 }
 #else
 constexpr bool kHaveInt8Gemv = false;
@@ -494,9 +532,9 @@ constexpr bool kHaveBf16Gemm = true;
 // bf16 weights in bf16_pack's layout: tiles of 16 outputs; per tile and pair of inputs, 64 bytes
 // (each output's two weights side by side), one vdpbf16ps operand with the outputs in the lanes.
 // R rows of x at a time, two accumulators each (even and odd pairs) to hide the FMA latency.
-template <int R, int T>
-inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uint16_t* packed, float* out,
-                           int64_t N, int64_t tile) {
+template <int R, int T, typename OutT>
+inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uint16_t* packed, const float* bias,
+                           OutT* out, int64_t N, int64_t tile) {
   // T tiles at once: R * T * 2 independent accumulators hide vdpbf16ps's latency even for one row.
   __m512 acc[R][T][2];
   for (int r = 0; r < R; ++r)
@@ -520,9 +558,11 @@ inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uin
     step(p + 1, 1);
   }
   if (p < pairs) step(p, 0);
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t)
-      _mm512_storeu_ps(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+  for (int t = 0; t < T; ++t) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
+    for (int r = 0; r < R; ++r)
+      store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), b));
+  }
 }
 #else
 constexpr bool kHaveBf16Gemm = false;
@@ -546,20 +586,22 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(scales.numel() == qweight.size(0) && scales.is_contiguous(), "int8_gemv: one scale per output");
   const int64_t rows = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(K % 64 == 0, "int8_gemv: the inner size must be a multiple of 64");
-  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
+  at::Tensor out = at::empty({rows, N}, x.options().dtype(direct_dtype(want)));
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor xr = readable(x);
   const at::Tensor sf = scales.to(at::kFloat).contiguous();
-  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), rows, K);
+  const QuantizedRows q = xr.scalar_type() == at::kBFloat16 ? quantize_rows(xr.data_ptr<c10::BFloat16>(), rows, K)
+                                                             : quantize_rows(xr.data_ptr<float>(), rows, K);
   const float* sp = sf.data_ptr<float>();
   const int8_t* wp = qweight.data_ptr<int8_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b, int64_t e) {
-    int8_gemv_range(q, rows, K, wp, sp, op, N, b * 4, std::min(N, e * 4));
+  with_output_type(out, [&](auto* op) {
+    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b, int64_t e) {
+      int8_gemv_range(q, rows, K, wp, sp, op, N, b * 4, std::min(N, e * 4));
+    });
   });
 #endif
-  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
-  return want == at::kFloat ? out : out.to(want);
+  return out.scalar_type() == want ? out : out.to(want);
 }
 
 
@@ -604,27 +646,30 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int64_t rows = x.size(0), K = x.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && packed.numel() == N * K / 2 && scale_min.numel() == N / 16 * K,
               "int4_gemm: the packed weight does not match x");
-  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
+  at::Tensor out = at::empty({rows, N}, x.options().dtype(direct_dtype(want)));
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const Int4Rows q = quantize_rows_int4(xf.data_ptr<float>(), rows, K);
+  const at::Tensor xr = readable(x);
+  const Int4Rows q = xr.scalar_type() == at::kBFloat16 ? quantize_rows_int4(xr.data_ptr<c10::BFloat16>(), rows, K)
+                                                        : quantize_rows_int4(xr.data_ptr<float>(), rows, K);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const uint16_t* sm = reinterpret_cast<const uint16_t*>(scale_min.data_ptr<c10::BFloat16>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      for (int64_t r = 0; r < rows; r += 4) {
-        switch (std::min<int64_t>(4, rows - r)) {
-          case 1: int4_gemm_tile<1>(q, r, K, pp, sm, op, N, t); break;
-          case 2: int4_gemm_tile<2>(q, r, K, pp, sm, op, N, t); break;
-          case 3: int4_gemm_tile<3>(q, r, K, pp, sm, op, N, t); break;
-          default: int4_gemm_tile<4>(q, r, K, pp, sm, op, N, t); break;
+  with_output_type(out, [&](auto* op) {
+    using OutT = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        for (int64_t r = 0; r < rows; r += 4) {
+          switch (std::min<int64_t>(4, rows - r)) {
+            case 1: int4_gemm_tile<1, OutT>(q, r, K, pp, sm, op, N, t); break;
+            case 2: int4_gemm_tile<2, OutT>(q, r, K, pp, sm, op, N, t); break;
+            case 3: int4_gemm_tile<3, OutT>(q, r, K, pp, sm, op, N, t); break;
+            default: int4_gemm_tile<4, OutT>(q, r, K, pp, sm, op, N, t); break;
+          }
         }
-      }
+    });
   });
 #endif
-  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
-  return want == at::kFloat ? out : out.to(want);
+  return out.scalar_type() == want ? out : out.to(want);
 }
 
 
@@ -650,33 +695,38 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, c
   const int64_t rows = x.size(0), K = x.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 2 == 0 && packed.numel() == N * K && packed.scalar_type() == at::kBFloat16,
               "bf16_gemm: the packed weight does not match x");
-  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "bf16_gemm: one bias per output");
+  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
+  at::Tensor out = at::empty({rows, N}, x.options().dtype(direct_dtype(want)));
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  const at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
+  // The bias is added in fp32 before the one rounding, as F.linear does.
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-    int64_t t = b;
-    if (rows <= 2)  // few rows: four tiles at once
-      for (; t + 4 <= e; t += 4) {
-        if (rows == 1) bf16_gemm_tile<1, 4>(xp, 0, K, wp, op, N, t);
-        else bf16_gemm_tile<2, 4>(xp, 0, K, wp, op, N, t);
-      }
-    for (; t < e; ++t)
-      for (int64_t r = 0; r < rows; r += 4) {
-        switch (std::min<int64_t>(4, rows - r)) {
-          case 1: bf16_gemm_tile<1, 1>(xp, r, K, wp, op, N, t); break;
-          case 2: bf16_gemm_tile<2, 1>(xp, r, K, wp, op, N, t); break;
-          case 3: bf16_gemm_tile<3, 1>(xp, r, K, wp, op, N, t); break;
-          default: bf16_gemm_tile<4, 1>(xp, r, K, wp, op, N, t); break;
+  with_output_type(out, [&](auto* op) {
+    using OutT = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
+      int64_t t = b;
+      if (rows <= 2)  // few rows: four tiles at once
+        for (; t + 4 <= e; t += 4) {
+          if (rows == 1) bf16_gemm_tile<1, 4, OutT>(xp, 0, K, wp, bp, op, N, t);
+          else bf16_gemm_tile<2, 4, OutT>(xp, 0, K, wp, bp, op, N, t);
         }
-      }
+      for (; t < e; ++t)
+        for (int64_t r = 0; r < rows; r += 4) {
+          switch (std::min<int64_t>(4, rows - r)) {
+            case 1: bf16_gemm_tile<1, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
+            case 2: bf16_gemm_tile<2, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
+            case 3: bf16_gemm_tile<3, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
+            default: bf16_gemm_tile<4, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
+          }
+        }
+    });
   });
 #endif
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));  // in fp32, then one rounding, as F.linear
-  const at::ScalarType want = out_dtype.value_or(x.scalar_type());
-  return want == at::kFloat ? out : out.to(want);
+  return out.scalar_type() == want ? out : out.to(want);
 }
 
 }  // namespace
