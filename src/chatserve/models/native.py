@@ -1,16 +1,25 @@
-"""chatserve's native CPU decode kernels (csrc/decode.cpp): RMSNorm with the residual add, SiLU-and-
-multiply, and decode attention over the paged KV cache with RoPE and the K/V write, each one call
-where the PyTorch path runs several ops a layer. On a small model dispatch is half the decode step
-(SmolLM2-135M Q4_1: ~1700 ops, ~6 ms of a 14 ms step), so these double its decode speed.
+"""chatserve's native CPU kernels (csrc/decode.cpp).
+
+- Fused decode ops: RMSNorm with the residual add, SiLU-and-multiply, and decode attention over the
+  paged KV cache with the q/k norms, RoPE and the K/V write: four calls a layer where PyTorch runs
+  ~50 ops (on a small model dispatch was half the decode step: SmolLM2-135M, ~1700 ops, ~6 ms of
+  14). CausalLM.decode runs them, for decode-only steps.
+- Matmuls: int4 (weights in a layout of their own) and int8 with the activations quantized to int8
+  blocks of 32 and AVX-512 VNNI dot products, as llama.cpp's Q4/Q8 products; bf16 with vdpbf16ps.
+  int4 and bf16 layers take the native layout when the kernels are loaded before the weights, and
+  then run every step on them, prefill included; int8 layers keep PyTorch's layout and use the
+  native kernel in decode steps.
 
 They are built with the machine's C++ compiler against the installed torch (no build step at
 install time, no prebuilt binary), once: the library is cached under ~/.cache/chatserve/kernels,
-keyed by the source, torch's version, the compiler flags and the CPU's flags. Modes (--native-kernels):
+keyed by the source, torch's version, the compiler flags and the CPU's flags (-march=native: the
+VNNI and BF16 kernels exist where the CPU has those instructions). Modes (--native-kernels):
   auto  use the cached library; if there is none, build it in the background (about 20 s on two
-        cores) while decode runs on PyTorch ops, and switch once it is loaded. No compiler: PyTorch ops.
+        cores) while decode runs on PyTorch ops, and switch once it is loaded (the weights' layouts
+        follow at the next start). No compiler: PyTorch ops.
   on    build now if needed (start-up waits) and fail if it cannot be built.
   off   PyTorch ops only.
-Only CPU decode steps use them; prefill, CUDA and the oracle tests run the PyTorch path."""
+CUDA, prefill attention and the oracle tests run the PyTorch path."""
 
 from __future__ import annotations
 
