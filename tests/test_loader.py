@@ -261,7 +261,9 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("load_format", ["auto", "dummy"])
 def test_linear_weights_are_stored_column_major_on_the_cpu(qwen2_dir, load_format):
-    loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", load_format=load_format))
+    # (The plain layout: with the native kernels the weights take their tiles, tests/test_quantization.py.)
+    loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", load_format=load_format,
+                                     native_kernels="off"))
     model = loaded.model
     qkv = model.model.layers[0].self_attn.qkv_proj.weight
     # Same shape and values as the file's [out, in] matrices stacked, laid out as its contiguous transpose.

@@ -102,23 +102,32 @@ def test_split_linear_and_embedding_are_the_plain_ones():
     assert torch.equal(SplitEmbedding(blocks)(ids), weight[ids])
 
 
-def test_fp32_linears_are_split_per_thread(qwen2_dir):
-    """With 2 threads an fp32 model keeps its Linear weights as SplitLinear blocks (the tests'
-    default of 1 thread keeps plain Linears): same logits, same greedy tokens."""
-    plain = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32"))
+@pytest.mark.parametrize("native_kernels", ["off", "on"])
+def test_fp32_linears_are_split_per_thread_or_native(qwen2_dir, native_kernels):
+    """With 2 threads an fp32 model keeps its Linear weights as SplitLinear blocks, or with the
+    native kernels in their tiles (NativeFloatLinear); without either, plain Linears (the tests'
+    default of 1 thread): same logits, same greedy tokens."""
+    from chatserve.models.quantization import NativeFloatLinear
+
+    plain = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32", native_kernels="off"))
     assert isinstance(plain.model.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    kind = NativeFloatLinear if native_kernels == "on" else SplitLinear
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        split = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32"))
+        split = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="float32",
+                                        native_kernels=native_kernels))
         layer = split.model.model.layers[0]
-        assert isinstance(layer.self_attn.qkv_proj, SplitLinear) and isinstance(layer.mlp.down_proj, SplitLinear)
+        assert isinstance(layer.self_attn.qkv_proj, kind) and isinstance(layer.mlp.down_proj, kind)
         assert layer.self_attn.qkv_proj.bias is not None
         torch.testing.assert_close(split.model.score(TEXT_IDS), plain.model.score(TEXT_IDS), atol=1e-5, rtol=1e-5)
+        if kind is NativeFloatLinear:  # the tied head's tiles serve the embedding's lookups
+            ids = torch.tensor([0, 5, 17, split.config.vocab_size - 1])
+            assert torch.equal(split.model.model.embed_tokens(ids), plain.model.model.embed_tokens(ids))
         tokens = []
         for loaded in (plain, split):
-            engine = Engine(EngineConfig(model=loaded.name, device="cpu", dtype="float32", num_kv_blocks=32),
-                            loaded=loaded)
+            engine = Engine(EngineConfig(model=loaded.name, device="cpu", dtype="float32", num_kv_blocks=32,
+                                         native_kernels=native_kernels), loaded=loaded)
             rid = engine.add_request({"prompt_token_ids": TEXT_IDS},
                                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
             tokens.append(engine.run_to_completion([rid])[rid].token_ids)
@@ -132,24 +141,24 @@ def test_packed_bf16_linear_is_the_plain_one(qwen2_dir, native_kernels):
     """bf16 Linears where the CPU has native bf16: oneDNN's packed layout, or the native kernel's
     (with the native kernels on); either multiplies as F.linear does."""
     from chatserve.models import native
-    from chatserve.models.quantization import NativeBf16Linear
+    from chatserve.models.quantization import NativeFloatLinear
 
     loaded = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16",
                                      native_kernels=native_kernels))
     kind = PackedLinear
-    if native_kernels == "on" and native.ops().bf16_kernels_available():
-        kind = NativeBf16Linear
+    if native_kernels == "on" and native.ops().float_kernels_available(torch.bfloat16):
+        kind = NativeFloatLinear
     packed = isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, kind)
     assert packed == cpu_has_native_bf16()  # only where the CPU has native bf16
     if not packed:
         pytest.skip("this CPU has no native bf16 (avx512_bf16/AMX): bf16 Linears stay plain")
     torch.manual_seed(3)
     weight, bias = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
-    layer = kind(weight, bias)
+    layer = kind(weight, torch.bfloat16, bias) if kind is NativeFloatLinear else kind(weight, bias)
     for shape in ((1, 64), (5, 64), (2, 3, 64)):
         x = torch.randn(shape, dtype=torch.bfloat16)
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
-    if kind is NativeBf16Linear and loaded.model.tie_word_embeddings:
+    if kind is NativeFloatLinear and loaded.model.tie_word_embeddings:
         # The tied head on the native kernel serves the embedding's lookups from its own layout.
         ids = torch.tensor([0, 5, 17, loaded.config.vocab_size - 1])
         plain = load_model(EngineConfig(model=str(qwen2_dir), device="cpu", dtype="bfloat16", native_kernels="off"))

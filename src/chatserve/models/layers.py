@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantization import Int4Linear, Int8Linear, NativeBf16Linear
+from .quantization import Int4Linear, Int8Linear, NativeFloatLinear
 
 
 class RMSNorm(nn.Module):
@@ -372,8 +372,8 @@ def fast_linear(layer: nn.Module, ops, integer: bool, out_dtype: Optional[torch.
     elif integer and type(layer) is Int8Linear and layer.in_features % 64 == 0:
         op, qweight, scales = ops.int8_gemv.default, layer.qweight, layer.scales
         matmul = lambda h: op(h, qweight, scales, out_dtype)  # noqa: E731
-    elif type(layer) is NativeBf16Linear:  # its bias added inside, in fp32
-        op, packed, n, bias = ops.bf16_gemm.default, layer.packed, layer.out_features, layer.bias
+    elif type(layer) is NativeFloatLinear:  # its bias added inside, in fp32
+        op, packed, n, bias = ops.float_gemm.default, layer.packed, layer.out_features, layer.bias
         return lambda h: op(h, packed, n, bias, out_dtype)
     else:
         return layer

@@ -22,8 +22,8 @@ from ..config import EngineConfig
 from . import ARCHITECTURES, native
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
-from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, NativeBf16Embedding,
-                           NativeBf16Linear, PackedLinear, QuantizedLinear, StoredLinear,
+from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, NativeFloatEmbedding,
+                           NativeFloatLinear, PackedLinear, QuantizedLinear, StoredLinear,
                            SplitEmbedding, SplitLinear, check_supported, quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
@@ -255,7 +255,7 @@ class WeightLoader:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str],
                  native: Optional[set] = None):
         self.model, self.device, self.dtype, self.quantization = model, device, dtype, quantization
-        # Layers the native kernels (models/native.py) take, in their layouts: {"int4", "bf16"}.
+        # Layers the native kernels (models/native.py) take, in their layouts: of "int4", "bf16", "f32".
         self.native = native or set()
         self.native_int4 = "int4" in self.native
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -310,20 +310,21 @@ class WeightLoader:
             self._put_quantized_embedding(source, method)
         elif name in self.linear and method is not None:
             self._swap_linear(name.rpartition(".")[0], self._quantized_linear(source, method))
+        elif name in self.linear and self.native_float(source.shape):
+            # (The native layout converts as it packs: no copy of the source at the run dtype.)
+            self._swap_linear(name.rpartition(".")[0], NativeFloatLinear(source.values(), self.dtype))
+            self.kinds["float"] += 1
         elif name in self.linear and parts:
             self._swap_linear(name.rpartition(".")[0], SplitLinear(SplitLinear.split(source.values().to(self.dtype), parts)))
             self.kinds["float"] += 1
         elif name in self.linear and self.packs():
-            # (The native layout converts as it packs: no bf16 copy of the source in between.)
-            native = "bf16" in self.native and NativeBf16Linear.fits(tuple(source.shape))
-            values = source.values() if native else source.values().to(self.dtype)
-            self._swap_linear(name.rpartition(".")[0], NativeBf16Linear(values) if native else PackedLinear(values))
+            self._swap_linear(name.rpartition(".")[0], PackedLinear(source.values().to(self.dtype)))
             self.kinds["float"] += 1
-        elif (name == "model.embed_tokens.weight" and self.model.tie_word_embeddings and self.packs()
-              and "bf16" in self.native and NativeBf16Linear.fits(source.shape)):
-            # The head on the native bf16 kernel, its layout serving the embedding's lookups too.
-            self.model.lm_head = NativeBf16Linear(source.values())
-            self.model.model.embed_tokens = NativeBf16Embedding(self.model.lm_head)
+        elif (name == "model.embed_tokens.weight" and self.model.tie_word_embeddings
+              and self.native_float(source.shape)):
+            # The head on the native kernel, its layout serving the embedding's lookups too.
+            self.model.lm_head = NativeFloatLinear(source.values(), self.dtype)
+            self.model.model.embed_tokens = NativeFloatEmbedding(self.model.lm_head)
         elif name == "model.embed_tokens.weight" and self.model.tie_word_embeddings and parts:
             # The head's blocks serve the embedding's lookups too: one copy of the matrix.
             blocks = SplitLinear.split(source.values().to(self.dtype), parts)
@@ -360,6 +361,13 @@ class WeightLoader:
         parts = torch.get_num_threads()
         usable = self.device.type == "cpu" and self.dtype == torch.float32 and len(shape) == 2 and parts > 1
         return parts if usable and shape[0] % parts == 0 else 0
+
+    def native_float(self, shape: tuple) -> bool:
+        """Float Linear weights on the native kernel: fp32 ones, and bf16 ones where the CPU has
+        native bf16 (as for PackedLinear), when the kernels are loaded and the shape fits its tiles."""
+        kind = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(self.dtype)
+        return (kind in self.native and NativeFloatLinear.fits(tuple(shape))
+                and (kind == "f32" or cpu_has_native_bf16()))
 
     def packs(self) -> bool:
         """bf16 Linear weights on the CPU go into oneDNN's layout once (PackedLinear), where the CPU
@@ -513,7 +521,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
     native.start(config.native_kernels, device)
     ops = native.ops() if config.native_kernels != "off" and device.type == "cpu" else None
     native_layers = set() if ops is None else (
-        ({"int4"} if ops.integer_kernels_available() else set()) | ({"bf16"} if ops.bf16_kernels_available() else set()))
+        {kind for kind, ok in (("int4", ops.integer_kernels_available()),
+                               ("bf16", ops.float_kernels_available(torch.bfloat16)),
+                               ("f32", ops.float_kernels_available(torch.float32))) if ok})
     if load_format == "dummy":
         init_random_weights(model, device, dtype, config.seed, quantization, native_layers)
     elif reader is not None:

@@ -239,37 +239,36 @@ class SplitEmbedding(nn.Module):
         return self.blocks[ids // self.block, :, ids % self.block]
 
 
-class NativeBf16Linear(StoredLinear):
-    """A bf16 Linear on the native kernel (models/native.py, vdpbf16ps): the weight in tiles of 16
-    outputs, each pair of inputs side by side, so the outputs sit in the vector lanes. On 2
-    threads, 1.5-2.3x oneDNN's packed bf16 for one row (a decode step), par for 32 and 512 rows."""
+class NativeFloatLinear(StoredLinear):
+    """An fp32 or bf16 Linear on the native kernel (models/native.py): the weight in tiles of 16
+    outputs, each output's inputs (pairs for bf16, vdpbf16ps's operand) side by side, so the outputs
+    sit in the vector lanes and every thread streams its tiles. On 2 threads, one row (a decode
+    step): bf16 1.5-2.3x oneDNN's packed layout; 32 and 512 rows at par."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 packed: Optional[torch.Tensor] = None):
+    bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: Optional[torch.Tensor] = None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         from . import native
 
         self.ops = native.ops()
-        self.register_buffer("packed", self.ops.bf16_pack(weight) if packed is None else packed)
+        self.register_buffer("packed", self.ops.float_pack(weight, dtype))  # converted as it packs
 
     @staticmethod
     def fits(shape: tuple) -> bool:
         return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 2 == 0
 
-    bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
-
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.ops.bf16_gemm(rows, self.packed, self.out_features, self.bias, None)
+        return self.ops.float_gemm(rows, self.packed, self.out_features, self.bias, None)
 
 
-class NativeBf16Embedding(nn.Module):
-    """A tied model's embedding read from its head's NativeBf16Linear layout: row v is output v."""
+class NativeFloatEmbedding(nn.Module):
+    """A tied model's embedding read from its head's NativeFloatLinear layout: row v is output v."""
 
-    def __init__(self, head: NativeBf16Linear):
+    def __init__(self, head: NativeFloatLinear):
         super().__init__()
-        n, k = head.out_features, head.in_features
-        self.register_buffer("tiles", head.packed.view(n // 16, k // 2, 16, 2))
-        self.dim = k
+        self.register_buffer("tiles", head.packed)  # [vocab / 16, dim / g, 16, g]
+        self.dim = head.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tiles[ids // 16, :, ids % 16, :].reshape(*ids.shape, self.dim)

@@ -529,9 +529,9 @@ constexpr bool kHaveInt8Gemv = false;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 constexpr bool kHaveBf16Gemm = true;
 
-// bf16 weights in bf16_pack's layout: tiles of 16 outputs; per tile and pair of inputs, 64 bytes
+// bf16 weights in float_pack's layout: tiles of 16 outputs; per tile and pair of inputs, 64 bytes
 // (each output's two weights side by side), one vdpbf16ps operand with the outputs in the lanes.
-// R rows of x at a time, two accumulators each (even and odd pairs) to hide the FMA latency.
+// R rows of x and T tiles at a time, two accumulators each (even and odd pairs) to hide the latency.
 template <int R, int T, typename OutT>
 inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uint16_t* packed, const float* bias,
                            OutT* out, int64_t N, int64_t tile) {
@@ -568,7 +568,47 @@ inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uin
 constexpr bool kHaveBf16Gemm = false;
 #endif
 
-bool bf16_kernels_available() { return kHaveBf16Gemm; }
+
+#ifdef __AVX512F__
+// fp32 weights in float_pack's layout: tiles of 16 outputs, per tile and input 64 bytes (the 16
+// outputs' weights), one FMA with the input broadcast. MKL multiplies one row on one thread at half
+// the memory's speed; this streams the weights on every thread.
+template <int R, int T, typename OutT>
+inline void f32_gemm_tile(const float* x, int64_t row0, int64_t K, const float* packed, const float* bias,
+                          OutT* out, int64_t N, int64_t tile) {
+  __m512 acc[R][T][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, int u) {
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_set1_ps(x[(row0 + r) * K + k]);
+    for (int t = 0; t < T; ++t) {
+      const __m512 wv = _mm512_loadu_ps(packed + ((tile + t) * K + k) * 16);
+      for (int r = 0; r < R; ++r) acc[r][t][u] = _mm512_fmadd_ps(wv, xv[r], acc[r][t][u]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    step(k, 0);
+    step(k + 1, 1);
+  }
+  if (k < K) step(k, 0);
+  for (int t = 0; t < T; ++t) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
+    for (int r = 0; r < R; ++r)
+      store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), b));
+  }
+}
+#endif
+
+// float_gemm for fp32 weights (any AVX-512 CPU) and bf16 ones (AVX-512 BF16).
+bool float_kernels_available(at::ScalarType dtype) {
+#ifdef __AVX512F__
+  return dtype == at::kFloat || (dtype == at::kBFloat16 && kHaveBf16Gemm);
+#else
+  return false;
+#endif
+}
 
 // int8_gemv and int4_gemm: built only where the compiler targets AVX-512 with VNNI.
 bool integer_kernels_available() { return kHaveInt8Gemv; }
@@ -673,59 +713,82 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
 }
 
 
-// weight [N, K] -> bf16_gemm's layout (N a multiple of 16, K even).
-at::Tensor bf16_pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 16 == 0 && weight.size(1) % 2 == 0,
-              "bf16_pack: weight must be [N, K] with N a multiple of 16 and K even");
+// weight [N, K] -> float_gemm's layout for `dtype` (fp32 or bf16): [N / 16, K / g, 16, g], g inputs
+// of an output side by side (g = 2 for bf16, the pair vdpbf16ps takes; 1 for fp32). N a multiple of
+// 16, K of g. Converted in the same copy: the loader's peak stays the source plus the packed weight.
+at::Tensor float_pack(const at::Tensor& weight, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float_pack: fp32 or bf16");
+  const int64_t g = dtype == at::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 16 == 0 && weight.size(1) % g == 0,
+              "float_pack: weight must be [N, K] with N a multiple of 16 (and K even for bf16)");
   const int64_t N = weight.size(0), K = weight.size(1);
-  // [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2], converted in the same copy (one new tensor: the
-  // loader's peak memory stays the source plus the packed weight).
-  at::Tensor packed = at::empty({N / 16, K / 2, 16, 2}, weight.options().dtype(at::kBFloat16));
-  packed.copy_(weight.contiguous().view({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}));
-  return packed.view({N * K});
+  at::Tensor packed = at::empty({N / 16, K / g, 16, g}, weight.options().dtype(dtype));
+  packed.copy_(weight.contiguous().view({N / 16, 16, K / g, g}).permute({0, 2, 1, 3}));
+  return packed;
 }
 
-// x [rows, K] times bf16 weights in bf16_pack's layout, plus the bias: out [rows, N] in out_dtype
-// (default x's);
-// bf16 products summed in fp32 (vdpbf16ps), as oneDNN's bf16 GEMM.
-at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, const std::optional<at::Tensor>& bias,
-                     std::optional<at::ScalarType> out_dtype) {
-  check_rows(x, "bf16_gemm");
-  TORCH_CHECK(kHaveBf16Gemm, "bf16_gemm: built without AVX-512 BF16");
+template <typename W, typename OutT, int R, int T>
+inline void float_tile(const W* x, int64_t row0, int64_t K, const W* w, const float* bias, OutT* out, int64_t N,
+                       int64_t tile) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<W, float>) {
+    f32_gemm_tile<R, T, OutT>(x, row0, K, w, bias, out, N, tile);
+  } else {
+#if defined(__AVX512BF16__)
+    bf16_gemm_tile<R, T, OutT>(x, row0, K, w, bias, out, N, tile);
+#endif
+  }
+#endif
+}
+
+// x [rows, K] times fp32 or bf16 weights in float_pack's layout, plus the bias, summed in fp32
+// (bf16 products by vdpbf16ps, as oneDNN's bf16 GEMM): out [rows, N] in out_dtype (default x's).
+// Decode steps read the weights at memory speed (one row of a bf16 layer: 1.5-2.3x oneDNN's
+// packed layout on 2 threads); 32 and 512 rows run at par with oneDNN.
+at::Tensor float_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, const std::optional<at::Tensor>& bias,
+                      std::optional<at::ScalarType> out_dtype) {
+  check_rows(x, "float_gemm");
+  const at::ScalarType wt = packed.scalar_type();
+  TORCH_CHECK(float_kernels_available(wt), "float_gemm: no kernel for these weights on this build");
   const int64_t rows = x.size(0), K = x.size(1);
-  TORCH_CHECK(N % 16 == 0 && K % 2 == 0 && packed.numel() == N * K && packed.scalar_type() == at::kBFloat16,
-              "bf16_gemm: the packed weight does not match x");
-  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "bf16_gemm: one bias per output");
+  TORCH_CHECK(N % 16 == 0 && packed.numel() == N * K && packed.is_contiguous(),
+              "float_gemm: the packed weight does not match x");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "float_gemm: one bias per output");
   const at::ScalarType want = out_dtype.value_or(x.scalar_type());
   at::Tensor out = at::empty({rows, N}, x.options().dtype(direct_dtype(want)));
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-  const at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
+  const at::Tensor xw = x.scalar_type() == wt ? x : x.to(wt);  // the weights' dtype
   // The bias is added in fp32 before the one rounding, as F.linear does.
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
-  with_output_type(out, [&](auto* op) {
-    using OutT = std::remove_pointer_t<decltype(op)>;
-    at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-      int64_t t = b;
-      if (rows <= 2)  // few rows: four tiles at once
-        for (; t + 4 <= e; t += 4) {
-          if (rows == 1) bf16_gemm_tile<1, 4, OutT>(xp, 0, K, wp, bp, op, N, t);
-          else bf16_gemm_tile<2, 4, OutT>(xp, 0, K, wp, bp, op, N, t);
-        }
-      for (; t < e; ++t)
-        for (int64_t r = 0; r < rows; r += 4) {
-          switch (std::min<int64_t>(4, rows - r)) {
-            case 1: bf16_gemm_tile<1, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
-            case 2: bf16_gemm_tile<2, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
-            case 3: bf16_gemm_tile<3, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
-            default: bf16_gemm_tile<4, 1, OutT>(xp, r, K, wp, bp, op, N, t); break;
+  auto run = [&](auto* xp, auto* wp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    with_output_type(out, [&](auto* op) {
+      using OutT = std::remove_pointer_t<decltype(op)>;
+      at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
+        int64_t t = b;
+        if (rows <= 2)  // few rows: four tiles at once
+          for (; t + 4 <= e; t += 4) {
+            if (rows == 1) float_tile<W, OutT, 1, 4>(xp, 0, K, wp, bp, op, N, t);
+            else float_tile<W, OutT, 2, 4>(xp, 0, K, wp, bp, op, N, t);
           }
-        }
+        for (; t < e; ++t)
+          for (int64_t r = 0; r < rows; r += 4) {
+            switch (std::min<int64_t>(4, rows - r)) {
+              case 1: float_tile<W, OutT, 1, 1>(xp, r, K, wp, bp, op, N, t); break;
+              case 2: float_tile<W, OutT, 2, 1>(xp, r, K, wp, bp, op, N, t); break;
+              case 3: float_tile<W, OutT, 3, 1>(xp, r, K, wp, bp, op, N, t); break;
+              default: float_tile<W, OutT, 4, 1>(xp, r, K, wp, bp, op, N, t); break;
+            }
+          }
+      });
     });
-  });
-#endif
+  };
+  if (wt == at::kFloat) {
+    run(xw.data_ptr<float>(), packed.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(xw.data_ptr<c10::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>()));
+  }
   return out.scalar_type() == want ? out : out.to(want);
 }
 
@@ -739,9 +802,10 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, ScalarType? out_dtype=None) -> Tensor", &int8_gemv);
   m.def("int4_pack(Tensor q, Tensor scales, Tensor mins) -> Tensor[]", &int4_pack);
   m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, ScalarType? out_dtype=None) -> Tensor", &int4_gemm);
-  m.def("bf16_kernels_available() -> bool", &bf16_kernels_available);
-  m.def("bf16_pack(Tensor weight) -> Tensor", &bf16_pack);
-  m.def("bf16_gemm(Tensor x, Tensor packed, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor", &bf16_gemm);
+  m.def("float_kernels_available(ScalarType dtype) -> bool", &float_kernels_available);
+  m.def("float_pack(Tensor weight, ScalarType dtype) -> Tensor", &float_pack);
+  m.def("float_gemm(Tensor x, Tensor packed, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+        &float_gemm);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
