@@ -188,6 +188,65 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Decode attention of one query head over its sequence's paged K/V (k, v: the pools at its KV head,
+// `stride` elements from one slot to the next; slot_of: each token's slot): scores four tokens at a time (four independent FMA
+// chains, one horizontal sum each), softmax, then the weighted sum of V in registers. dim % 16 == 0,
+// dim <= 256. out[dim] fp32, normalised.
+template <typename T>
+void attend_avx512(const float* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t len,
+                   int64_t dim, float scale, float* scores, float* out) {
+  auto at = [&](int64_t t) { return slot_of[t] * stride; };
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4) {
+    const T* k0 = k + at(t);
+    const T* k1 = k + at(t + 1);
+    const T* k2 = k + at(t + 2);
+    const T* k3 = k + at(t + 3);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < dim; c += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + c);
+      a0 = _mm512_fmadd_ps(qv, load16(k0 + c), a0);
+      a1 = _mm512_fmadd_ps(qv, load16(k1 + c), a1);
+      a2 = _mm512_fmadd_ps(qv, load16(k2 + c), a2);
+      a3 = _mm512_fmadd_ps(qv, load16(k3 + c), a3);
+    }
+    scores[t] = _mm512_reduce_add_ps(a0) * scale;
+    scores[t + 1] = _mm512_reduce_add_ps(a1) * scale;
+    scores[t + 2] = _mm512_reduce_add_ps(a2) * scale;
+    scores[t + 3] = _mm512_reduce_add_ps(a3) * scale;
+    top = std::max(top, std::max(std::max(scores[t], scores[t + 1]), std::max(scores[t + 2], scores[t + 3])));
+  }
+  for (; t < len; ++t) {
+    const T* kt = k + at(t);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load16(kt + c), a);
+    scores[t] = _mm512_reduce_add_ps(a) * scale;
+    top = std::max(top, scores[t]);
+  }
+  float total = 0.f;
+  for (t = 0; t < len; ++t) scores[t] = fast_exp(scores[t] - top);
+  for (t = 0; t < len; ++t) total += scores[t];
+  __m512 acc[16];
+  const int64_t chunks = dim / 16;
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (t = 0; t < len; ++t) {
+    const T* vt = v + at(t);
+    const __m512 p = _mm512_set1_ps(scores[t]);
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vt + c * 16), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / total);
+  for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(acc[c], inv));
+}
+#endif
+
 // One decode step of attention for a batch of single-token queries over the paged KV cache:
 // split the fused qkv rows, apply the per-head q/k norms (when given) and RoPE, write this token's
 // K and V at its slot, and attend over the sequence's context. out [rows, heads * head_dim].
@@ -275,6 +334,17 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     // 2. Attention, one (row, query head) at a time, fp32 throughout.
     int64_t longest = 0;
     for (int64_t r = 0; r < rows; ++r) longest = std::max(longest, lens[r]);
+#ifdef __AVX512F__
+    constexpr bool vector_type = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+    const bool vectorised = vector_type && dim % 16 == 0 && dim <= 256;
+#else
+    const bool vectorised = false;
+#endif
+    // Each token's slot, once per sequence rather than once per head (a division each).
+    std::vector<int64_t> slot_of(rows * longest);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0; t < lens[r]; ++t)
+        slot_of[r * longest + t] = tables[r * max_blocks + t / block_size] * block_size + t % block_size;
     at::parallel_for(0, rows * heads, grain(longest * dim * 2), [&](int64_t b, int64_t e) {
       std::vector<float> scores(longest);
       std::vector<float> acc(dim);
@@ -282,28 +352,35 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
         const int64_t r = k / heads, hd = k % heads, g = hd / group, len = lens[r];
         const int64_t* table = tables + r * max_blocks;
         const float* q = q_all.data() + (r * heads + hd) * dim;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t sl = table[t / block_size] * block_size + t % block_size;
-          const float sc = dot<float, T>(q, kp + (sl * kv_heads + g) * dim, dim) * static_cast<float>(scale);
-          scores[t] = sc;
-          top = std::max(top, sc);
-        }
-        float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          scores[t] = fast_exp(scores[t] - top);
-        }
-        for (int64_t t = 0; t < len; ++t) total += scores[t];
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t sl = table[t / block_size] * block_size + t % block_size;
-          const T* v = vp + (sl * kv_heads + g) * dim;
-          const float p = scores[t];
-          for (int64_t i = 0; i < dim; ++i) acc[i] += p * to_f<T>(v[i]);
+        if (vectorised) {
+#ifdef __AVX512F__
+          if constexpr (vector_type)
+            attend_avx512<T>(q, kp + g * dim, vp + g * dim, kv_heads * dim, slot_of.data() + r * longest, len, dim,
+                             static_cast<float>(scale), scores.data(), acc.data());
+#endif
+        } else {
+          float top = -std::numeric_limits<float>::infinity();
+          for (int64_t t = 0; t < len; ++t) {
+            const int64_t sl = table[t / block_size] * block_size + t % block_size;
+            const float sc = dot<float, T>(q, kp + (sl * kv_heads + g) * dim, dim) * static_cast<float>(scale);
+            scores[t] = sc;
+            top = std::max(top, sc);
+          }
+          float total = 0.f;
+          for (int64_t t = 0; t < len; ++t) scores[t] = fast_exp(scores[t] - top);
+          for (int64_t t = 0; t < len; ++t) total += scores[t];
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t t = 0; t < len; ++t) {
+            const int64_t sl = table[t / block_size] * block_size + t % block_size;
+            const T* v = vp + (sl * kv_heads + g) * dim;
+            const float p = scores[t];
+            for (int64_t i = 0; i < dim; ++i) acc[i] += p * to_f<T>(v[i]);
+          }
+          const float inv = 1.f / total;
+          for (int64_t i = 0; i < dim; ++i) acc[i] *= inv;
         }
         T* dst = op + r * heads * dim + hd * dim;
-        const float inv = 1.f / total;
-        for (int64_t i = 0; i < dim; ++i) dst[i] = from_f<T>(acc[i] * inv);
+        for (int64_t i = 0; i < dim; ++i) dst[i] = from_f<T>(acc[i]);
       }
     });
   });
