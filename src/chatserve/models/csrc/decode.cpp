@@ -1,10 +1,13 @@
-// chatserve's CPU decode kernels: the small ops of a decoder layer fused, so a decode step runs a
-// handful of calls per layer instead of ~50 PyTorch ops (each a few microseconds of dispatch on the
-// CPU, which for a small model is as long as its matmuls). Built once by models/native.py and
-// loaded with torch.ops.load_library; the matmuls stay PyTorch's (quantized or not).
-//
-// Every op computes in fp32 and rounds to the activations' dtype where the PyTorch path does, so
-// both paths give the same tokens (tests/test_native.py holds them to each other).
+// chatserve's native CPU kernels (built once by models/native.py, loaded with
+// torch.ops.load_library):
+// - the small ops of a decoder layer fused (RMSNorm with the residual add, SiLU-and-multiply,
+//   decode attention with the q/k norms, RoPE and the K/V write), so a decode step runs a handful
+//   of calls per layer instead of ~50 PyTorch ops, each a few microseconds of dispatch on the CPU,
+//   which for a small model is as long as its matmuls. Computed in fp32 and rounded to the
+//   activations' dtype where the PyTorch path rounds (tests/test_native.py holds them to it);
+// - matmuls that read the weights at memory speed: int4 and int8 with the activations quantized to
+//   int8 blocks of 32 (AVX-512 VNNI, as llama.cpp's Q4/Q8 products), bf16 (vdpbf16ps) and fp32,
+//   the weights in tiles of 16 outputs so the outputs sit in the vector lanes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
