@@ -606,6 +606,29 @@ constexpr bool kHaveInt8Gemv = false;
 #endif
 
 
+#ifdef __AVX512F__
+// What the bf16 and fp32 tiles share: the steps over the inputs alternate between two accumulators
+// (hiding the FMA latency), and the tile ends as the two summed, plus the bias, stored.
+template <typename Step>
+inline void alternate_steps(int64_t steps, Step&& step) {
+  int64_t i = 0;
+  for (; i + 2 <= steps; i += 2) {
+    step(i, 0);
+    step(i + 1, 1);
+  }
+  if (i < steps) step(i, 0);
+}
+
+template <int R, int T, typename OutT>
+inline void store_tiles(__m512 (&acc)[R][T][2], const float* bias, OutT* out, int64_t row0, int64_t N, int64_t tile) {
+  for (int t = 0; t < T; ++t) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
+    for (int r = 0; r < R; ++r)
+      store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), b));
+  }
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 constexpr bool kHaveBf16Gemm = true;
 
@@ -632,17 +655,8 @@ inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uin
       for (int r = 0; r < R; ++r) acc[r][t][u] = _mm512_dpbf16_ps(acc[r][t][u], wv, xv[r]);
     }
   };
-  int64_t p = 0;
-  for (; p + 2 <= pairs; p += 2) {
-    step(p, 0);
-    step(p + 1, 1);
-  }
-  if (p < pairs) step(p, 0);
-  for (int t = 0; t < T; ++t) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
-    for (int r = 0; r < R; ++r)
-      store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), b));
-  }
+  alternate_steps(pairs, step);
+  store_tiles<R, T, OutT>(acc, bias, out, row0, N, tile);
 }
 #else
 constexpr bool kHaveBf16Gemm = false;
@@ -667,17 +681,8 @@ inline void f32_gemm_tile(const float* x, int64_t row0, int64_t K, const float* 
       for (int r = 0; r < R; ++r) acc[r][t][u] = _mm512_fmadd_ps(wv, xv[r], acc[r][t][u]);
     }
   };
-  int64_t k = 0;
-  for (; k + 2 <= K; k += 2) {
-    step(k, 0);
-    step(k + 1, 1);
-  }
-  if (k < K) step(k, 0);
-  for (int t = 0; t < T; ++t) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
-    for (int r = 0; r < R; ++r)
-      store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), b));
-  }
+  alternate_steps(K, step);
+  store_tiles<R, T, OutT>(acc, bias, out, row0, N, tile);
 }
 #endif
 
