@@ -94,11 +94,6 @@ def build(path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    # Libraries of earlier sources (an upgrade) or of another torch are not loaded again: drop them
-    # (a process that has one loaded keeps its mapping).
-    for old in path.parent.glob("decode-*.so"):
-        if old != path:
-            old.unlink(missing_ok=True)
 
 
 def _load(path: Path) -> None:
