@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -109,8 +110,11 @@ def spawn(server, tmp_path):
         environ.update(env or {})
         environ = {k: v for k, v in environ.items() if v is not None}
         argv = ["-m", "chatserve.cli", "chat", *(["--url", url or server.url] if "--model" not in args else []), *args]
+        # SIGINT back to its default in the chat: a test run started in the background by a
+        # non-interactive shell has it ignored, and the child would inherit that (Ctrl-C tests).
         child = pexpect.spawn(sys.executable, argv, env=environ, encoding="utf-8", timeout=WAIT_S,
-                              dimensions=(50, 200) if width is None else (24, width), cwd=str(REPO))
+                              dimensions=(50, 200) if width is None else (24, width), cwd=str(REPO),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         children.append(child)
         return child
 
