@@ -150,5 +150,9 @@ def test_int8_kernel_is_the_int8_matmul(ops):
         assert got.dtype == torch.bfloat16 and got.shape == (rows, 200)
         # Activations in int8 blocks of 32, as llama.cpp's Q8_0 dot products: ~0.5% error.
         assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+    # A layer made for the native kernels runs a few rows on it, in the input's dtype.
+    native_layer = Int8Linear(layer.qweight, layer.scales, layer.bias, native=True)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(native_layer(x), ops.int8_gemv(x, layer.qweight, layer.scales) + layer.bias)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         ops.int8_gemv(torch.randn(1, 96), torch.zeros(8, 96, dtype=torch.int8), torch.ones(8))

@@ -73,14 +73,15 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
+        ops = native.ops() if self.native and not prefills else None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
             lens = meta.decode_context_lens = self._tensor(decode_lens)
-            attend = torch.arange(width * bs, device=self.device) < lens.unsqueeze(1)
-            meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(~attend, float("-inf"))[
-                :, None, None, :]
-        ops = native.ops() if self.native and not prefills else None
+            if ops is None:  # the PyTorch path's mask; the native kernel reads the lengths
+                attend = torch.arange(width * bs, device=self.device) < lens.unsqueeze(1)
+                meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(
+                    ~attend, float("-inf"))[:, None, None, :]
         run = self.model if ops is None else partial(self.model.decode, ops)
         logits = run(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
                      self._tensor(logits_indices + prompt_indices))

@@ -339,14 +339,13 @@ class CausalLM(nn.Module):
         cached = self.__dict__.get("_plan")
         if cached is not None and cached[0] is ops:
             return cached[1]
-        integer = ops.integer_kernels_available()
         layers = self.model.layers
         plan = []
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            plan.append((fast_linear(attn.qkv_proj, ops, integer), fast_linear(attn.o_proj, ops, integer),
-                         fast_linear(mlp.gate_up_proj, ops, integer), fast_linear(mlp.down_proj, ops, integer),
+            plan.append((fast_linear(attn.qkv_proj, ops), fast_linear(attn.o_proj, ops),
+                         fast_linear(mlp.gate_up_proj, ops), fast_linear(mlp.down_proj, ops),
                          layer.post_attention_layernorm.weight, following.weight,
                          None if attn.q_norm is None else attn.q_norm.weight,
                          None if attn.k_norm is None else attn.k_norm.weight,
@@ -356,24 +355,26 @@ class CausalLM(nn.Module):
             weight = self.model.embed_tokens.weight
             head = lambda h: F.linear(h, weight)  # noqa: E731
         else:
-            head = fast_linear(lm_head, ops, integer, torch.float32)
+            head = fast_linear(lm_head, ops, torch.float32)
         built = (plan, head, layers[0].input_layernorm.weight, self.config.rms_norm_eps, self.rotary.cos,
                  self.rotary.sin, ops.decode_attention.default, ops.add_rms_norm.default, ops.silu_mul.default)
         self.__dict__["_plan"] = (ops, built)
         return built
 
 
-def fast_linear(layer: nn.Module, ops, integer: bool, out_dtype: Optional[torch.dtype] = None):
-    """layer(rows) for the 2-D rows of a decode step: the native integer kernels bound to their
-    tensors where they apply (out_dtype: the result's, default the input's), else the layer itself."""
+def fast_linear(layer: nn.Module, ops, out_dtype: Optional[torch.dtype] = None):
+    """layer(rows) for the 2-D rows of a decode step: a layer on a native kernel as that kernel bound
+    to its tensors (no nn.Module call or attribute lookups; any number of rows; out_dtype: the
+    result's, default the input's), else the layer itself."""
     if type(layer) is Int4Linear and layer.native:
         op, packed, scale_min, n = ops.int4_gemm.default, layer.packed, layer.scale_min, layer.out_features
         matmul = lambda h: op(h, packed, scale_min, n, out_dtype)  # noqa: E731
-    elif integer and type(layer) is Int8Linear and layer.in_features % 64 == 0:
-        op, qweight, scales = ops.int8_gemv.default, layer.qweight, layer.scales
+    elif type(layer) is Int8Linear and layer.native:
+        op, qweight, scales = ops.int8_gemv.default, layer.qweight, layer.scales_f32
         matmul = lambda h: op(h, qweight, scales, out_dtype)  # noqa: E731
-    elif type(layer) is NativeFloatLinear:  # its bias added inside, in fp32
-        op, packed, n, bias = ops.float_gemm.default, layer.packed, layer.out_features, layer.bias
+    elif type(layer) is NativeFloatLinear:  # its bias added inside, in fp32 (converted once here)
+        op, packed, n = ops.float_gemm.default, layer.packed, layer.out_features
+        bias = None if layer.bias is None else layer.bias.float()
         return lambda h: op(h, packed, n, bias, out_dtype)
     else:
         return layer

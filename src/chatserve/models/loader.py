@@ -255,9 +255,9 @@ class WeightLoader:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: Optional[str],
                  native: Optional[set] = None):
         self.model, self.device, self.dtype, self.quantization = model, device, dtype, quantization
-        # Layers the native kernels (models/native.py) take, in their layouts: of "int4", "bf16", "f32".
+        # Layers the native kernels (models/native.py) take, in their layouts: of "integer", "bf16", "f32".
         self.native = native or set()
-        self.native_int4 = "int4" in self.native
+        self.native_integer = "integer" in self.native
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.linear = linear_weight_names(model)
         # The checkpoint's own names and shapes, in an unfused model's parameter order, and for
@@ -345,9 +345,10 @@ class WeightLoader:
                           values: Optional[torch.Tensor] = None) -> QuantizedLinear:
         groups = source.int4_groups() if method == "int4" and source.int4_groups else None
         if groups is not None and Int4Linear.fits(tuple(source.shape)):
-            layer = Int4Linear(*groups, INT4_GROUP_SIZE, native=self.native_int4)
+            layer = Int4Linear(*groups, INT4_GROUP_SIZE, native=self.native_integer)
         else:
-            layer = quantize_linear(method, source.values() if values is None else values, native=self.native_int4)
+            layer = quantize_linear(method, source.values() if values is None else values,
+                                    native=self.native_integer)
         kind = "int4" if isinstance(layer, Int4Linear) else "int8"
         self.kinds[kind] += 1
         if source.stored_as != "float":
@@ -389,7 +390,7 @@ class WeightLoader:
         self.model.model.embed_tokens = Int8Embedding(qweight, scales, self.dtype)
         if self.model.tie_word_embeddings:
             if method == "int8":
-                self.model.lm_head = Int8Linear(qweight, scales)
+                self.model.lm_head = Int8Linear(qweight, scales, native=self.native_integer)
                 self.kinds["int8"] += 1
             else:
                 self.model.lm_head = self._quantized_linear(source, method, values)
@@ -521,7 +522,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     native.start(config.native_kernels, device)
     ops = native.ops() if config.native_kernels != "off" and device.type == "cpu" else None
     native_layers = set() if ops is None else (
-        {kind for kind, ok in (("int4", ops.integer_kernels_available()),
+        {kind for kind, ok in (("integer", ops.integer_kernels_available()),
                                ("bf16", ops.float_kernels_available(torch.bfloat16)),
                                ("f32", ops.float_kernels_available(torch.float32))) if ok})
     if load_format == "dummy":

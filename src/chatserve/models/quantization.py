@@ -77,16 +77,31 @@ class QuantizedLinear(StoredLinear):
 
 
 class Int8Linear(QuantizedLinear):
-    """weight [out, in] int8, scales [out]: w = q * scale."""
+    """weight [out, in] int8, scales [out]: w = q * scale. With native=True (and the inputs a
+    multiple of 64) a few rows at a time (decode steps, a prefill's last tokens) run on the native
+    int8 kernel (models/native.py: int8 activations, AVX-512 VNNI), any input dtype in and out."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 native: bool = False):
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE).contiguous())
+        self.native = native and self.in_features % 64 == 0
+        if self.native:
+            from . import native as native_kernels
+
+            self.ops = native_kernels.ops()
+            # fp32 once, not converted by the kernel at every call (the head: 49152 of them).
+            self.register_buffer("scales_f32", self.scales.float(), persistent=False)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "Int8Linear":
-        return cls(*quantize_int8(weight), bias)
+    def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, native: bool = False) -> "Int8Linear":
+        return cls(*quantize_int8(weight), bias, native)
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.native and rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return self.ops.int8_gemv(rows, self.qweight, self.scales_f32, None)
+        return super().matmul(rows)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
@@ -194,10 +209,10 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 def quantize_linear(method: str, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     native: bool = False) -> QuantizedLinear:
     """A float weight [out, in] as a quantized Linear; int4 falls back to int8 where the kernel's
-    tiling does not fit the shape. native: int4 in the native kernel's layout."""
+    tiling does not fit the shape. native: on the native integer kernels."""
     if method == "int4" and Int4Linear.fits(tuple(weight.shape)):
         return Int4Linear.quantize(weight, bias, native=native)
-    return Int8Linear.quantize(weight, bias)
+    return Int8Linear.quantize(weight, bias, native=native)
 
 
 class SplitLinear(StoredLinear):

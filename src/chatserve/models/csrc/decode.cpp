@@ -607,8 +607,8 @@ constexpr bool kHaveInt8Gemv = false;
 
 
 #ifdef __AVX512F__
-// What the bf16 and fp32 tiles share: the steps over the inputs alternate between two accumulators
-// (hiding the FMA latency), and the tile ends as the two summed, plus the bias, stored.
+// What the bf16 and fp32 tiles share: two accumulators per row and tile, zeroed, the steps over the
+// inputs alternating between them (hiding the FMA latency), and the two summed, plus the bias, stored.
 template <typename Step>
 inline void alternate_steps(int64_t steps, Step&& step) {
   int64_t i = 0;
@@ -617,6 +617,12 @@ inline void alternate_steps(int64_t steps, Step&& step) {
     step(i + 1, 1);
   }
   if (i < steps) step(i, 0);
+}
+
+template <int R, int T>
+inline void zero_tiles(__m512 (&acc)[R][T][2]) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
 }
 
 template <int R, int T, typename OutT>
@@ -640,8 +646,7 @@ inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uin
                            OutT* out, int64_t N, int64_t tile) {
   // T tiles at once: R * T * 2 independent accumulators hide vdpbf16ps's latency even for one row.
   __m512 acc[R][T][2];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+  zero_tiles(acc);
   const int64_t pairs = K / 2;
   auto step = [&](int64_t p, int u) {
     __m512bh xv[R];
@@ -671,8 +676,7 @@ template <int R, int T, typename OutT>
 inline void f32_gemm_tile(const float* x, int64_t row0, int64_t K, const float* packed, const float* bias,
                           OutT* out, int64_t N, int64_t tile) {
   __m512 acc[R][T][2];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+  zero_tiles(acc);
   auto step = [&](int64_t k, int u) {
     __m512 xv[R];
     for (int r = 0; r < R; ++r) xv[r] = _mm512_set1_ps(x[(row0 + r) * K + k]);
