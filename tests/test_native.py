@@ -138,21 +138,35 @@ def test_native_kernels_flag(tmp_path):
 def test_int8_kernel_is_the_int8_matmul(ops):
     if not ops.integer_kernels_available():
         pytest.skip("this CPU has no AVX-512 VNNI: int8 layers keep PyTorch's kernel")
-    from chatserve.models.quantization import Int8Linear
+    from chatserve.models.quantization import Int8Linear, NativeInt8Embedding, dequantize_int8_blocks, quantize_int8
 
     torch.manual_seed(0)
-    layer = Int8Linear.quantize(torch.randn(200, 128) * 0.05, torch.randn(200))  # 200: not a multiple of 4
-    deq = layer.qweight.float() * layer.scales.float().unsqueeze(1)
-    for rows in (1, 3, 4, 7, 32):
-        x = torch.randn(rows, 128).bfloat16()
-        expected = x.float() @ deq.t()
-        got = ops.int8_gemv(x, layer.qweight, layer.scales)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, 200)
-        # Activations in int8 blocks of 32, as llama.cpp's Q8_0 dot products: ~0.5% error.
-        assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
-    # A layer made for the native kernels runs a few rows on it, in the input's dtype.
-    native_layer = Int8Linear(layer.qweight, layer.scales, layer.bias, native=True)
-    x = torch.randn(3, 128)
-    torch.testing.assert_close(native_layer(x), ops.int8_gemv(x, layer.qweight, layer.scales) + layer.bias)
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        ops.int8_gemv(torch.randn(1, 96), torch.zeros(8, 96, dtype=torch.int8), torch.ones(8))
+    weight, bias = torch.randn(208, 160) * 0.05, torch.randn(208)  # 13 tiles: an odd count; 5 blocks
+    q, scales = quantize_int8(weight, block=32)
+    layer = Int8Linear(q, scales, bias, native=True)
+    assert layer.native and not hasattr(layer, "qweight")
+    deq = dequantize_int8_blocks(q, scales.half().float())  # the layout keeps fp16 scales, as Q8_0
+    for rows in (1, 2, 3, 4, 7, 32, 77):  # one and two rows take four tiles at once, more go by fours
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(rows, 160) * 2).to(dtype)
+            expected = x.float() @ deq.t() + bias
+            got = layer(x)
+            assert got.dtype == dtype and got.shape == (rows, 208)
+            # Activations in int8 blocks of 32, as llama.cpp's Q8_0 dot products: ~0.4% error.
+            assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+    # Its rows serve a tied embedding's lookups exactly.
+    embedding = NativeInt8Embedding(layer, torch.float32)
+    ids = torch.tensor([[0, 15, 16], [207, 100, 31]])
+    torch.testing.assert_close(embedding(ids), deq[ids], atol=0, rtol=0)
+    # A per-row scale is the same layout with each block at the row's scale; a file's blocks may
+    # come as a strided [out, blocks, 32] view.
+    q_row, row_scales = quantize_int8(weight)
+    per_row = Int8Linear(q_row, row_scales, native=True)
+    x = torch.randn(2, 160)
+    expected = x @ (q_row.float() * row_scales.half().float().unsqueeze(1)).t()
+    assert ((per_row(x) - expected).norm() / expected.norm()).item() < 0.01
+    strided = torch.zeros(208, 5, 40, dtype=torch.int8)[..., 4:36]
+    strided.copy_(q.view(208, 5, 32))
+    assert torch.equal(Int8Linear(strided, scales, native=True).packed, layer.packed)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.int8_gemm(torch.randn(1, 96), layer.packed, layer.block_scales, 208)

@@ -9,6 +9,7 @@ dtype or requantized (see `stored_method`)."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -132,6 +133,21 @@ class GGUFTensor:
         else:
             zeros = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
         return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zeros)
+
+
+    def int8_blocks(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(q [out, in / 32, 32] int8, scales [out, in / 32]) in Int8Linear's terms, for Q8_0 blocks,
+        exactly; None for other types. Block layout (ggml-common.h): an fp16 scale d, then 32 int8
+        weights: w = d * q. q is a view of the file's pages (Int8Linear copies it a slab at a time)."""
+        if self.type_name != "Q8_0":
+            return None
+        out_features, in_features = self.shape
+        blocks = self._ordered(self.raw).reshape(out_features, in_features // 32, 34)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        with warnings.catch_warnings():  # a read-only view of the file map: never written
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.from_numpy(blocks[..., 2:].view(np.int8))
+        return q, torch.from_numpy(d)
 
 
 def _unpermute_rows(name: str, shape: tuple, config: dict) -> Optional[np.ndarray]:

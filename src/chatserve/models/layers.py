@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantization import Int4Linear, Int8Linear, NativeFloatLinear
 
 
 class RMSNorm(nn.Module):
@@ -344,8 +343,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            plan.append((fast_linear(attn.qkv_proj, ops), fast_linear(attn.o_proj, ops),
-                         fast_linear(mlp.gate_up_proj, ops), fast_linear(mlp.down_proj, ops),
+            plan.append((fast_linear(attn.qkv_proj), fast_linear(attn.o_proj),
+                         fast_linear(mlp.gate_up_proj), fast_linear(mlp.down_proj),
                          layer.post_attention_layernorm.weight, following.weight,
                          None if attn.q_norm is None else attn.q_norm.weight,
                          None if attn.k_norm is None else attn.k_norm.weight,
@@ -355,28 +354,20 @@ class CausalLM(nn.Module):
             weight = self.model.embed_tokens.weight
             head = lambda h: F.linear(h, weight)  # noqa: E731
         else:
-            head = fast_linear(lm_head, ops, torch.float32)
+            head = fast_linear(lm_head, torch.float32)
         built = (plan, head, layers[0].input_layernorm.weight, self.config.rms_norm_eps, self.rotary.cos,
                  self.rotary.sin, ops.decode_attention.default, ops.add_rms_norm.default, ops.silu_mul.default)
         self.__dict__["_plan"] = (ops, built)
         return built
 
 
-def fast_linear(layer: nn.Module, ops, out_dtype: Optional[torch.dtype] = None):
+def fast_linear(layer: nn.Module, out_dtype: Optional[torch.dtype] = None):
     """layer(rows) for the 2-D rows of a decode step: a layer on a native kernel as that kernel bound
     to its tensors (no nn.Module call or attribute lookups; any number of rows; out_dtype: the
-    result's, default the input's), else the layer itself."""
-    if type(layer) is Int4Linear and layer.native:
-        op, packed, scale_min, n = ops.int4_gemm.default, layer.packed, layer.scale_min, layer.out_features
-        matmul = lambda h: op(h, packed, scale_min, n, out_dtype)  # noqa: E731
-    elif type(layer) is Int8Linear and layer.native:
-        op, qweight, scales = ops.int8_gemv.default, layer.qweight, layer.scales_f32
-        matmul = lambda h: op(h, qweight, scales, out_dtype)  # noqa: E731
-    elif type(layer) is NativeFloatLinear:  # its bias added inside, in fp32 (converted once here)
-        op, packed, n = ops.float_gemm.default, layer.packed, layer.out_features
-        bias = None if layer.bias is None else layer.bias.float()
-        return lambda h: op(h, packed, n, bias, out_dtype)
-    else:
+    result's, default the input's; the bias added inside, in fp32, converted once here), else the
+    layer itself."""
+    if not getattr(layer, "native", False):
         return layer
-    bias = layer.bias
-    return matmul if bias is None else (lambda h: matmul(h) + bias)
+    op, args = layer.native_call()
+    bias = None if layer.bias is None else layer.bias.float()
+    return lambda h: op(h, *args, bias, out_dtype)

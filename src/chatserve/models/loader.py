@@ -23,7 +23,7 @@ from . import ARCHITECTURES, native
 from .layers import FUSED_LINEARS, CausalLM, RotaryEmbedding
 from .model_config import ModelConfig
 from .quantization import (INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, NativeFloatEmbedding,
-                           NativeFloatLinear, PackedLinear, QuantizedLinear, StoredLinear,
+                           NativeFloatLinear, NativeInt8Embedding, PackedLinear, QuantizedLinear, StoredLinear,
                            SplitEmbedding, SplitLinear, check_supported, quantize_int8, quantize_linear)
 
 log = logging.getLogger("chatserve.loader")
@@ -224,6 +224,7 @@ class WeightSource:
     stored_as: str = "float"  # "float", or the GGUF block type (Q4_1, Q8_0, ...)
     stored_method: Optional[str] = None  # how it runs when no --quantization is given
     int4_groups: Optional[Callable[[], Optional[tuple]]] = None
+    int8_blocks: Optional[Callable[[], Optional[tuple]]] = None  # exact int8 blocks of 32 (Q8_0)
     release: Callable[[], None] = lambda: None
 
 
@@ -234,9 +235,11 @@ def stacked(parts: list[WeightSource]) -> WeightSource:
     # Mixed storage (Q4_K_M files keep attn_v at Q6_K): the most precise part decides.
     method = None if None in methods else ("int8" if "int8" in methods else methods[0])
 
-    def int4_groups() -> Optional[tuple]:
-        groups = [p.int4_groups() if p.int4_groups else None for p in parts]
-        return None if None in groups else tuple(torch.cat(g) for g in zip(*groups))
+    def exact(kind: str) -> Callable[[], Optional[tuple]]:
+        def read() -> Optional[tuple]:
+            found = [getattr(p, kind)() if getattr(p, kind) else None for p in parts]
+            return None if None in found else tuple(torch.cat(t) for t in zip(*found))
+        return read
 
     def release() -> None:
         for p in parts:
@@ -244,7 +247,7 @@ def stacked(parts: list[WeightSource]) -> WeightSource:
 
     return WeightSource((sum(p.shape[0] for p in parts), *parts[0].shape[1:]),
                         lambda: torch.cat([p.values() for p in parts]), "+".join(sorted(stored)), method,
-                        int4_groups, release)
+                        exact("int4_groups"), exact("int8_blocks"), release)
 
 
 class WeightLoader:
@@ -341,18 +344,25 @@ class WeightLoader:
         source.release()
         self.loaded.add(name)
 
-    def _quantized_linear(self, source: WeightSource, method: str,
-                          values: Optional[torch.Tensor] = None) -> QuantizedLinear:
-        groups = source.int4_groups() if method == "int4" and source.int4_groups else None
-        if groups is not None and Int4Linear.fits(tuple(source.shape)):
-            layer = Int4Linear(*groups, INT4_GROUP_SIZE, native=self.native_integer)
+    def _quantized_linear(self, source: WeightSource, method: str, is_linear: bool = True) -> QuantizedLinear:
+        """A quantized layer of the source (the file's int4/int8 blocks as they are where they fit);
+        counted among the Linear layers unless is_linear is False (an embedding table)."""
+        shape = tuple(source.shape)
+        exact = None  # the file's own blocks, taken as they are
+        if method == "int4" and source.int4_groups and Int4Linear.fits(shape):
+            exact = source.int4_groups()
+        elif method == "int8" and source.int8_blocks and self.native_integer and Int8Linear.fits(shape):
+            exact = source.int8_blocks()
+        if exact is None:
+            layer = quantize_linear(method, source.values(), native=self.native_integer)
+        elif method == "int4":
+            layer = Int4Linear(*exact, INT4_GROUP_SIZE, native=self.native_integer)
         else:
-            layer = quantize_linear(method, source.values() if values is None else values,
-                                    native=self.native_integer)
+            layer = Int8Linear(*exact, native=True)
         kind = "int4" if isinstance(layer, Int4Linear) else "int8"
-        self.kinds[kind] += 1
+        self.kinds[kind] += is_linear
         if source.stored_as != "float":
-            how = "as it is" if groups is not None and kind == "int4" else "dequantized and requantized"
+            how = "as it is" if exact is not None and kind == method else "dequantized and requantized"
             self.notes.append(f"{source.stored_as} -> {kind} {how}")
         return layer
 
@@ -384,18 +394,24 @@ class WeightLoader:
 
     def _put_quantized_embedding(self, source: WeightSource, method: str) -> None:
         """The embedding as int8 rows (a lookup cannot use int4's packed layout); a tied model's
-        head becomes a quantized Linear of the same values (sharing the int8 tensors when int8)."""
-        values = source.values()
-        qweight, scales = quantize_int8(values)
-        self.model.model.embed_tokens = Int8Embedding(qweight, scales, self.dtype)
-        if self.model.tie_word_embeddings:
+        head becomes a quantized Linear of the same values, sharing the int8 tensors when int8. On
+        the native kernels the rows are the native int8 layout's (Q8_0 blocks as they are)."""
+        tied = self.model.tie_word_embeddings
+        if self.native_integer and Int8Linear.fits(tuple(source.shape)):
+            table = self._quantized_linear(source, "int8", is_linear=False)
+            self.model.model.embed_tokens = NativeInt8Embedding(table, self.dtype)
+        else:
+            qweight, scales = quantize_int8(source.values())
+            table = Int8Linear(qweight, scales)
+            self.model.model.embed_tokens = Int8Embedding(qweight, scales, self.dtype)
+            if source.stored_as != "float":
+                self.notes.append(f"{source.stored_as} -> int8 embedding")
+        if tied:
             if method == "int8":
-                self.model.lm_head = Int8Linear(qweight, scales, native=self.native_integer)
+                self.model.lm_head = table
                 self.kinds["int8"] += 1
             else:
-                self.model.lm_head = self._quantized_linear(source, method, values)
-        if source.stored_as != "float":
-            self.notes.append(f"{source.stored_as} -> int8 embedding")
+                self.model.lm_head = self._quantized_linear(source, method)
 
     def finish(self, where: str) -> None:
         absent = set(self.expected) - self.loaded
@@ -434,7 +450,7 @@ def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, dev
     tensors = list(gguf.iter_tensors(reader, raw_config))
     for name, tensor in tqdm(tensors, desc="Loading weights", unit="tensor", disable=None, leave=False):
         loader.put(name, WeightSource(tensor.shape, tensor.dequantize, tensor.type_name,
-                                      gguf.stored_method(tensor.type_name), tensor.int4_groups))
+                                      gguf.stored_method(tensor.type_name), tensor.int4_groups, tensor.int8_blocks))
     loader.finish(str(path))
 
 

@@ -26,6 +26,8 @@ INT4_GROUP_SIZE = 32
 COMPUTE_DTYPE = torch.bfloat16
 # Above this many rows Int8Linear dequantizes its weight and runs a bf16 GEMM instead of the kernel.
 INT8_KERNEL_MAX_ROWS = 16
+# Rows quantized or packed at a time: the temporaries stay small even for a 150k-row embedding.
+ROWS_PER_SLAB = 4096
 
 
 def check_supported(method: Optional[str], device: torch.device) -> None:
@@ -42,6 +44,7 @@ class StoredLinear(nn.Module):
     which adds the bias itself where bias_in_matmul says so (a kernel that fuses it)."""
 
     bias_in_matmul = False
+    native = False  # on a native kernel: then native_call() gives it
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -57,6 +60,11 @@ class StoredLinear(nn.Module):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def native_call(self) -> tuple:
+        """(op, args) of a layer on a native kernel: op(rows, *args, bias, out_dtype) is its matmul
+        with the bias, in out_dtype (None: the rows' dtype)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -77,36 +85,74 @@ class QuantizedLinear(StoredLinear):
 
 
 class Int8Linear(QuantizedLinear):
-    """weight [out, in] int8, scales [out]: w = q * scale. With native=True (and the inputs a
-    multiple of 64) a few rows at a time (decode steps, a prefill's last tokens) run on the native
-    int8 kernel (models/native.py: int8 activations, AVX-512 VNNI), any input dtype in and out."""
+    """weight [out, in] int8 with scales: w = q * scale, one scale per output row or one per block of
+    32 inputs (Q8_0's blocks). Kept in one of two layouts: PyTorch's (`qweight` row-major, scales
+    [out]: _weight_int8pack_mm for a few rows, a dequantized bf16 GEMM for more; block scales are
+    requantized per row), or, with native=True, the native kernel's (models/native.py: tiles of 16
+    outputs, `packed` and fp16 `block_scales`, int8 activations and AVX-512 VNNI dot products, every
+    row count, any input dtype in and out, the bias added inside)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  native: bool = False):
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.to(COMPUTE_DTYPE).contiguous())
-        self.native = native and self.in_features % 64 == 0
+        """qweight [out, in] int8 (or [out, in / 32, 32], any strides: a view of a file's blocks);
+        scales [out] or [out, in / 32]."""
+        out_features = qweight.shape[0]
+        in_features = qweight.shape[1] * (qweight.shape[2] if qweight.dim() == 3 else 1)
+        super().__init__(in_features, out_features, bias)
+        self.native = native and self.fits((out_features, in_features))
+        self.bias_in_matmul = self.native
         if self.native:
             from . import native as native_kernels
 
             self.ops = native_kernels.ops()
-            # fp32 once, not converted by the kernel at every call (the head: 49152 of them).
-            self.register_buffer("scales_f32", self.scales.float(), persistent=False)
+            blocks = scales if scales.dim() == 2 else scales[:, None].expand(out_features, in_features // 32)
+            packed = torch.empty(out_features * in_features, dtype=torch.uint8)
+            block_scales = torch.empty(out_features * in_features // 32, dtype=torch.float16)
+            # A slab of rows at a time (a multiple of 16 rows is a contiguous range of tiles): a strided
+            # view of a file's blocks is copied a slab at a time, not whole.
+            for start in range(0, out_features, ROWS_PER_SLAB):
+                rows = qweight[start:start + ROWS_PER_SLAB]
+                p, s = self.ops.int8_pack(rows.reshape(len(rows), in_features), blocks[start:start + len(rows)])
+                packed[start * in_features:start * in_features + p.numel()] = p
+                block_scales[start * in_features // 32:start * in_features // 32 + s.numel()] = s
+            self.register_buffer("packed", packed)
+            self.register_buffer("block_scales", block_scales)
+            return
+        qweight = qweight.reshape(out_features, in_features)
+        if scales.dim() == 2:  # block scales: one per row for PyTorch's kernel
+            qweight, scales = quantize_int8(dequantize_int8_blocks(qweight, scales))
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE).contiguous())
+
+    @staticmethod
+    def fits(weight_shape: tuple[int, int]) -> bool:
+        """The native layout's tiles: outputs in sixteens, inputs in blocks of 32."""
+        out_features, in_features = weight_shape
+        return out_features % 16 == 0 and in_features % 32 == 0
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, native: bool = False) -> "Int8Linear":
-        return cls(*quantize_int8(weight), bias, native)
+        """Per block of 32 inputs for the native layout (as Q8_0), per output row for PyTorch's."""
+        if native and cls.fits(tuple(weight.shape)):
+            return cls(*quantize_int8(weight, block=32), bias, native)
+        return cls(*quantize_int8(weight), bias)
+
+    def native_call(self) -> tuple:
+        return self.ops.int8_gemm.default, (self.packed, self.block_scales, self.out_features)
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.native and rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            return self.ops.int8_gemv(rows, self.qweight, self.scales_f32, None)
+        if self.native:
+            op, args = self.native_call()
+            return op(rows, *args, self.bias, None)
         return super().matmul(rows)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         return F.linear(x, self.qweight.to(COMPUTE_DTYPE)) * self.scales
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, native={self.native}"
 
 
 class Int4Linear(QuantizedLinear):
@@ -123,6 +169,7 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         self.native = native and group_size == 32
+        self.bias_in_matmul = self.native
         if self.native:
             from . import native as native_kernels
 
@@ -147,9 +194,13 @@ class Int4Linear(QuantizedLinear):
         out_features, in_features = weight_shape
         return out_features % 16 == 0 and in_features % group_size == 0
 
+    def native_call(self) -> tuple:
+        return self.ops.int4_gemm.default, (self.packed, self.scale_min, self.out_features)
+
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if self.native:  # any activation dtype in, the same out
-            return self.ops.int4_gemm(rows, self.packed, self.scale_min, self.out_features, None)
+            op, args = self.native_call()
+            return op(rows, *args, self.bias, None)
         return super().matmul(rows)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,20 +224,42 @@ class Int8Embedding(nn.Module):
         return self.qweight[ids].to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
 
 
-# Rows quantized at a time: the float temporaries stay small even for a 150k-row embedding.
-ROWS_PER_SLAB = 4096
+class NativeInt8Embedding(nn.Module):
+    """An embedding read from a native Int8Linear's tiles (a tied model's head, so one copy serves
+    both): row v is output v, its bytes less 128 times its blocks' scales."""
+
+    def __init__(self, table: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        n, k = table.out_features, table.in_features
+        self.register_buffer("tiles", table.packed.view(n // 16, k // 4, 16, 4))
+        self.register_buffer("scales", table.block_scales.view(n // 16, k // 32, 16))
+        self.dim, self.dtype = k, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tile, lane = ids // 16, ids % 16
+        q = self.tiles[tile, :, lane, :].reshape(*ids.shape, self.dim // 32, 32).to(torch.int16) - 128
+        values = q.float() * self.scales[tile, :, lane].float().unsqueeze(-1)
+        return values.reshape(*ids.shape, self.dim).to(self.dtype)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: the largest magnitude of each row maps to 127."""
+def quantize_int8(weight: torch.Tensor, block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: the largest magnitude of each row (or of each block of `block` inputs, as
+    Q8_0) maps to 127. Scales [out] or [out, in / block]."""
+    out_features, in_features = weight.shape
+    width = block or in_features
     q = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0])
-    for start in range(0, weight.shape[0], ROWS_PER_SLAB):
-        w = weight[start:start + ROWS_PER_SLAB].float()
-        s = w.abs().amax(dim=1).clamp(min=1e-10) / 127
-        q[start:start + len(w)] = torch.round(w / s.unsqueeze(1)).clamp_(-128, 127)
+    scales = torch.empty(out_features, in_features // width)
+    for start in range(0, out_features, ROWS_PER_SLAB):
+        w = weight[start:start + ROWS_PER_SLAB].float().reshape(-1, in_features // width, width)
+        s = w.abs().amax(dim=-1).clamp(min=1e-10) / 127
+        q[start:start + len(w)] = torch.round(w / s.unsqueeze(-1)).clamp_(-128, 127).view(len(w), -1)
         scales[start:start + len(w)] = s
-    return q, scales
+    return q, (scales if block else scales[:, 0])
+
+
+def dequantize_int8_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q [out, in] int8 with scales [out, in / 32] -> fp32 [out, in]."""
+    return (q.reshape(q.shape[0], -1, 32).float() * scales.float().unsqueeze(-1)).reshape(q.shape[0], -1)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -261,6 +334,7 @@ class NativeFloatLinear(StoredLinear):
     step): bf16 1.5-2.3x oneDNN's packed layout; 32 and 512 rows at par."""
 
     bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
+    native = True
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: Optional[torch.Tensor] = None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
@@ -273,8 +347,12 @@ class NativeFloatLinear(StoredLinear):
     def fits(shape: tuple) -> bool:
         return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 2 == 0
 
+    def native_call(self) -> tuple:
+        return self.ops.float_gemm.default, (self.packed, self.out_features)
+
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.ops.float_gemm(rows, self.packed, self.out_features, self.bias, None)
+        op, args = self.native_call()
+        return op(rows, *args, self.bias, None)
 
 
 class NativeFloatEmbedding(nn.Module):

@@ -419,129 +419,58 @@ at::Tensor readable(const at::Tensor& x) {
   return (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) ? x : x.to(at::kFloat);
 }
 
+// A compile-time count of rows or tiles, for over_tiles' kernels.
+template <int N>
+using Count = std::integral_constant<int, N>;
+
+// Every row of x against the tiles [b, e) of a tiled weight, through kernel(Count<R> rows,
+// Count<T> tiles, row0, tile): one or two rows (decode steps) take four tiles at once, for enough
+// independent accumulators to hide the multiply latency; more rows go four at a time against each
+// pair of tiles, which stay in L1 while the row groups pass over them.
+template <typename Kernel>
+inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
+  auto by_fours = [&](auto tiles, int64_t t) {
+    for (int64_t r = 0; r < rows; r += 4) {
+      switch (std::min<int64_t>(4, rows - r)) {
+        case 1: kernel(Count<1>{}, tiles, r, t); break;
+        case 2: kernel(Count<2>{}, tiles, r, t); break;
+        case 3: kernel(Count<3>{}, tiles, r, t); break;
+        default: kernel(Count<4>{}, tiles, r, t); break;
+      }
+    }
+  };
+  int64_t t = b;
+  if (rows == 1) {
+    for (; t + 4 <= e; t += 4) kernel(Count<1>{}, Count<4>{}, 0, t);
+  } else if (rows == 2) {
+    for (; t + 4 <= e; t += 4) kernel(Count<2>{}, Count<4>{}, 0, t);
+  } else {
+    for (; t + 2 <= e; t += 2) by_fours(Count<2>{}, t);
+  }
+  for (; t < e; ++t) by_fours(Count<1>{}, t);
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-constexpr bool kHaveInt8Gemv = true;
+constexpr bool kHaveIntegerGemm = true;
 
 // Activations quantized as llama.cpp quantizes them for its integer dot products: int8 in blocks
-// of 32 with one fp32 scale each. Kept as what the VNNI instruction wants (vpdpbusd multiplies
-// unsigned by signed bytes): |q| as bytes, the signs as a bit mask per 64 values (moved onto the
-// weights), and per 64 values a vector of the two blocks' scales (lanes 0-7 and 8-15, where
-// vpdpbusd leaves the two blocks' partial sums).
+// of 32 with one fp32 scale each, and each block's sum (vpdpbusd multiplies unsigned by signed
+// bytes: the weights are the unsigned side, int4 as 0..15 and int8 stored + 128, and the block
+// sums take the offsets back out).
 struct QuantizedRows {
-  std::vector<uint8_t> magnitude;   // [rows, K]
-  std::vector<uint64_t> negative;   // [rows, K / 64]
-  std::vector<float> scales;        // [rows, K / 64, 16]
+  std::vector<int8_t> q;       // [rows, K]
+  std::vector<float> scale;    // [rows, K / 32]
+  std::vector<float> sum;      // [rows, K / 32] the block's sum of its quantized activations, scaled
+  std::vector<int32_t> isum;   // [rows, K / 32] the same in integers
 };
 
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t K) {
-  QuantizedRows q{std::vector<uint8_t>(rows * K), std::vector<uint64_t>(rows * K / 64),
-                  std::vector<float>(rows * K / 64 * 16)};
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < K / 32; ++b) {
-      float v[32];
-      for (int i = 0; i < 32; ++i) v[i] = to_f<T>(x[r * K + b * 32 + i]);
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int i = 0; i < 32; ++i) {
-        const int iq = static_cast<int>(std::nearbyint(v[i] * inv));
-        const int64_t k = b * 32 + i;
-        q.magnitude[r * K + k] = static_cast<uint8_t>(std::abs(iq));
-        if (iq < 0) q.negative[r * (K / 64) + k / 64] |= uint64_t{1} << (k % 64);
-      }
-      float* lanes = q.scales.data() + (r * (K / 64) + b / 2) * 16 + (b % 2) * 8;
-      for (int i = 0; i < 8; ++i) lanes[i] = d;
-    }
-  return q;
-}
-
-// out[r, n] = scale[n] * sum over blocks of (block scale * integer dot), for R rows of x and the NB
-// outputs from n: per 64 weights one load, one sign flip, one vpdpbusd, one FMA.
-// Rows of QuantizedRows from some row on.
-struct QuantizedView {
-  const uint8_t* magnitude;
-  const uint64_t* negative;
-  const float* scales;
-};
-
-template <int R, int NB, typename OutT>
-inline void int8_gemv_block(const QuantizedView& q, int64_t K, const int8_t* w, const float* scale, OutT* out,
-                            int64_t N, int64_t n) {
-  const int64_t chunks = K / 64;
-  const __m512i zero = _mm512_setzero_si512();
-  __m512 acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512i mag[R];
-    __mmask64 neg[R];
-    __m512 d[R];
-    for (int r = 0; r < R; ++r) {
-      mag[r] = _mm512_loadu_si512(q.magnitude + r * K + c * 64);
-      neg[r] = q.negative[r * chunks + c];
-      d[r] = _mm512_loadu_ps(q.scales + (r * chunks + c) * 16);
-    }
-    for (int j = 0; j < NB; ++j) {
-      // Rows are short (K bytes): ask for the block after next now, or the hardware prefetcher,
-      // which learns long streams, leaves every row to a miss (9 against 22 GB/s on 2 threads).
-      _mm_prefetch(reinterpret_cast<const char*>(w + (n + 2 * NB) * K + (c * NB + j) * 64), _MM_HINT_T0);
-      const __m512i wv = _mm512_loadu_si512(w + (n + j) * K + c * 64);
-      for (int r = 0; r < R; ++r) {
-        const __m512i signed_w = _mm512_mask_sub_epi8(wv, neg[r], zero, wv);
-        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, mag[r], signed_w)), d[r], acc[r][j]);
-      }
-    }
-  }
-  for (int j = 0; j < NB; ++j)
-    for (int r = 0; r < R; ++r) out[r * N + n + j] = from_f<OutT>(_mm512_reduce_add_ps(acc[r][j]) * scale[n + j]);
-}
-
-// Outputs n0..n1 for every row of x: blocks of four outputs, each against the rows four at a time
-// (the block's weights stay in L1 while the row groups pass over them).
-template <typename OutT>
-void int8_gemv_range(const QuantizedRows& q, int64_t rows, int64_t K, const int8_t* w, const float* scale,
-                     OutT* out, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1;) {
-    const bool full = n + 4 <= n1;
-    for (int64_t r = 0; r < rows; r += 4) {
-      const int64_t left = std::min<int64_t>(4, rows - r);
-      const int64_t offset = r;  // rows r.. of x and of out
-      OutT* o = out + offset * N;
-      QuantizedView v{q.magnitude.data() + offset * K, q.negative.data() + offset * (K / 64),
-                      q.scales.data() + offset * (K / 64) * 16};
-      switch (left * 2 + (full ? 1 : 0)) {
-        case 3: int8_gemv_block<1, 4, OutT>(v, K, w, scale, o, N, n); break;
-        case 2: int8_gemv_block<1, 1, OutT>(v, K, w, scale, o, N, n); break;
-        case 5: int8_gemv_block<2, 4, OutT>(v, K, w, scale, o, N, n); break;
-        case 4: int8_gemv_block<2, 1, OutT>(v, K, w, scale, o, N, n); break;
-        case 7: int8_gemv_block<3, 4, OutT>(v, K, w, scale, o, N, n); break;
-        case 6: int8_gemv_block<3, 1, OutT>(v, K, w, scale, o, N, n); break;
-        case 9: int8_gemv_block<4, 4, OutT>(v, K, w, scale, o, N, n); break;
-        default: int8_gemv_block<4, 1, OutT>(v, K, w, scale, o, N, n); break;
-      }
-    }
-    n += full ? 4 : 1;
-  }
-}
-
-// int4 weights in the native layout (int4_pack): tiles of 16 outputs; per tile and 8 inputs, 64
-// bytes whose low nibbles are inputs 0-3 and high nibbles inputs 4-7 of the 16 outputs (4 bytes an
-// output), so one load and two masks give two vpdpbusd operands with the outputs in the lanes:
-// no horizontal sums. Per tile and group of 32 inputs, 16 bf16 scales then 16 bf16 mins:
-// w = q * scale + min.
-//   out[r, n] = sum over groups g of scale[n, g] * dx[r, g] * (q[n, g] . qx[r, g]) + min[n, g] * xsum[r, g]
-struct Int4Rows {
-  std::vector<int8_t> q;      // [rows, K] activations in int8 blocks of 32
-  std::vector<float> scale;   // [rows, K / 32]
-  std::vector<float> sum;     // [rows, K / 32] the block's sum of its quantized activations
-};
-
-template <typename T>
-Int4Rows quantize_rows_int4(const T* x, int64_t rows, int64_t K) {
-  Int4Rows out{std::vector<int8_t>(rows * K), std::vector<float>(rows * K / 32), std::vector<float>(rows * K / 32)};
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = 0; b < K / 32; ++b) {
+  const int64_t blocks = K / 32;
+  QuantizedRows out{std::vector<int8_t>(rows * K), std::vector<float>(rows * blocks),
+                    std::vector<float>(rows * blocks), std::vector<int32_t>(rows * blocks)};
+  auto one = [&](int64_t r) {
+    for (int64_t b = 0; b < blocks; ++b) {
       float v[32];
       for (int i = 0; i < 32; ++i) v[i] = to_f<T>(x[r * K + b * 32 + i]);
       float amax = 0.f;
@@ -553,56 +482,142 @@ Int4Rows quantize_rows_int4(const T* x, int64_t rows, int64_t K) {
         out.q[r * K + b * 32 + i] = static_cast<int8_t>(iq);
         qsum += iq;
       }
-      out.scale[r * (K / 32) + b] = amax / 127.f;
+      out.scale[r * blocks + b] = amax / 127.f;
       // The sum of the quantized activations, not of the exact ones: the product is then the
       // dequantized weights times the quantized activations, whose error follows the weights
-      // (centred) rather than q * scale (all positive, cancelled by the mins): 1% against 0.4%.
-      out.sum[r * (K / 32) + b] = static_cast<float>(qsum) * (amax / 127.f);
+      // (centred) rather than q * scale (all positive, cancelled by int4's mins): 1% against 0.4%.
+      out.sum[r * blocks + b] = static_cast<float>(qsum) * (amax / 127.f);
+      out.isum[r * blocks + b] = qsum;
     }
+  };
+  if (rows * K < 65536) {
+    for (int64_t r = 0; r < rows; ++r) one(r);
+  } else {  // a prefill's rows: worth the threads
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) one(r);
+    });
+  }
   return out;
 }
 
+// The activations x (any floating dtype; fp32 and bf16 read in place) in int8 blocks of 32.
+QuantizedRows quantize_activations(const at::Tensor& x) {
+  const at::Tensor xr = readable(x);
+  return xr.scalar_type() == at::kBFloat16 ? quantize_rows(xr.data_ptr<c10::BFloat16>(), xr.size(0), xr.size(1))
+                                           : quantize_rows(xr.data_ptr<float>(), xr.size(0), xr.size(1));
+}
+
+// The R x T tiles of sums, plus the bias (fp32, before the one rounding, as F.linear), stored as the
+// output's dtype.
+template <int R, int T, typename OutT>
+inline void store_sums(__m512 (&acc)[R][T], const float* bias, OutT* out, int64_t row0, int64_t N, int64_t tile) {
+  for (int t = 0; t < T; ++t) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
+    for (int r = 0; r < R; ++r) store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(acc[r][t], b));
+  }
+}
+
+// Four int8 activations as one 32-bit pattern, broadcast to every lane.
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// int8 weights in int8_pack's layout: tiles of 16 outputs; per tile and 4 inputs, 64 bytes (each
+// output's 4 weights side by side, stored + 128 as unsigned bytes), so one load is one vpdpbusd
+// operand with the outputs in the lanes: no horizontal sums, and each thread streams its tiles in
+// order. Per tile and block of 32 inputs, 16 fp16 scales (a Q8_0 block's own: w = q * d).
+//   out[r, n] = sum over blocks b of d[n, b] * dx[r, b] * (sum (q + 128) qx - 128 * sum qx)
+// R rows of x against T tiles at a time: R * T independent accumulators.
+template <int R, int T, typename OutT>
+inline void int8_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, const uint8_t* packed,
+                           const uint16_t* scales, const float* bias, OutT* out, int64_t N, int64_t tile) {
+  const int64_t blocks = K / 32;
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i dot[R][T];
+    for (int r = 0; r < R; ++r) {
+      // Starting from -128 * sum(qx) takes the weights' offset back out.
+      const __m512i start = _mm512_set1_epi32(-128 * x.isum[(row0 + r) * blocks + b]);
+      for (int t = 0; t < T; ++t) dot[r][t] = start;
+    }
+    for (int o = 0; o < 8; ++o) {
+      __m512i xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = broadcast4(x.q.data() + (row0 + r) * K + b * 32 + o * 4);
+      for (int t = 0; t < T; ++t) {
+        const __m512i wv = _mm512_loadu_si512(packed + ((tile + t) * (K / 4) + b * 8 + o) * 64);
+        for (int r = 0; r < R; ++r) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wv, xv[r]);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512 d = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + ((tile + t) * blocks + b) * 16)));
+      for (int r = 0; r < R; ++r)
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]),
+                                    _mm512_mul_ps(d, _mm512_set1_ps(x.scale[(row0 + r) * blocks + b])), acc[r][t]);
+    }
+  }
+  store_sums(acc, bias, out, row0, N, tile);
+}
+
+// int4 weights in the native layout (int4_pack): tiles of 16 outputs; per tile and 8 inputs, 64
+// bytes whose low nibbles are inputs 0-3 and high nibbles inputs 4-7 of the 16 outputs (4 bytes an
+// output), so one load and two masks give two vpdpbusd operands with the outputs in the lanes:
+// no horizontal sums. Per tile and group of 32 inputs, 16 bf16 scales then 16 bf16 mins:
+// w = q * scale + min.
+//   out[r, n] = sum over groups g of scale[n, g] * dx[r, g] * (q[n, g] . qx[r, g]) + min[n, g] * xsum[r, g]
 inline __m512 bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-template <int R, typename OutT>
-inline void int4_gemm_tile(const Int4Rows& x, int64_t row0, int64_t K, const uint8_t* packed,
-                           const uint16_t* scale_min, OutT* out, int64_t N, int64_t tile) {
+template <int R, int T, typename OutT>
+inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, const uint8_t* packed,
+                           const uint16_t* scale_min, const float* bias, OutT* out, int64_t N, int64_t tile) {
   const int64_t groups = K / 32;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const uint8_t* w = packed + tile * 16 * (K / 2);
-  const uint16_t* sm = scale_min + tile * groups * 32;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    __m512i dot[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) dot[r][t] = _mm512_setzero_si512();
     for (int o = 0; o < 4; ++o) {
-      const __m512i v = _mm512_loadu_si512(w + (g * 4 + o) * 64);
-      const __m512i lo = _mm512_and_si512(v, low);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      __m512i xa[R], xb[R];  // inputs 0-3 and 4-7 of these 8
       for (int r = 0; r < R; ++r) {
         const int8_t* xq = x.q.data() + (row0 + r) * K + g * 32 + o * 8;
-        int32_t a, b;
-        std::memcpy(&a, xq, 4);
-        std::memcpy(&b, xq + 4, 4);
-        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(a));
-        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(b));
+        xa[r] = broadcast4(xq);
+        xb[r] = broadcast4(xq + 4);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i v = _mm512_loadu_si512(packed + (tile + t) * 16 * (K / 2) + (g * 4 + o) * 64);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], lo, xa[r]);
+          dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], hi, xb[r]);
+        }
       }
     }
-    const __m512 scale = bf16x16(sm + g * 32), mins = bf16x16(sm + g * 32 + 16);
-    for (int r = 0; r < R; ++r) {
-      const int64_t xi = (row0 + r) * groups + g;
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r]);
+    for (int t = 0; t < T; ++t) {
+      const uint16_t* sm = scale_min + ((tile + t) * groups + g) * 32;
+      const __m512 scale = bf16x16(sm), mins = bf16x16(sm + 16);
+      for (int r = 0; r < R; ++r) {
+        const int64_t xi = (row0 + r) * groups + g;
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])),
+                                    acc[r][t]);
+        acc[r][t] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r][t]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) store16(out + (row0 + r) * N + tile * 16, acc[r]);
+  store_sums(acc, bias, out, row0, N, tile);
 }
 #else
-constexpr bool kHaveInt8Gemv = false;
+constexpr bool kHaveIntegerGemm = false;
 #endif
 
 
@@ -699,34 +714,64 @@ bool float_kernels_available(at::ScalarType dtype) {
 #endif
 }
 
-// int8_gemv and int4_gemm: built only where the compiler targets AVX-512 with VNNI.
-bool integer_kernels_available() { return kHaveInt8Gemv; }
+// int8_gemm and int4_gemm: built only where the compiler targets AVX-512 with VNNI.
+bool integer_kernels_available() { return kHaveIntegerGemm; }
 
-// x [rows, K] times an int8 weight [N, K] with one scale per output row: (x @ w^T) * scales, in
-// out_dtype (default x's), the activations quantized to int8 blocks of 32 (as llama.cpp's Q8_0 x Q8_0 product).
-// For decode steps: PyTorch's _weight_int8pack_mm widens every weight to fp32 and is compute-bound
-// on a core (an output head of 576 x 49152: 5 ms on one thread, 5.6 GB/s, where memory gives 13).
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     std::optional<at::ScalarType> out_dtype) {
-  check_rows(x, "int8_gemv");
-  check_rows(qweight, "int8_gemv");
-  TORCH_CHECK(kHaveInt8Gemv, "int8_gemv: built without AVX-512 VNNI");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.size(1) == x.size(1), "int8_gemv: weight must be int8 [N, K]");
-  TORCH_CHECK(scales.numel() == qweight.size(0) && scales.is_contiguous(), "int8_gemv: one scale per output");
-  const int64_t rows = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(K % 64 == 0, "int8_gemv: the inner size must be a multiple of 64");
+// q [N, K] int8, scales [N, K / 32] (one per block of 32 inputs) -> (packed [N * K] uint8,
+// scales [N / 16 * K / 32 * 16] fp16) in int8_gemm's layout (see int8_gemm_tile). N a multiple of
+// 16, K of 32. A per-row scale is the same scale for each of the row's blocks.
+std::vector<at::Tensor> int8_pack(const at::Tensor& q, const at::Tensor& scales) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.size(0) % 16 == 0 && q.size(1) % 32 == 0,
+              "int8_pack: q must be int8 [N, K] with N a multiple of 16 and K of 32");
+  const int64_t N = q.size(0), K = q.size(1), blocks = K / 32;
+  TORCH_CHECK(scales.numel() == N * blocks, "int8_pack: one scale per block of 32");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor sc = scales.to(at::kHalf).contiguous();
+  at::Tensor packed = at::empty({N * K}, q.options().dtype(at::kByte));
+  at::Tensor scale_out = at::empty({N * blocks}, q.options().dtype(at::kHalf));
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(qc.data_ptr<int8_t>());
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  const c10::Half* sp = sc.data_ptr<c10::Half>();
+  c10::Half* so = scale_out.data_ptr<c10::Half>();
+  at::parallel_for(0, N / 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      for (int64_t j = 0; j < 16; ++j)
+        for (int64_t k = 0; k < K; ++k)  // + 128 as unsigned bytes: the top bit flipped
+          pp[(t * (K / 4) + k / 4) * 64 + j * 4 + k % 4] = qp[(t * 16 + j) * K + k] ^ 0x80;
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int64_t j = 0; j < 16; ++j) so[(t * blocks + blk) * 16 + j] = sp[(t * 16 + j) * blocks + blk];
+    }
+  });
+  return {packed, scale_out};
+}
+
+// x [rows, K] times int8 weights in int8_pack's layout, plus the bias (fp32, before the one
+// rounding): out [rows, N] in out_dtype (default x's). The activations in int8 blocks of 32 (as
+// llama.cpp's Q8_0 x Q8_0 product). One row of SmolLM2's output head (576 x 49152) from memory:
+// TODO GB/s on 2 threads, where the row-major kernel this replaced reached 28 and PyTorch's 9.7.
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t N,
+                     const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+  check_rows(x, "int8_gemm");
+  TORCH_CHECK(kHaveIntegerGemm, "int8_gemm: built without AVX-512 VNNI");
+  const int64_t rows = x.size(0), K = x.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && packed.numel() == N * K && scales.numel() == N * K / 32 &&
+                  packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf,
+              "int8_gemm: the packed weight does not match x");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "int8_gemm: one bias per output");
   const at::ScalarType want = out_dtype.value_or(x.scalar_type());
   at::Tensor out = at::empty({rows, N}, x.options().dtype(direct_dtype(want)));
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  const at::Tensor xr = readable(x);
-  const at::Tensor sf = scales.to(at::kFloat).contiguous();
-  const QuantizedRows q = xr.scalar_type() == at::kBFloat16 ? quantize_rows(xr.data_ptr<c10::BFloat16>(), rows, K)
-                                                             : quantize_rows(xr.data_ptr<float>(), rows, K);
-  const float* sp = sf.data_ptr<float>();
-  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const QuantizedRows q = quantize_activations(x);
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
   with_output_type(out, [&](auto* op) {
-    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b, int64_t e) {
-      int8_gemv_range(q, rows, K, wp, sp, op, N, b * 4, std::min(N, e * 4));
+    using OutT = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
+      over_tiles(rows, b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
+        int8_gemm_tile<decltype(r)::value, decltype(t)::value, OutT>(q, row0, K, pp, sp, bp, op, N, tile);
+      });
     });
   });
 #endif
@@ -769,32 +814,27 @@ std::vector<at::Tensor> int4_pack(const at::Tensor& q, const at::Tensor& scales,
 // Activations in int8 blocks of 32 (llama.cpp's scheme for its Q4 x Q8 products), weights widened
 // in registers, the outputs of a tile in the vector lanes.
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t N,
-                     std::optional<at::ScalarType> out_dtype) {
+                     const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
   check_rows(x, "int4_gemm");
-  TORCH_CHECK(kHaveInt8Gemv, "int4_gemm: built without AVX-512 VNNI");
+  TORCH_CHECK(kHaveIntegerGemm, "int4_gemm: built without AVX-512 VNNI");
   const int64_t rows = x.size(0), K = x.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && packed.numel() == N * K / 2 && scale_min.numel() == N / 16 * K,
               "int4_gemm: the packed weight does not match x");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "int4_gemm: one bias per output");
   const at::ScalarType want = out_dtype.value_or(x.scalar_type());
   at::Tensor out = at::empty({rows, N}, x.options().dtype(direct_dtype(want)));
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  const at::Tensor xr = readable(x);
-  const Int4Rows q = xr.scalar_type() == at::kBFloat16 ? quantize_rows_int4(xr.data_ptr<c10::BFloat16>(), rows, K)
-                                                        : quantize_rows_int4(xr.data_ptr<float>(), rows, K);
+  const QuantizedRows q = quantize_activations(x);
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const uint16_t* sm = reinterpret_cast<const uint16_t*>(scale_min.data_ptr<c10::BFloat16>());
   with_output_type(out, [&](auto* op) {
     using OutT = std::remove_pointer_t<decltype(op)>;
     at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        for (int64_t r = 0; r < rows; r += 4) {
-          switch (std::min<int64_t>(4, rows - r)) {
-            case 1: int4_gemm_tile<1, OutT>(q, r, K, pp, sm, op, N, t); break;
-            case 2: int4_gemm_tile<2, OutT>(q, r, K, pp, sm, op, N, t); break;
-            case 3: int4_gemm_tile<3, OutT>(q, r, K, pp, sm, op, N, t); break;
-            default: int4_gemm_tile<4, OutT>(q, r, K, pp, sm, op, N, t); break;
-          }
-        }
+      over_tiles(rows, b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
+        int4_gemm_tile<decltype(r)::value, decltype(t)::value, OutT>(q, row0, K, pp, sm, bp, op, N, tile);
+      });
     });
   });
 #endif
@@ -854,21 +894,9 @@ at::Tensor float_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
     with_output_type(out, [&](auto* op) {
       using OutT = std::remove_pointer_t<decltype(op)>;
       at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-        int64_t t = b;
-        if (rows <= 2)  // few rows: four tiles at once
-          for (; t + 4 <= e; t += 4) {
-            if (rows == 1) float_tile<W, OutT, 1, 4>(xp, 0, K, wp, bp, op, N, t);
-            else float_tile<W, OutT, 2, 4>(xp, 0, K, wp, bp, op, N, t);
-          }
-        for (; t < e; ++t)
-          for (int64_t r = 0; r < rows; r += 4) {
-            switch (std::min<int64_t>(4, rows - r)) {
-              case 1: float_tile<W, OutT, 1, 1>(xp, r, K, wp, bp, op, N, t); break;
-              case 2: float_tile<W, OutT, 2, 1>(xp, r, K, wp, bp, op, N, t); break;
-              case 3: float_tile<W, OutT, 3, 1>(xp, r, K, wp, bp, op, N, t); break;
-              default: float_tile<W, OutT, 4, 1>(xp, r, K, wp, bp, op, N, t); break;
-            }
-          }
+        over_tiles(rows, b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
+          float_tile<W, OutT, decltype(r)::value, decltype(t)::value>(xp, row0, K, wp, bp, op, N, tile);
+        });
       });
     });
   };
@@ -888,9 +916,12 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor", &add_rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("integer_kernels_available() -> bool", &integer_kernels_available);
-  m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales, ScalarType? out_dtype=None) -> Tensor", &int8_gemv);
+  m.def("int8_pack(Tensor q, Tensor scales) -> Tensor[]", &int8_pack);
+  m.def("int8_gemm(Tensor x, Tensor packed, Tensor scales, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+        &int8_gemm);
   m.def("int4_pack(Tensor q, Tensor scales, Tensor mins) -> Tensor[]", &int4_pack);
-  m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, ScalarType? out_dtype=None) -> Tensor", &int4_gemm);
+  m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+        &int4_gemm);
   m.def("float_kernels_available(ScalarType dtype) -> bool", &float_kernels_available);
   m.def("float_pack(Tensor weight, ScalarType dtype) -> Tensor", &float_pack);
   m.def("float_gemm(Tensor x, Tensor packed, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
