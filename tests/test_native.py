@@ -170,3 +170,28 @@ def test_int8_kernel_is_the_int8_matmul(ops):
     assert torch.equal(Int8Linear(strided, scales, native=True).packed, layer.packed)
     with pytest.raises(RuntimeError, match="does not match"):
         ops.int8_gemm(torch.randn(1, 96), layer.packed, layer.block_scales, 208)
+
+
+def test_kernel_cache_clears_dead_builds_and_stale_libraries(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = native.cache_dir()
+    cache.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    files = {name: cache / name for name in (
+        f"decode-aaaa.{dead_pid}.1.tmp",        # a build whose process died: removed
+        f"decode-aaaa.{os.getpid()}.1.tmp",     # a build going on: kept
+        "decode-old.so", "decode-recent.so", "decode-current.so", "notes.txt")}
+    for f in files.values():
+        f.write_bytes(b"x")
+    month_ago = time.time() - (native.STALE_DAYS + 1) * 86400
+    for name in ("decode-old.so", "decode-current.so", "notes.txt"):
+        os.utime(files[name], (month_ago, month_ago))
+    native.tidy(files["decode-current.so"])
+    assert sorted(f.name for f in cache.iterdir()) == sorted([
+        f"decode-aaaa.{os.getpid()}.1.tmp", "decode-recent.so", "decode-current.so", "notes.txt"])

@@ -73,6 +73,42 @@ def library_path() -> Path:
     return cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
 
 
+# Libraries of other sources, torch versions or CPUs that no process has loaded for this long go.
+STALE_DAYS = 30
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def tidy(keep: Path) -> None:
+    """Clear the cache's leftovers: the partial builds of processes that died while building (named
+    after their pid), and libraries not loaded for STALE_DAYS (a loaded library's mtime is its last
+    use), other than `keep`."""
+    removed = []
+    for f in cache_dir().glob("decode-*"):
+        try:
+            if f == keep:
+                continue
+            if f.suffix == ".tmp":
+                if _alive(int(f.name.split(".")[1])):
+                    continue
+            elif f.suffix != ".so" or time.time() - f.stat().st_mtime < STALE_DAYS * 86400:
+                continue
+            f.unlink()
+            removed.append(f.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    if removed:
+        log.info("native kernel cache: removed %s", ", ".join(sorted(removed)))
+
+
 def build(path: Path) -> None:
     """Compile the library to `path` (atomically: processes building at once each write their own
     file and the last rename wins)."""
@@ -100,6 +136,10 @@ def _load(path: Path) -> None:
     global _state
     torch.ops.load_library(str(path))
     _state = "ready"
+    try:
+        os.utime(path)  # its last use, for tidy()
+    except OSError:
+        pass
 
 
 def _build_and_load(path: Path) -> None:
@@ -133,6 +173,7 @@ def start(mode: str, device: torch.device) -> None:
                     raise RuntimeError("the native decode kernels could not be built: see the log above")
             return
         path = library_path()
+        tidy(path)
         if path.exists():
             _load(path)
             log.info("native decode kernels loaded (%s)", path)
