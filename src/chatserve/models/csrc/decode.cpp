@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -616,8 +617,19 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
   }
   store_sums(acc, bias, out, row0, N, tile);
 }
+// The two tile kernels as integer_gemm takes them.
+struct Int8Tiles {
+  template <int R, int T, typename OutT, typename... Args>
+  static void run(Args&&... args) { int8_gemm_tile<R, T, OutT>(std::forward<Args>(args)...); }
+};
+struct Int4Tiles {
+  template <int R, int T, typename OutT, typename... Args>
+  static void run(Args&&... args) { int4_gemm_tile<R, T, OutT>(std::forward<Args>(args)...); }
+};
 #else
 constexpr bool kHaveIntegerGemm = false;
+struct Int8Tiles {};
+struct Int4Tiles {};
 #endif
 
 
@@ -719,10 +731,10 @@ bool integer_kernels_available() { return kHaveIntegerGemm; }
 
 // What int8_gemm and int4_gemm share: x [rows, K] quantized to int8 blocks of 32, the bias in fp32,
 // the output [rows, N] in out_dtype (default x's), every row against every tile of 16 outputs
-// through tile(Count<R>, Count<T>, quantized x, bias, out, row0, tile).
-template <typename Tile>
-at::Tensor integer_gemm(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
-                        std::optional<at::ScalarType> out_dtype, Tile&& tile) {
+// through Tiles::run<R, T, OutT>(x, row0, K, packed, scales, bias, out, N, tile).
+template <typename Tiles>
+at::Tensor integer_gemm(const at::Tensor& x, const uint8_t* packed, const uint16_t* scales, int64_t N,
+                        const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(kHaveIntegerGemm, "the int8/int4 kernels are built only for CPUs with AVX-512 VNNI");
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "one bias per output");
   const at::ScalarType want = out_dtype.value_or(x.scalar_type());
@@ -731,10 +743,12 @@ at::Tensor integer_gemm(const at::Tensor& x, int64_t N, const std::optional<at::
   const QuantizedRows q = quantize_activations(x);
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  const int64_t K = x.size(1);
   with_output_type(out, [&](auto* op) {
+    using OutT = std::remove_pointer_t<decltype(op)>;
     at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-      over_tiles(x.size(0), b, e, [&](auto r, auto t, int64_t row0, int64_t first) {
-        tile(r, t, q, bp, op, row0, first);
+      over_tiles(x.size(0), b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
+        Tiles::template run<decltype(r)::value, decltype(t)::value, OutT>(q, row0, K, packed, scales, bp, op, N, tile);
       });
     });
   });
@@ -783,13 +797,7 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "int8_gemm: the packed weight does not match x");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
-  return integer_gemm(x, N, bias, out_dtype, [&](auto r, auto t, const auto& q, const float* bp, auto* op,
-                                                  int64_t row0, int64_t tile) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    using OutT = std::remove_pointer_t<decltype(op)>;
-    int8_gemm_tile<decltype(r)::value, decltype(t)::value, OutT>(q, row0, x.size(1), pp, sp, bp, op, N, tile);
-#endif
-  });
+  return integer_gemm<Int8Tiles>(x, pp, sp, N, bias, out_dtype);
 }
 
 
@@ -835,13 +843,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "int4_gemm: the packed weight does not match x");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const uint16_t* sm = reinterpret_cast<const uint16_t*>(scale_min.data_ptr<c10::BFloat16>());
-  return integer_gemm(x, N, bias, out_dtype, [&](auto r, auto t, const auto& q, const float* bp, auto* op,
-                                                  int64_t row0, int64_t tile) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    using OutT = std::remove_pointer_t<decltype(op)>;
-    int4_gemm_tile<decltype(r)::value, decltype(t)::value, OutT>(q, row0, x.size(1), pp, sm, bp, op, N, tile);
-#endif
-  });
+  return integer_gemm<Int4Tiles>(x, pp, sm, N, bias, out_dtype);
 }
 
 
