@@ -126,6 +126,88 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_the_kernels(ops, qwe
     assert outs["on"] == outs["off"]
 
 
+def mixed_meta(prompts, tables, block_size: int, fresh: int, cached: int, chunk: int):
+    """A step as the runner builds it for `mixed_step_inputs`: a fresh prompt of `fresh` tokens in
+    sequence 3's blocks, a chunk of `chunk` tokens of sequence 2 behind its `cached` ones, then one
+    decode row for each of sequences 0 and 1 (after their prompts)."""
+    def slot(table, p):
+        return table[p // block_size] * block_size + p % block_size
+
+    spans = [PrefillSpan(0, fresh, fresh),
+             PrefillSpan(fresh, fresh + chunk, cached + chunk, torch.tensor(tables[2][: -(-(cached + chunk) // block_size)]),
+                         torch.ones(chunk, cached + chunk, dtype=torch.bool).tril(diagonal=cached))]
+    positions = list(range(fresh)) + list(range(cached, cached + chunk)) + [len(p) for p in prompts[:2]]
+    owner = [3] * fresh + [2] * chunk + [0, 1]
+    slots = torch.tensor([slot(tables[s], p) for s, p in zip(owner, positions)])
+    meta = AttentionMetadata(slot_mapping=slots, block_size=block_size, prefills=spans, num_prefill_tokens=fresh + chunk)
+    _, decode = decode_meta(prompts[:2], tables[:2], block_size)
+    meta.decode_block_tables, meta.decode_context_lens = decode.decode_block_tables, decode.decode_context_lens
+    return torch.tensor(positions), meta, decode.decode_bias
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_step_decode_rows_on_the_kernel_match_pytorch(ops, tiny_model_dir, dtype):
+    """A step with two prefill spans (one from scratch, one behind a cached prefix) and decode rows
+    crossing KV blocks: the decode rows' attention on the native kernel (meta.ops) gives the
+    PyTorch path's logits and KV cache."""
+    loaded = load_model(EngineConfig(model=str(tiny_model_dir), dtype=dtype, device="cpu"))
+    model, cfg, block_size = loaded.model, loaded.config, 4
+    torch.manual_seed(2)
+    # Sequence 0 decodes at position 12 (its fourth block), 1 at 4 (a new block), 2 holds 9 cached
+    # tokens and prefills 5 more; 3 is a placeholder whose blocks the fresh 7-token prompt takes.
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (12, 4, 9, 1)]
+    kv, tables = prefilled(model, cfg, prompts, block_size)
+    positions, meta, bias = mixed_meta(prompts, tables, block_size, fresh=7, cached=9, chunk=5)
+    tokens = torch.randint(0, cfg.vocab_size, (positions.numel(),))
+    kv_native = KVCache(cfg.num_hidden_layers, kv.num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                        kv.data.dtype, torch.device("cpu"))
+    kv_native.data.copy_(kv.data)
+    every = torch.arange(positions.numel())
+    with torch.inference_mode():
+        meta.decode_bias = bias
+        expected = model(tokens, positions, meta, kv, every)
+        meta.decode_bias, meta.ops = None, ops  # as the runner hands it over with the kernels loaded
+        got = model(tokens, positions, meta, kv_native, every)
+    if dtype == "float32":
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kv_native.data, kv.data, atol=1e-5, rtol=1e-5)
+    else:  # the bounds of test_decode_step_matches_pytorch_path
+        for a, b in ((got, expected), (kv_native.data, kv.data)):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() <= 1e-3
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 2 / 3
+    # The prefill rows never touch the kernel: their logits are the PyTorch path's to the bit.
+    torch.testing.assert_close(got[:12], expected[:12], atol=0, rtol=0)
+
+
+def test_engine_mixed_steps_greedy_tokens_are_the_same_with_and_without_the_kernels(ops, qwen3_dir):
+    """Prompts prefilling in chunks of a 16-token budget while others decode, and a prompt behind a
+    cached prefix arriving mid-run: every step's tokens the same with the kernels on and off."""
+    first, long = [5, 9, 200, 17], list(range(30, 70))
+    late = long[:32] + [7, 8, 9, 10, 11]  # two full blocks of `long` cached
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for mode in ("off", "on"):
+        engine = LLM(str(qwen3_dir), dtype="float32", device="cpu", native_kernels=mode, block_size=16,
+                     max_num_batched_tokens=16).engine
+        assert engine.runner.native == (mode == "on")
+        reqs = [engine.make_request(p, params) for p in (first, long, late)]
+        engine.add(reqs[0])
+        engine.add(reqs[1])
+        mixed = steps = 0
+        while engine.has_unfinished():
+            if steps == 5:
+                engine.add(reqs[2])
+            batch = engine.scheduler.schedule()
+            sizes = [n for _, n in batch.items]
+            mixed += max(sizes) > 1 and min(sizes) == 1
+            engine._run(batch.items)  # not step(): a failing step must fail the test, not be retried alone
+            steps += 1
+        assert mixed >= 3
+        assert engine.stats().prefix_cache_hit_tokens >= 32  # `late` prefilled behind its cached prefix
+        outs[mode] = [r.token_ids[r.num_prompt_tokens:] for r in reqs]
+    assert outs["on"] == outs["off"]
+
+
 def test_native_kernels_flag(tmp_path):
     with pytest.raises(ValueError, match="native_kernels"):
         EngineConfig(native_kernels="sometimes").validate()
