@@ -6,15 +6,17 @@ and a served model with the kernels on and off."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from chatserve import EngineConfig, SamplingParams
 from chatserve.engine.engine import LLM
 from chatserve.models import native
-from chatserve.models.layers import AttentionMetadata, KVCache, PrefillSpan, RMSNorm
+from chatserve.models.layers import Attention, AttentionMetadata, KVCache, PrefillSpan, RMSNorm, RotaryEmbedding
 from chatserve.models.loader import load_model
 
 
@@ -124,6 +126,71 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_the_kernels(ops, qwe
         assert llm.engine.runner.native == (mode == "on")
         outs[mode] = [o.token_ids for o in llm.generate(prompts, params)]
     assert outs["on"] == outs["off"]
+
+
+# (heads, kv_heads, head_dim, qk_norm): groups of 1, 7 (Qwen2.5-0.5B) and 2 (Qwen3, q/k norms);
+# head_dim 48 (bf16 scores in fp32: not a multiple of 32), 40 (not of 16) and 272 (over 256): the
+# scalar kernel, as every fp16 cache.
+ATTENTION_SHAPES = [(4, 4, 64, False), (14, 2, 64, False), (16, 8, 128, True), (6, 2, 48, False),
+                    (4, 2, 40, False), (2, 1, 272, False)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "{}-{}-{}{}".format(*s[:3], "-qknorm" if s[3] else ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_attention_matches_pytorch_over_long_and_uneven_contexts(ops, shape, dtype):
+    """ops.decode_attention against Attention's PyTorch path (the projections made identities, so
+    both return the attention itself) on one call whose rows' contexts differ widely: 1 token, a
+    block and a bit, exactly one 256-token chunk, one past it, and several chunks ending mid-chunk,
+    blocks scattered over the pool; the same output whatever the thread count."""
+    heads, kv_heads, dim, qk_norm = shape
+    torch.manual_seed(3)
+    cfg = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=dim,
+                          hidden_size=(heads + 2 * kv_heads) * dim, attention_bias=False, qk_norm=qk_norm,
+                          rms_norm_eps=1e-6)
+    attn = Attention(cfg)
+    attn.qkv_proj, attn.o_proj = nn.Identity(), nn.Identity()
+    if qk_norm:
+        attn.q_norm.weight.data.uniform_(0.5, 1.5)
+        attn.k_norm.weight.data.uniform_(0.5, 1.5)
+    attn = attn.to(dtype)
+    rotary = RotaryEmbedding(dim, 1024, 10000.0, None)
+    lens, block_size = [1, 20, 256, 257, 600, 531], 16
+    blocks = [-(-n // block_size) for n in lens]
+    order = torch.randperm(sum(blocks)).tolist()  # each row's blocks scattered over the pool
+    tables = [order[sum(blocks[:i]):sum(blocks[:i + 1])] for i in range(len(lens))]
+    k_pool, v_pool = (torch.randn(sum(blocks) * block_size, kv_heads, dim).to(dtype) for _ in range(2))
+    positions = torch.tensor([n - 1 for n in lens])
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+                                   for t, n in zip(tables, lens)]), block_size=block_size)
+    meta.decode_block_tables = torch.tensor([t + [0] * (max(blocks) - len(t)) for t in tables])
+    meta.decode_context_lens = torch.tensor(lens)
+    attend = torch.arange(max(blocks) * block_size) < meta.decode_context_lens.unsqueeze(1)
+    meta.decode_bias = torch.zeros(attend.shape).masked_fill_(~attend, float("-inf"))[:, None, None, :]
+    qkv = (torch.randn(len(lens), cfg.hidden_size) * 2).to(dtype)
+    cos, sin = rotary(positions, dtype)
+    native_meta = AttentionMetadata(meta.slot_mapping, block_size, decode_block_tables=meta.decode_block_tables,
+                                    decode_context_lens=meta.decode_context_lens, ops=ops,
+                                    decode_rope=(rotary.cos, rotary.sin, positions))
+    pools = (k_pool.clone(), v_pool.clone())
+    with torch.inference_mode():
+        expected = attn(qkv, cos, sin, meta, k_pool, v_pool)
+        got = attn(qkv, cos, sin, native_meta, *pools)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            got_2 = attn(qkv, cos, sin, native_meta, *(p.clone() for p in pools))
+        finally:
+            torch.set_num_threads(threads)
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got_2, got, atol=0, rtol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pools, (k_pool, v_pool), atol=1e-5, rtol=1e-5)  # this token's K and V
+    else:  # both sum in fp32 and round the output once; they differ in the order of the sums
+        assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() <= 1e-3
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.02, rtol=0.02)
+        torch.testing.assert_close(pools, (k_pool, v_pool), atol=0.02, rtol=0.02)
 
 
 def mixed_meta(prompts, tables, block_size: int, fresh: int, cached: int, chunk: int):
