@@ -73,7 +73,9 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
-        ops = native.ops() if self.native and not prefills else None
+        # With the native kernels loaded, decode rows attend on them: a decode-only step runs the
+        # whole model on CausalLM.decode, a mixed one its decode rows' attention (meta.ops).
+        ops = native.ops() if self.native else None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
@@ -82,7 +84,8 @@ class ModelRunner:
                 attend = torch.arange(width * bs, device=self.device) < lens.unsqueeze(1)
                 meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(
                     ~attend, float("-inf"))[:, None, None, :]
-        run = self.model if ops is None else partial(self.model.decode, ops)
+        meta.ops = ops if prefills else None
+        run = partial(self.model.decode, ops) if ops is not None and not prefills else self.model
         logits = run(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
                      self._tensor(logits_indices + prompt_indices))
         return logits, sampled, scored

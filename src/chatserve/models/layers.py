@@ -6,8 +6,8 @@ Module and parameter names follow Hugging Face's checkpoints, so weights load by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,15 @@ class AttentionMetadata:
     decode_block_tables: Optional[torch.Tensor] = None  # [D, max_blocks]
     decode_bias: Optional[torch.Tensor] = None  # [D, 1, 1, max_blocks * block_size] fp32: 0 attend, -inf not
     decode_context_lens: Optional[torch.Tensor] = None  # [D] tokens of KV each decode attends to, its own included
+    # The native kernels (models/native.py), when the runner has them for a step mixing prefills and
+    # decodes: the decode rows' attention then runs on ops.decode_attention (a mixed step's PyTorch
+    # decode attention, gathering every row's padded KV, was ~1/3 of the step with 32 streams; a
+    # SmolLM2 bf16 step of a 480-token chunk and 32 decode rows at 64-576 tokens: 1650 -> 920 ms on
+    # 1 thread).
+    ops: Any = None
+    # (cos, sin, positions): the model's fp32 rotary tables and the decode rows' positions, which
+    # that kernel reads; CausalLM.forward sets them when `ops` is.
+    decode_rope: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 class KVCache:
@@ -180,25 +189,47 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         n, heads = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x)
+        slots, decoded = meta.slot_mapping, None
+        if meta.decode_rope is not None:
+            # The decode rows on the native kernel, their norms, RoPE and K/V write included; the
+            # rest below is the prefill rows'.
+            p = meta.num_prefill_tokens
+            decoded = self._native_decode(qkv[p:], meta, k_pool, v_pool)
+            qkv, cos, sin, slots = qkv[:p], cos[:p], sin[:p], slots[:p]
         # q and k side by side as heads + kv_heads rows of head_dim: one RoPE for both.
-        qk = qkv[:, : self.q_size + self.kv_size].view(n, heads + self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
         qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
-        k_pool.index_copy_(0, meta.slot_mapping, k)
-        v_pool.index_copy_(0, meta.slot_mapping, v)
+        k_pool.index_copy_(0, slots, k)
+        v_pool.index_copy_(0, slots, v)
 
         if not meta.prefills:  # decodes only: the common step, without the scatter into `out`
+            if decoded is not None:
+                return self.o_proj(decoded)
             return self.o_proj(self._decode(q, meta, k_pool, v_pool, meta.block_size).view(n, -1))
-        out = torch.empty_like(q)
+        out = q.new_empty(n, heads, self.head_dim)
         for span in meta.prefills:
             out[span.start:span.end] = self._prefill(q, k, v, span, k_pool, v_pool, meta.block_size)
-        if meta.decode_block_tables is not None:
+        if decoded is not None:
+            out[meta.num_prefill_tokens:] = decoded.view(-1, heads, self.head_dim)
+        elif meta.decode_block_tables is not None:
             out[meta.num_prefill_tokens:] = self._decode(
                 q[meta.num_prefill_tokens:], meta, k_pool, v_pool, meta.block_size)
         return self.o_proj(out.view(n, -1))
+
+    def _native_decode(self, qkv, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
+        """ops.decode_attention on the decode rows of qkv (as CausalLM.decode calls it): [D, heads * head_dim]."""
+        cos, sin, positions = meta.decode_rope
+        d = qkv.shape[0]
+        q_norm, k_norm = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        return meta.ops.decode_attention(qkv.contiguous(), cos, sin, positions, k_pool, v_pool,
+                                         meta.slot_mapping[-d:], meta.decode_block_tables, meta.decode_context_lens,
+                                         q_norm, k_norm, eps, self.num_heads, self.num_kv_heads, meta.block_size,
+                                         self.scale)
 
     def _gather(self, pool: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
         blocks = pool.view(-1, block_size, self.num_kv_heads, self.head_dim)[block_table]
@@ -310,6 +341,8 @@ class CausalLM(nn.Module):
         """Hidden states of the flattened batch in, logits of the tokens at logits_indices out (fp32)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        if meta.ops is not None and meta.decode_block_tables is not None:
+            meta = replace(meta, decode_rope=(self.rotary.cos, self.rotary.sin, positions[meta.num_prefill_tokens:]))
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, *kv_cache.layer(i))
         x = self.model.norm(x[logits_indices])
