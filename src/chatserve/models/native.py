@@ -3,12 +3,12 @@
 - Fused decode ops: RMSNorm with the residual add, SiLU-and-multiply, and decode attention over the
   paged KV cache with the q/k norms, RoPE and the K/V write: four calls a layer where PyTorch runs
   ~50 ops (on a small model dispatch was half the decode step: SmolLM2-135M, ~1700 ops, ~6 ms of
-  14). CausalLM.decode runs them, for decode-only steps.
-- Matmuls: int4 (weights in a layout of their own) and int8 with the activations quantized to int8
-  blocks of 32 and AVX-512 VNNI dot products, as llama.cpp's Q4/Q8 products; bf16 with vdpbf16ps.
-  int4 and bf16 layers take the native layout when the kernels are loaded before the weights, and
-  then run every step on them, prefill included; int8 layers keep PyTorch's layout and use the
-  native kernel in decode steps.
+  14). CausalLM.decode runs them for decode-only steps; a mixed step (prefill chunks and decode
+  rows) attends its decode rows with decode_attention too.
+- Matmuls: int4 and int8 with the activations quantized to int8 blocks of 32 and AVX-512 VNNI dot
+  products, as llama.cpp's Q4/Q8 products; bf16 with vdpbf16ps; fp32 with FMAs. Each keeps its
+  weights in a tiled layout of its own, taken when the kernels are loaded before the weights; the
+  layers then run every step on them, prefill included.
 
 They are built with the machine's C++ compiler against the installed torch (no build step at
 install time, no prebuilt binary), once: the library is cached under ~/.cache/chatserve/kernels,
