@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
