@@ -5,6 +5,7 @@ quantized runs are checked against their own fp32 dequantization by agreement.""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -90,6 +91,117 @@ def test_config_and_tokenizer_come_from_the_file(fp32, gguf_path, hf_tokenizer):
         assert fp32.tokenizer.decode(ids) == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                               tokenize=False)
     assert engine.eos_token_ids == [2]  # <|im_end|>: answers end
+
+
+def test_tokenizer_is_the_one_transformers_builds(fp32, hf_tokenizer):
+    """Built without AutoTokenizer's own pass over the file: the same class, and the same tokenizer."""
+    assert type(fp32.tokenizer) is type(hf_tokenizer)
+    assert fp32.tokenizer.backend_tokenizer.to_str() == hf_tokenizer.backend_tokenizer.to_str()
+    assert fp32.tokenizer.init_kwargs == hf_tokenizer.init_kwargs
+
+
+def byte_level_vocabulary() -> tuple[list[str], list[str]]:
+    """A tiny GPT-2 style vocabulary: the 256 byte symbols, a few merges, ChatML's special tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = list(bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
+    tokens += [m.replace(" ", "") for m in merges] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return tokens, merges
+
+
+def write_small_gguf(path: Path, arch: str, head_dim: int = 16) -> Path:
+    """The metadata llama.cpp's converter writes for a Qwen-style model (shape, rope, a byte-level
+    BPE tokenizer, the chat template), and an embedding: enough for the config and the tokenizer."""
+    from gguf import GGUFWriter, TokenType
+
+    tokens, merges = byte_level_vocabulary()
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.NORMAL] * (len(tokens) - 3) + [TokenType.CONTROL] * 3)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_pad_token_id(len(tokens) - 3)
+    w.add_bos_token_id(len(tokens) - 3)
+    w.add_chat_template(CHATML)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def model_config_of(raw: dict):
+    """The config record the loader reads from a config dict, less the dict itself."""
+    from chatserve.models import ARCHITECTURES
+
+    record = dataclasses.asdict(ARCHITECTURES[raw["architectures"][0]].read_config(raw))
+    del record["raw"]
+    return record
+
+
+@pytest.mark.parametrize("arch", ["smollm2", "qwen2", "qwen3"])
+def test_config_is_the_one_transformers_reads(arch, tmp_path):
+    """The config made from our one parse of the file holds what transformers' AutoConfig makes of it
+    (qwen3: the head_dim transformers takes from Qwen3Config's default, which the file has too)."""
+    from transformers import AutoConfig
+
+    if arch == "smollm2":
+        path = smollm2_path()
+    else:  # Qwen3's heads are 128 wide whatever the width of the model; Qwen2's are width / heads
+        path = write_small_gguf(tmp_path / f"{arch}.gguf", arch, 128 if arch == "qwen3" else 16)
+    reader = gguf.open_gguf(path)
+    raw = gguf.read_config(reader)
+    expected = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    expected["architectures"] = raw["architectures"]
+    assert model_config_of(raw) == model_config_of(expected)
+    assert raw["model_type"] == expected["model_type"]
+
+
+def test_the_reader_keeps_values_not_views():
+    """The metadata is read into plain values as it is parsed: no numpy view per vocabulary entry
+    (gguf's own reader keeps ~200k of them for SmolLM2: +159 MiB)."""
+    reader = gguf.open_gguf(smollm2_path())
+    assert reader.metadata["tokenizer.ggml.tokens"] == 49152  # walked, not read: the tokenizer reads it
+    assert len(reader.metadata["tokenizer.ggml.token_type"]) == 49152
+    assert reader.metadata["llama.attention.head_count_kv"] == 3
+    assert reader.metadata["tokenizer.chat_template"] == reader.fields["tokenizer.chat_template"].contents()
+    assert "tokenizer.ggml.tokens" not in reader.fields
+    assert sum(len(f.parts) for f in reader.fields.values()) < 200
+    assert len(reader.tensors) == 272 and reader.tensors[0].name == "token_embd.weight"
+
+
+def test_qwen_tokenizer_is_the_one_transformers_builds(tmp_path):
+    """A qwen2 file gets AutoTokenizer's Qwen2Tokenizer (a llama file its TokenizersBackend)."""
+    from transformers import AutoTokenizer
+
+    path = write_small_gguf(tmp_path / "qwen2.gguf", "qwen2")
+    mine = gguf.load_tokenizer(path, "qwen2")
+    expected = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert type(mine) is type(expected) and type(mine).__name__ == "Qwen2Tokenizer"
+    assert mine.backend_tokenizer.to_str() == expected.backend_tokenizer.to_str()
+    assert mine.init_kwargs == expected.init_kwargs
+    messages = [{"role": "user", "content": "the then in an"}]
+    ids = mine.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == expected.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert mine.decode(ids).endswith("<|im_start|>assistant\n")
 
 
 def test_fp32_greedy_matches_transformers_gguf_loader(fp32, gguf_path):

@@ -3,7 +3,6 @@ weights and tokenizer."""
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -486,14 +485,11 @@ def load_model(config: EngineConfig) -> LoadedModel:
             from . import gguf
 
             try:
-                # transformers reads the file on its own for the tokenizer and config; its readers
-                # are gone before ours maps the tensors (the parsed metadata alone is ~150 MB).
-                tokenizer = gguf.load_tokenizer(path)
-                raw = gguf.read_config(path)
-                gc.collect()
+                # One parse of the file for the config and the tensors; the tokenizer converts the
+                # vocabulary from the file itself (gguf.py says what each way costs).
                 reader = gguf.open_gguf(path)
-                gguf.complete_config(raw, reader)
-                reader.fields.clear()  # the metadata was read; its ~100k small arrays can go
+                raw = gguf.read_config(reader)
+                tokenizer = gguf.load_tokenizer(path, raw["model_type"])
             except Exception as exc:  # a truncated or foreign file fails deep inside the readers
                 raise ModelLoadError(f"cannot load the GGUF file {path}: {type(exc).__name__}: {exc}") from None
             gen_cfg = {}
