@@ -204,6 +204,38 @@ def test_qwen_tokenizer_is_the_one_transformers_builds(tmp_path):
     assert mine.decode(ids).endswith("<|im_start|>assistant\n")
 
 
+def resident_bytes_of_mapping(address: int) -> int:
+    """Rss of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            inside = lo <= address < hi
+        elif inside and fields[0] == "Rss:":
+            return int(fields[1]) * 1024
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.parametrize("quantization", [None, "none"])
+def test_file_pages_are_released_as_tensors_load(gguf_path, quantization):
+    """Each tensor's file pages go back to the kernel once it is converted: the peak holds one copy
+    of the weights, not the file as well (int4 groups as they are, or dequantized to floats)."""
+    if not Path("/proc/self/smaps").exists():
+        pytest.skip("needs Linux /proc to read a mapping's resident size")
+    from chatserve.models import ARCHITECTURES
+    from chatserve.models.loader import build_model, load_gguf_weights
+
+    reader = gguf.open_gguf(gguf_path)
+    raw = gguf.read_config(reader)
+    cls = ARCHITECTURES[raw["architectures"][0]]
+    model = build_model(cls, cls.read_config(raw), torch.device("cpu"))
+    load_gguf_weights(model, reader, raw, gguf_path, torch.device("cpu"), torch.float32, quantization)
+    size = gguf_path.stat().st_size
+    resident = resident_bytes_of_mapping(reader.data.ctypes.data)
+    assert resident < 0.05 * size, f"{resident / 2**20:.1f} MiB of the {size / 2**20:.1f} MiB file still resident"
+
+
 def test_fp32_greedy_matches_transformers_gguf_loader(fp32, gguf_path):
     from transformers import AutoModelForCausalLM
 

@@ -161,6 +161,7 @@ class GGUFTensor:
         # GGUF lists dims innermost first; torch's shape is the reverse.
         self.shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         self.raw = np.asarray(tensor.data)
+        self.file_range = (tensor.data_offset, tensor.data_offset + tensor.n_bytes)  # bytes of the file
         self._rows = _unpermute_rows(self.name, self.shape, config)
 
     def _ordered(self, array: np.ndarray) -> np.ndarray:

@@ -148,12 +148,18 @@ class SafetensorsFile:
         return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=self.data_start + begin).view(info["shape"])
 
     def release(self, name: str) -> None:
-        """Drop the file pages of a tensor that was copied elsewhere (keeps peak memory near 1x)."""
         begin, end = (self.data_start + o for o in self.header[name]["data_offsets"])
-        page = mmap.PAGESIZE
-        first, last = -(-begin // page) * page, end // page * page
-        if last > first and hasattr(self.mm, "madvise"):
-            self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        release_pages(self.mm, begin, end)
+
+
+def release_pages(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Drop the file pages of bytes [begin, end) of a file mapping, a tensor that was copied
+    elsewhere (keeps peak memory near one copy of the weights). Whole pages only: a page shared
+    with the next tensor stays."""
+    page = mmap.PAGESIZE
+    first, last = -(-begin // page) * page, end // page * page
+    if last > first and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -449,7 +455,8 @@ def load_gguf_weights(model: CausalLM, reader, raw_config: dict, path: Path, dev
     tensors = list(gguf.iter_tensors(reader, raw_config))
     for name, tensor in tqdm(tensors, desc="Loading weights", unit="tensor", disable=None, leave=False):
         loader.put(name, WeightSource(tensor.shape, tensor.dequantize, tensor.type_name,
-                                      gguf.stored_method(tensor.type_name), tensor.int4_groups))
+                                      gguf.stored_method(tensor.type_name), tensor.int4_groups,
+                                      lambda tensor=tensor: release_pages(reader.data.base, *tensor.file_range)))
     loader.finish(str(path))
 
 
