@@ -3,6 +3,7 @@ weights and tokenizer."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -160,6 +161,20 @@ def release_pages(mm: mmap.mmap, begin: int, end: int) -> None:
     first, last = -(-begin // page) * page, end // page * page
     if last > first and hasattr(mm, "madvise"):
         mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+_LIBC = ctypes.CDLL(None)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing).
+    A tensor's temporaries (dequantized fp32 values, int4 nibbles) are freed into the heap, which
+    keeps their pages, and the next tensor's, of other sizes, do not all fit in them: Qwen2.5-0.5B's
+    BF16 GGUF loaded at bf16 peaked at 1558 MiB and held 1500 after the load, with a trim after each
+    tensor 1193 and 1032 (its Q4_0 file: 464 -> 436 after the load), for ~1 ms a tensor."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -360,6 +375,7 @@ class WeightLoader:
             if name in self.linear:
                 self.kinds["float"] += 1
         source.release()
+        trim_heap()
         self.loaded.add(name)
 
     def _quantized_linear(self, source: WeightSource, method: str,
