@@ -143,6 +143,44 @@ def test_bf16_conversion_does_not_keep_the_fp32_pages(big_model_dir, qwen2_dir):
     assert result["growth"] <= 0.8 * weight_bytes, f"peak RSS grew {result['growth'] / weight_bytes:.2f}x the weights"
 
 
+SKELETON_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from chatserve.models import ARCHITECTURES
+    from chatserve.models.layers import RotaryEmbedding
+    from chatserve.models.loader import build_model
+
+    raw = json.loads(sys.argv[1])
+    cls = ARCHITECTURES[raw["architectures"][0]]
+    cfg = cls.read_config(raw)
+    model = build_model(cls, cfg, torch.device("cpu"))
+    rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+    print(json.dumps({
+        "meta": sorted(n for n, p in model.named_parameters() if p.is_meta),
+        "real": sorted(n for n, p in model.named_parameters() if not p.is_meta),
+        "rotary": torch.equal(model.rotary.cos, rotary.cos) and torch.equal(model.rotary.sin, rotary.sin),
+        "dynamo": "torch._dynamo" in sys.modules}))
+""")
+
+
+def test_model_skeleton_is_built_without_memory_or_torch_dynamo():
+    """Parameters on the meta device until the weights arrive, without running anything on meta
+    tensors: that imports torch._dynamo (sympy, mpmath, ...), ~145 MiB of RSS for the whole run."""
+    raw = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+           "rope_theta": 1000000.0, "max_position_embeddings": 256, "tie_word_embeddings": False}
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", SKELETON_SCRIPT, json.dumps(raw)], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "model.embed_tokens.weight" in result["meta"] and "lm_head.weight" in result["meta"]
+    assert "model.layers.1.self_attn.qkv_proj.bias" in result["meta"]
+    assert all(name.endswith("norm.weight") for name in result["real"])  # ones, a few KB
+    assert result["rotary"]
+    assert not result["dynamo"]
+
+
 # -- dtypes ----------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """GGUF files, as llama.cpp and Ollama write them: the config and tokenizer from the file's metadata
-(through transformers, which reads them as its own GGUF loader does), tensors read and dequantized
-with the `gguf` package (llama.cpp's own reader), renamed to Hugging Face's names.
+(as transformers' own GGUF loader reads them), tensors read and dequantized with the `gguf` package
+(llama.cpp's own reader), renamed to Hugging Face's names.
 
 Q4_0 and Q4_1 blocks (32 weights, a scale, and a min for Q4_1) are int4 groups of 32 as they are:
 they become Int4Linear without requantizing. Everything else is dequantized, then kept at the run
@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from gguf import GGUFReader, GGUFValueType, ReaderField
 
 ROWS_PER_SLAB = 4096
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -44,33 +45,52 @@ def hf_name(name: str) -> Optional[str]:
     return None
 
 
-def read_config(path: Path) -> dict:
-    """A Hugging Face config dict from the GGUF metadata, as transformers reads it."""
-    from transformers import AutoConfig
+def read_config(reader: GGUFFile) -> dict:
+    """A Hugging Face config dict from the file's metadata, as transformers' GGUF loader renames its
+    keys (load_gguf_checkpoint), and what only the tensor list tells: tied embeddings, Llama 3.1's
+    rope factors. From our one parse of the file: AutoConfig.from_pretrained(gguf_file=...) parses
+    it again with gguf's full reader (+167 MiB peak, 3 s for SmolLM2's 49k-token vocabulary), and
+    LlamaConfig's module imports transformers' model-loading stack (accelerate, DTensor: +65 MiB,
+    1.4 s) for the defaults of fields a GGUF sets anyway. The one default that matters, Qwen3's
+    head_dim of 128 (transformers drops qwen3.rope.dimension_count), is in the file as the key
+    length."""
+    from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
-    raw = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-    arch = raw.get("model_type")
+    meta = reader.metadata
+    arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported; supported: "
-                         f"{', '.join(ARCHITECTURES)}")
-    raw["architectures"] = [ARCHITECTURES[arch]]
-    return raw
-
-
-def complete_config(raw: dict, reader) -> None:
-    """What only the tensor list tells: tied embeddings, Llama 3.1's rope factors."""
+        raise ValueError(f"{Path(reader.data.filename).name}: GGUF architecture {arch!r} is not supported; "
+                         f"supported: {', '.join(ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
-    raw["tie_word_embeddings"] = "output.weight" not in tensors
+    raw = {**GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}), "architectures": [ARCHITECTURES[arch]],
+           "tie_word_embeddings": "output.weight" not in tensors}
+    for key, value in meta.items():  # one-element arrays unwrapped, as transformers does
+        prefix, _, rest = key.partition(".")
+        name = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if name is not None and name != -1:
+            raw[name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    raw.setdefault("vocab_size", meta.get("tokenizer.ggml.tokens"))  # a string array's length (GGUFFile)
+    raw["head_dim"] = meta.get(f"{arch}.attention.key_length") or raw.get("head_dim")
     if "rope_freqs.weight" in tensors:
         # Llama 3.1+ files carry the rope scaling as per-frequency divisors instead of config values.
         factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32)
         raw["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
+    return raw
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(path: Path, model_type: str):
+    """The tokenizer AutoTokenizer.from_pretrained(gguf_file=...) builds: the class it picks for the
+    model type (Qwen2Tokenizer for qwen2/qwen3, TokenizersBackend for llama), which converts the
+    file's vocabulary itself with transformers' light metadata reader. AutoTokenizer would first make
+    the config its own way (gguf's full reader again: +170 MiB peak, +92 MiB kept, 6 s for SmolLM2;
+    this way +49 MiB peak, +24 MiB kept, 0.7 s). A tokenizer.json cached from it would load no
+    smaller (+47 MiB kept) and, for Qwen2.5, not identical, so it is converted at every start."""
+    from transformers import TokenizersBackend
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    cls = (tokenizer_class_from_name(name) if name else None) or TokenizersBackend
+    return cls.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def stored_method(qtype_name: str) -> Optional[str]:
@@ -83,6 +103,55 @@ def stored_method(qtype_name: str) -> Optional[str]:
     return "int8"
 
 
+class GGUFFile(GGUFReader):
+    """gguf's reader, its metadata read into plain Python values as it parses (`metadata`)
+    instead of kept as a numpy view per array element: `fields` holds the scalars and strings
+    only. gguf's own fields for SmolLM2's vocabulary (tokens, scores, types, merges) are ~200k
+    views: +159 MiB, and +67 MiB stayed with the allocator after they were freed. Arrays of
+    strings (a vocabulary, its merges) are walked, not decoded: their value here is their
+    length (the tokenizer reads them itself); numeric arrays are lists."""
+
+    metadata: dict
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        self.metadata = {}
+        for _ in range(count):
+            orig_offs = offs
+            key_len, key_data = self._get_str(offs)
+            offs += int(key_len.nbytes + key_data.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += int(raw_type.nbytes)
+            key = str(bytes(key_data), encoding="utf-8")
+            if raw_type[0] == GGUFValueType.ARRAY:
+                self.metadata[key], offs = self._read_array(offs)
+                continue
+            size, parts, data, types = self._get_field_parts(offs, raw_type[0])
+            field = ReaderField(orig_offs, key, [key_len, key_data, raw_type, *parts], [i + 3 for i in data], types)
+            self._push_field(field, skip_sum=True)
+            self.metadata[key] = field.contents()
+            offs += size
+        return offs
+
+    def _read_array(self, offs: int) -> tuple:
+        item_type, count = int(self._get(offs, np.uint32)[0]), int(self._get(offs + 4, np.uint64)[0])
+        offs += 12
+        np_type = self.gguf_scalar_to_np.get(GGUFValueType(item_type))
+        if np_type is not None:
+            values = self._get(offs, np_type, count)
+            return values.tolist(), offs + int(values.nbytes)
+        if item_type == GGUFValueType.STRING:
+            for _ in range(count):
+                offs += 8 + int(self._get(offs, np.uint64)[0])
+            return count, offs
+        if item_type == GGUFValueType.ARRAY:
+            values = []
+            for _ in range(count):
+                value, offs = self._read_array(offs)
+                values.append(value)
+            return values, offs
+        raise ValueError(f"GGUF metadata holds an array of type {item_type}, which this reader cannot read")
+
+
 class GGUFTensor:
     """One tensor of the file: its raw blocks (a view of the file's pages) and how to read them."""
 
@@ -93,6 +162,7 @@ class GGUFTensor:
         # GGUF lists dims innermost first; torch's shape is the reverse.
         self.shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         self.raw = np.asarray(tensor.data)
+        self.file_range = (tensor.data_offset, tensor.data_offset + tensor.n_bytes)  # bytes of the file
         self._rows = _unpermute_rows(self.name, self.shape, config)
 
     def _ordered(self, array: np.ndarray) -> np.ndarray:
@@ -160,10 +230,8 @@ def _unpermute_rows(name: str, shape: tuple, config: dict) -> Optional[np.ndarra
     return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
 
 
-def open_gguf(path: Path):
-    from gguf import GGUFReader
-
-    return GGUFReader(str(path))
+def open_gguf(path: Path) -> GGUFFile:
+    return GGUFFile(str(path))
 
 
 def iter_tensors(reader, config: dict) -> Iterator[tuple[str, GGUFTensor]]:
