@@ -204,7 +204,6 @@ class GGUFTensor:
             zeros = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
         return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zeros)
 
-
     def int8_blocks(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(q [out, in / 32, 32] int8, scales [out, in / 32]) in Int8Linear's terms, for Q8_0 blocks,
         exactly; None for other types. Block layout (ggml-common.h): an fp16 scale d, then 32 int8
