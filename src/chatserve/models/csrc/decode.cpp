@@ -643,10 +643,11 @@ template <int N>
 using Count = std::integral_constant<int, N>;
 
 // Every row of x against the tiles [b, e) of a tiled weight, through kernel(Count<R> rows,
-// Count<T> tiles, row0, tile): one or two rows (decode steps) take four tiles at once, for enough
-// independent accumulators to hide the multiply latency; more rows go four at a time against each
-// pair of tiles, which stay in L1 while the row groups pass over them.
-template <typename Kernel>
+// Count<T> tiles, row0, tile): one or two rows (decode steps) take Few tiles at once, more rows go
+// four at a time against Many tiles at once (which stay in L1 while the row groups pass over them).
+// Each kernel's Few and Many are measured: more tiles at once hide the multiply latency, but each is
+// a stream of its own from memory.
+template <int Few, int Many, typename Kernel>
 inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
   auto by_fours = [&](auto tiles, int64_t t) {
     for (int64_t r = 0; r < rows; r += 4) {
@@ -660,11 +661,11 @@ inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
   };
   int64_t t = b;
   if (rows == 1) {
-    for (; t + 4 <= e; t += 4) kernel(Count<1>{}, Count<4>{}, 0, t);
+    for (; t + Few <= e; t += Few) kernel(Count<1>{}, Count<Few>{}, 0, t);
   } else if (rows == 2) {
-    for (; t + 4 <= e; t += 4) kernel(Count<2>{}, Count<4>{}, 0, t);
+    for (; t + Few <= e; t += Few) kernel(Count<2>{}, Count<Few>{}, 0, t);
   } else {
-    for (; t + 2 <= e; t += 2) by_fours(Count<2>{}, t);
+    for (; t + Many <= e; t += Many) by_fours(Count<Many>{}, t);
   }
   for (; t < e; ++t) by_fours(Count<1>{}, t);
 }
@@ -836,18 +837,23 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
   store_sums(acc, bias, out, row0, N, tile);
 }
 // The two tile kernels as integer_gemm takes them.
+// Tiles at once (over_tiles), measured on 2 threads with weights from memory: one int4 row streams a
+// single tile best (two vpdpbusd and two masks per load: 16-20 GB/s for a SmolLM2 step's matmuls,
+// 14 with four tiles); int8 four (19 against 14-16 GB/s); many rows two tiles (int4 +12%).
 struct Int8Tiles {
+  static constexpr int kFew = 4, kMany = 2;
   template <int R, int T, typename OutT, typename... Args>
   static void run(Args&&... args) { int8_gemm_tile<R, T, OutT>(std::forward<Args>(args)...); }
 };
 struct Int4Tiles {
+  static constexpr int kFew = 1, kMany = 2;
   template <int R, int T, typename OutT, typename... Args>
   static void run(Args&&... args) { int4_gemm_tile<R, T, OutT>(std::forward<Args>(args)...); }
 };
 #else
 constexpr bool kHaveIntegerGemm = false;
-struct Int8Tiles {};
-struct Int4Tiles {};
+struct Int8Tiles { static constexpr int kFew = 1, kMany = 1; };
+struct Int4Tiles { static constexpr int kFew = 1, kMany = 1; };
 #endif
 
 
@@ -965,7 +971,7 @@ at::Tensor integer_gemm(const at::Tensor& x, const uint8_t* packed, const uint16
   with_output_type(out, [&](auto* op) {
     using OutT = std::remove_pointer_t<decltype(op)>;
     at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-      over_tiles(x.size(0), b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
+      over_tiles<Tiles::kFew, Tiles::kMany>(x.size(0), b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
         Tiles::template run<decltype(r)::value, decltype(t)::value, OutT>(q, row0, K, packed, scales, bp, op, N, tile);
       });
     });
@@ -1117,7 +1123,8 @@ at::Tensor float_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
     with_output_type(out, [&](auto* op) {
       using OutT = std::remove_pointer_t<decltype(op)>;
       at::parallel_for(0, N / 16, 4, [&](int64_t b, int64_t e) {
-        over_tiles(rows, b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
+        // Four tiles at once for one or two rows; one for more (fp32 prefill: two, 20% slower).
+        over_tiles<4, 1>(rows, b, e, [&](auto r, auto t, int64_t row0, int64_t tile) {
           float_tile<W, OutT, decltype(r)::value, decltype(t)::value>(xp, row0, K, wp, bp, op, N, tile);
         });
       });
