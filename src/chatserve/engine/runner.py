@@ -15,7 +15,7 @@ from .request import Request
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, native_kernels: str = "off"):
         cfg = loaded.config
-        # Decode-only steps on the CPU run on the native kernels once they are loaded (models/native.py).
+        # On the CPU, decode rows run on the native kernels once they are loaded (models/native.py).
         # (load_model started them: loaded from the cache, built, or building in the background.)
         self.native = native_kernels != "off" and loaded.device.type == "cpu"
         self.model = loaded.model

@@ -1,13 +1,15 @@
-"""How Linear weights are stored and multiplied on the CPU. Weight-only quantization: int8 (one
-scale per output channel) or int4 (groups of 32 along the input, a scale and a zero point each),
-multiplied by PyTorch's CPU kernels, and an int8 embedding that looks rows up and scales them.
-Float layouts: SplitLinear (fp32, one block of outputs per thread) and PackedLinear (bf16, oneDNN's
-layout). All share StoredLinear's flattening and bias.
+"""How Linear weights are stored and multiplied on the CPU. Weight-only quantization: int8 (a scale
+per block of 32 inputs, as Q8_0, or per output channel) or int4 (groups of 32 along the input, a
+scale and a zero point each), and int8 embeddings that look rows up and scale them. Float layouts:
+NativeFloatLinear (fp32/bf16 tiles), SplitLinear (fp32, one block of outputs per thread) and
+PackedLinear (bf16, oneDNN's layout). All share StoredLinear's flattening and bias.
 
-The kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) are fast only with
-bfloat16 activations (measured on 2 threads, one token: 576x1536 int4 56 us with bf16 input,
-776 us with fp32), so a quantized layer takes any input dtype, multiplies in bf16 and gives the
-input's dtype back. For many rows at once (prefill) a plain bf16 GEMM beats the int8 kernel, so
+Where the native kernels are loaded (models/native.py), int8, int4 and float layers take their tiled
+layouts and run every step on them (`native`, `native_call()`); elsewhere PyTorch's kernels run.
+PyTorch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) are
+fast only with bfloat16 activations (measured on 2 threads, one token: 576x1536 int4 56 us with bf16
+input, 776 us with fp32), so a quantized layer there takes any input dtype, multiplies in bf16 and
+gives the input's dtype back. For many rows at once (prefill) a plain bf16 GEMM beats the int8 kernel, so
 Int8Linear dequantizes there (128 rows of 576x1536: 755 us against 1631 us)."""
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ INT8_KERNEL_MAX_ROWS = 16
 ROWS_PER_SLAB = 4096
 
 
+def tiles_fit(weight_shape: tuple[int, int], group: int) -> bool:
+    """Whether a quantized weight tiles: every kernel packs outputs in tiles of 16 and inputs in whole
+    groups (blocks) of scales."""
+    out_features, in_features = weight_shape
+    return out_features % 16 == 0 and in_features % group == 0
+
+
 def check_supported(method: Optional[str], device: torch.device) -> None:
     if method not in (None, *QUANTIZATION_METHODS):
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
@@ -44,7 +53,7 @@ class StoredLinear(nn.Module):
     which adds the bias itself where bias_in_matmul says so (a kernel that fuses it)."""
 
     bias_in_matmul = False
-    native = False  # on a native kernel: then native_call() gives it
+    native = False  # on a native kernel: native_call() gives it, the bias added inside
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -54,9 +63,13 @@ class StoredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = self.matmul(rows)
-        if self.bias is not None and not self.bias_in_matmul:
-            out = out + self.bias
+        if self.native:  # any activation dtype in, the same out
+            op, args = self.native_call()
+            out = op(rows, *args, self.bias, None)
+        else:
+            out = self.matmul(rows)
+            if self.bias is not None and not self.bias_in_matmul:
+                out = out + self.bias
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
@@ -100,7 +113,6 @@ class Int8Linear(QuantizedLinear):
         in_features = qweight.shape[1] * (qweight.shape[2] if qweight.dim() == 3 else 1)
         super().__init__(in_features, out_features, bias)
         self.native = native and self.fits((out_features, in_features))
-        self.bias_in_matmul = self.native
         if self.native:
             from . import native as native_kernels
 
@@ -126,9 +138,7 @@ class Int8Linear(QuantizedLinear):
 
     @staticmethod
     def fits(weight_shape: tuple[int, int]) -> bool:
-        """The native layout's tiles: outputs in sixteens, inputs in blocks of 32."""
-        out_features, in_features = weight_shape
-        return out_features % 16 == 0 and in_features % 32 == 0
+        return tiles_fit(weight_shape, 32)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, native: bool = False) -> "Int8Linear":
@@ -139,12 +149,6 @@ class Int8Linear(QuantizedLinear):
 
     def native_call(self) -> tuple:
         return self.ops.int8_gemm.default, (self.packed, self.block_scales, self.out_features)
-
-    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            op, args = self.native_call()
-            return op(rows, *args, self.bias, None)
-        return super().matmul(rows)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
@@ -169,7 +173,6 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         self.native = native and group_size == 32
-        self.bias_in_matmul = self.native
         if self.native:
             from . import native as native_kernels
 
@@ -190,18 +193,10 @@ class Int4Linear(QuantizedLinear):
 
     @staticmethod
     def fits(weight_shape: tuple[int, int], group_size: int = INT4_GROUP_SIZE) -> bool:
-        """Both kernels pack outputs in tiles of 16 and inputs in whole groups."""
-        out_features, in_features = weight_shape
-        return out_features % 16 == 0 and in_features % group_size == 0
+        return tiles_fit(weight_shape, group_size)
 
     def native_call(self) -> tuple:
         return self.ops.int4_gemm.default, (self.packed, self.scale_min, self.out_features)
-
-    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.native:  # any activation dtype in, the same out
-            op, args = self.native_call()
-            return op(rows, *args, self.bias, None)
-        return super().matmul(rows)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
@@ -237,8 +232,8 @@ class NativeInt8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tile, lane = ids // 16, ids % 16
-        q = self.tiles[tile, :, lane, :].reshape(*ids.shape, self.dim // 32, 32).to(torch.int16) - 128
-        values = q.float() * self.scales[tile, :, lane].float().unsqueeze(-1)
+        q = self.tiles[tile, :, lane, :].reshape(*ids.shape, self.dim // 32, 32).float() - 128
+        values = q * self.scales[tile, :, lane].float().unsqueeze(-1)
         return values.reshape(*ids.shape, self.dim).to(self.dtype)
 
 
@@ -333,8 +328,7 @@ class NativeFloatLinear(StoredLinear):
     sit in the vector lanes and every thread streams its tiles. On 2 threads, one row (a decode
     step): bf16 1.5-2.3x oneDNN's packed layout; 32 and 512 rows at par."""
 
-    bias_in_matmul = True  # added in fp32 inside the kernel, as F.linear does
-    native = True
+    native = True  # the bias added in fp32 inside the kernel, as F.linear does
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: Optional[torch.Tensor] = None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
@@ -349,10 +343,6 @@ class NativeFloatLinear(StoredLinear):
 
     def native_call(self) -> tuple:
         return self.ops.float_gemm.default, (self.packed, self.out_features)
-
-    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        op, args = self.native_call()
-        return op(rows, *args, self.bias, None)
 
 
 class NativeFloatEmbedding(nn.Module):
