@@ -618,6 +618,16 @@ inline void store16(c10::BFloat16* out, __m512 v) {
   bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
 }
+
+// The R x T tiles of sums, plus the bias (fp32, before the one rounding, as F.linear), stored as the
+// output's dtype.
+template <int R, int T, typename OutT>
+inline void store_sums(__m512 (&acc)[R][T], const float* bias, OutT* out, int64_t row0, int64_t N, int64_t tile) {
+  for (int t = 0; t < T; ++t) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
+    for (int r = 0; r < R; ++r) store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(acc[r][t], b));
+  }
+}
 #endif
 
 // Runs `body` with a pointer to `out`'s data as its C++ type (fp32 or bf16): the integer and bf16
@@ -727,16 +737,6 @@ QuantizedRows quantize_activations(const at::Tensor& x) {
                                            : quantize_rows(xr.data_ptr<float>(), xr.size(0), xr.size(1));
 }
 
-// The R x T tiles of sums, plus the bias (fp32, before the one rounding, as F.linear), stored as the
-// output's dtype.
-template <int R, int T, typename OutT>
-inline void store_sums(__m512 (&acc)[R][T], const float* bias, OutT* out, int64_t row0, int64_t N, int64_t tile) {
-  for (int t = 0; t < T; ++t) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
-    for (int r = 0; r < R; ++r) store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(acc[r][t], b));
-  }
-}
-
 // Four int8 activations as one 32-bit pattern, broadcast to every lane.
 inline __m512i broadcast4(const int8_t* p) {
   int32_t v;
@@ -789,11 +789,6 @@ inline void int8_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
 // no horizontal sums. Per tile and group of 32 inputs, 16 bf16 scales then 16 bf16 mins:
 // w = q * scale + min.
 //   out[r, n] = sum over groups g of scale[n, g] * dx[r, g] * (q[n, g] . qx[r, g]) + min[n, g] * xsum[r, g]
-inline __m512 bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
 template <int R, int T, typename OutT>
 inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, const uint8_t* packed,
                            const uint16_t* scale_min, const float* bias, OutT* out, int64_t N, int64_t tile) {
@@ -824,8 +819,8 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
       }
     }
     for (int t = 0; t < T; ++t) {
-      const uint16_t* sm = scale_min + ((tile + t) * groups + g) * 32;
-      const __m512 scale = bf16x16(sm), mins = bf16x16(sm + 16);
+      const c10::BFloat16* sm = reinterpret_cast<const c10::BFloat16*>(scale_min) + ((tile + t) * groups + g) * 32;
+      const __m512 scale = load16(sm), mins = load16(sm + 16);
       for (int r = 0; r < R; ++r) {
         const int64_t xi = (row0 + r) * groups + g;
         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])),
@@ -836,6 +831,7 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
   }
   store_sums(acc, bias, out, row0, N, tile);
 }
+
 // The two tile kernels as integer_gemm takes them.
 // Tiles at once (over_tiles), measured on 2 threads with weights from memory: one int4 row streams a
 // single tile best (two vpdpbusd and two masks per load: 16-20 GB/s for a SmolLM2 step's matmuls,
@@ -878,11 +874,10 @@ inline void zero_tiles(__m512 (&acc)[R][T][2]) {
 
 template <int R, int T, typename OutT>
 inline void store_tiles(__m512 (&acc)[R][T][2], const float* bias, OutT* out, int64_t row0, int64_t N, int64_t tile) {
-  for (int t = 0; t < T; ++t) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + (tile + t) * 16);
-    for (int r = 0; r < R; ++r)
-      store16(out + (row0 + r) * N + (tile + t) * 16, _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), b));
-  }
+  __m512 sums[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) sums[r][t] = _mm512_add_ps(acc[r][t][0], acc[r][t][1]);
+  store_sums(sums, bias, out, row0, N, tile);
 }
 #endif
 
