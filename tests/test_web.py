@@ -95,6 +95,13 @@ class Page:
         self.context.close()
         assert not self.errors, f"JavaScript errors on the page: {self.errors}"
 
+    def new_chat_answered(self, text: str, **settings) -> str:
+        """A new chat with these settings, `text` sent and its answer complete; the answer's id."""
+        self.new_chat()
+        self.settings(**settings)
+        self.send(text)
+        return self.wait_answer()
+
     def new_chat(self) -> None:
         """A new chat: a draft on the page, in no list until its first message."""
         self.page.click("#new-chat")
@@ -605,10 +612,7 @@ def test_new_chat_is_stored_with_its_first_message(browser, tmp_path):
             page.page.click("#settings-cancel")
             page.reload()
             assert listed() == []
-            page.new_chat()
-            page.settings(max_tokens=6, system_prompt="Be brief.")
-            page.send("First words")
-            page.wait_answer()
+            page.new_chat_answered("First words", max_tokens=6, system_prompt="Be brief.")
             (stored,) = listed()
             assert stored["title"] == "First words" and stored["system_prompt"] == "Be brief."
             assert stored["params"]["max_tokens"] == 6
@@ -812,10 +816,7 @@ def test_delete_a_message_with_a_confirm(page, server):
     """Each message has a delete button; after a confirm, the message and its replies go (an only
     answer takes its question); dismissing the confirm deletes nothing."""
     p = page.page
-    page.new_chat()
-    page.settings(max_tokens=4)
-    page.send("keep this question")
-    page.wait_answer()
+    page.new_chat_answered("keep this question", max_tokens=4)
     page.send("delete this question")
     page.wait_answer()
     page.expect(page.questions()).to_have_count(2)
@@ -841,10 +842,7 @@ def test_delete_a_message_with_a_confirm(page, server):
 
 def test_search_finds_conversations_and_opens_them(page):
     p = page.page
-    page.new_chat()
-    page.settings(max_tokens=4)
-    page.send("Where do quokkas live?")
-    page.wait_answer()
+    page.new_chat_answered("Where do quokkas live?", max_tokens=4)
     page.new_chat()
     p.fill("#search", "quokkas")
     results = p.locator("#search-results .search-result")
@@ -876,10 +874,7 @@ def test_export_json_and_markdown_and_import(page, tmp_path):
     import json
 
     p = page.page
-    page.new_chat()
-    page.settings(max_tokens=4)
-    page.send("Export me please")
-    page.wait_answer()
+    page.new_chat_answered("Export me please", max_tokens=4)
     page.last_answer().locator("button.regenerate").click()  # two versions: the tree, not just the branch
     page.wait_answer()
     answer = page.last_answer().locator(".content").inner_text()
@@ -1019,14 +1014,8 @@ def test_context_usage_of_the_model_context(browser, tmp_path):
 def test_conversations_switch_rename_delete_and_reload(page):
     p = page.page
     expect = page.expect
-    page.new_chat()
-    page.settings(max_tokens=8)
-    page.send("alpha message")
-    page.wait_answer()
-    page.new_chat()
-    page.settings(max_tokens=8, system_prompt="Be brief.", temperature=0.5)
-    page.send("beta message")
-    page.wait_answer()
+    page.new_chat_answered("alpha message", max_tokens=8)
+    page.new_chat_answered("beta message", max_tokens=8, system_prompt="Be brief.", temperature=0.5)
 
     page.sidebar_item("alpha message").click()
     expect(page.questions()).to_have_text(["alpha message"])
@@ -1530,10 +1519,7 @@ def test_accessibility_with_axe(browser, tmp_path, theme):
             canary = p.evaluate(AXE_RUN)
             p.evaluate("document.querySelector('#canary').remove()")
             assert any(line.startswith("color-contrast (serious)") for line in canary), canary
-            page.new_chat()
-            page.settings(max_tokens=8)
-            page.send("Hello")
-            page.wait_answer()
+            page.new_chat_answered("Hello", max_tokens=8)
             page.expect(p.locator("#cache-badge.warm")).to_be_visible()
             page.expect(p.locator("#context-usage")).to_be_visible()
             check("a streamed answer")
