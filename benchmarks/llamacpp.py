@@ -17,7 +17,8 @@ quantized ones with --quant-dtype activations. llama.cpp runs the same file with
    n_batch), tokens/s until the first token is out; then decode of the next 128 tokens, tokens/s.
    "same greedy": the tokens both sides generate alike (each request's common prefix).
    Memory: peak RSS of a fresh process serving each Q4 file (load, one 512-token prompt, 16
-   tokens), net of its imports, beside the file's size.
+   tokens), net of the serving program's imports (chatserve: what `chatserve serve` imports
+   before it loads a model; llama.cpp: llama_cpp), beside the file's size.
 2. --parallel: 32 streams (prompts of 64..512 tokens, 64 output tokens each) submitted at once,
    output tokens/s: chatserve's continuous batching against llama.cpp decoding the 32 sequences
    together (llama_batch with one seq_id per sequence, n_seq_max 32, a KV stream each), with the
@@ -551,8 +552,11 @@ def rss_probe(spec: dict) -> dict:
     path, prompt = Path(spec["path"]), spec["prompt"]
     if spec["side"] == "llama.cpp":
         llama_cpp()
-    else:
-        import chatserve.engine.engine  # noqa: F401  the imports, before the baseline
+    else:  # what `chatserve serve` imports before it loads a model (transformers among them)
+        import uvicorn  # noqa: F401
+
+        import chatserve.engine.engine  # noqa: F401
+        import chatserve.server.app  # noqa: F401
     baseline = rss_bytes()
     if spec["side"] == "chatserve":
         server = Chatserve(path, spec["dtype"], spec["quantization"], RSS_CONTEXT // BLOCK_SIZE)

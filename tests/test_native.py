@@ -321,6 +321,37 @@ def test_int8_kernel_is_the_int8_matmul(ops):
         ops.int8_gemm(torch.randn(1, 96), layer.packed, layer.block_scales, 208)
 
 
+def test_int4_kernel_is_the_int4_matmul(ops):
+    """Both int4 layouts: scales and mins (Q4_1, --quantization int4), and Q4_0's fp16 scales alone
+    (every zero 0), against the dequantized weights, every row count the tile driver splits."""
+    if not ops.integer_kernels_available():
+        pytest.skip("this CPU has no AVX-512 VNNI: int4 layers keep PyTorch's kernel")
+    from chatserve.models.quantization import Int4Linear, quantize_int4
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(208, 160) * 0.05, torch.randn(208)  # 13 tiles, 5 groups
+    q, scales, zeros = quantize_int4(weight, 32)
+    symmetric_scales = (weight.view(208, 5, 32).abs().amax(-1) / 7).half().float()  # as Q4_0 stores them
+    q_symmetric = (weight.view(208, 5, 32) / symmetric_scales.unsqueeze(-1)).round().clamp(-8, 7).view(208, 160) + 8
+    for q, scales, zeros, scale_dtype in ((q, scales, zeros, torch.bfloat16),
+                                          (q_symmetric.to(torch.uint8), symmetric_scales, torch.zeros_like(scales),
+                                           torch.float16)):
+        layer = Int4Linear(q, scales, zeros, 32, bias, native=True)
+        assert layer.native and layer.scales.dtype == scale_dtype
+        kept = scales.to(scale_dtype).float()  # the layout keeps the scales (and mins) at its dtype
+        mins = (zeros - 8 * scales).to(scale_dtype).float()
+        deq = (q.float().view(208, 5, 32) * kept.unsqueeze(-1) + mins.unsqueeze(-1)).view(208, 160)
+        for rows in (1, 2, 3, 7, 32, 77):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(rows, 160) * 2).to(dtype)
+                expected = x.float() @ deq.t() + bias
+                got = layer(x)
+                assert got.dtype == dtype and got.shape == (rows, 208)
+                assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.int4_gemm(torch.randn(1, 96), layer.packed, layer.scales, 208)
+
+
 def test_kernel_cache_clears_dead_builds_and_stale_libraries(tmp_path, monkeypatch):
     import os
     import subprocess

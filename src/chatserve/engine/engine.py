@@ -67,6 +67,7 @@ class Engine:
         # A request alone must always fit, so the context is capped by the pool's size.
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
                                  mcfg.max_position_embeddings, num_blocks * config.block_size)
+        self.loaded.model.ensure_context(self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.native_kernels)

@@ -73,22 +73,40 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> tuple
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, looked up by each token's position."""
+    """cos/sin tables for every position, looked up by each token's position. The tables are made
+    for as many positions as the engine's context holds (resize), not max_position_embeddings:
+    Qwen2.5's 32768 positions are 16 MiB of fp32 tables, SmolLM2 served with a 1024-token context
+    needs 0.5 of its 4 MiB. Used before any resize, they cover max_positions."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: Optional[dict]):
         super().__init__()
-        inv_freq, mscale = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos() * mscale, persistent=False)
+        inv_freq, self.mscale = rope_inv_freq(head_dim, theta, scaling)
+        self.max_positions = max_positions
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.cos is None else self.cos.shape[0]
+
+    def resize(self, positions: int) -> None:
+        """Tables for positions 0 .. positions-1."""
+        freqs = torch.outer(torch.arange(positions, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+        cos, sin = freqs.cos().mul_(self.mscale), freqs.sin().mul_(self.mscale)
+        self.cos = torch.cat([cos, cos], dim=-1)
         # The first half negated: apply_rope's rotation is then a roll, with no negation or concat.
-        sin = emb.sin() * mscale
-        self.register_buffer("sin", torch.cat([-sin[:, : head_dim // 2], sin[:, head_dim // 2:]], dim=-1),
-                             persistent=False)
+        self.sin = torch.cat([sin.neg(), sin], dim=-1)
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None:
+            self.resize(self.max_positions)
+        return self.cos, self.sin
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [N, 1, head_dim], broadcast over heads.
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        cos, sin = self.tables()
+        return cos[positions].to(dtype).unsqueeze(1), sin[positions].to(dtype).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -321,6 +339,7 @@ class CausalLM(nn.Module):
         """Logits [n, vocab] at every position of one sequence, through the paged-attention prefill
         path with a KV cache of its own (quality checks, prompt logprobs)."""
         cfg, n = self.config, len(input_ids)
+        self.ensure_context(n)
         dtype, device = self.model.norm.weight.dtype, self.model.norm.weight.device
         kv = KVCache(cfg.num_hidden_layers, -(-n // block_size), block_size, cfg.num_key_value_heads, cfg.head_dim,
                      dtype, device)
@@ -328,6 +347,14 @@ class CausalLM(nn.Module):
         meta = AttentionMetadata(slot_mapping=positions, block_size=block_size, prefills=[PrefillSpan(0, n, n)],
                                  num_prefill_tokens=n)
         return self(torch.tensor(input_ids, device=device), positions, meta, kv, positions)
+
+    def ensure_context(self, positions: int) -> None:
+        """Rotary tables for at least positions 0 .. positions-1: an engine's context, which is what
+        its KV cache holds (see RotaryEmbedding). Made once for the first engine; never shrunk, as
+        engines may share the model."""
+        if self.rotary.length < positions:
+            self.rotary.resize(positions)
+            self.__dict__.pop("_plan", None)  # the decode plan holds the tables
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         # A tied model has an lm_head module only when quantization gave it its own.
@@ -341,7 +368,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         if meta.ops is not None and meta.decode_block_tables is not None:
-            meta = replace(meta, decode_rope=(self.rotary.cos, self.rotary.sin, positions[meta.num_prefill_tokens:]))
+            meta = replace(meta, decode_rope=(*self.rotary.tables(), positions[meta.num_prefill_tokens:]))
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, *kv_cache.layer(i))
         x = self.model.norm(x[logits_indices])
@@ -387,8 +414,8 @@ class CausalLM(nn.Module):
             head = lambda h: F.linear(h, weight)  # noqa: E731
         else:
             head = fast_linear(lm_head, torch.float32)
-        built = (plan, head, layers[0].input_layernorm.weight, self.config.rms_norm_eps, self.rotary.cos,
-                 self.rotary.sin, ops.decode_attention.default, ops.add_rms_norm.default, ops.silu_mul.default)
+        built = (plan, head, layers[0].input_layernorm.weight, self.config.rms_norm_eps, *self.rotary.tables(),
+                 ops.decode_attention.default, ops.add_rms_norm.default, ops.silu_mul.default)
         self.__dict__["_plan"] = (ops, built)
         return built
 

@@ -4,6 +4,7 @@ weights and tokenizer."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import math
@@ -221,7 +222,7 @@ def build_model(cls: type[CausalLM], cfg: ModelConfig, device: torch.device) -> 
     """The module tree with its parameters on the meta device: no memory until weights arrive."""
     with ParametersOnMeta():
         model = cls(cfg)
-    model.rotary.to(device)  # the rotary tables are computed, not loaded
+    model.rotary.to(device)  # the rotary tables are computed (when first used, or for the engine's context)
     return model
 
 
@@ -463,7 +464,7 @@ class WeightLoader:
             raise ModelLoadError(f"weights missing from {where}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if self.kinds["int4"] or self.kinds["int8"]:
             actual = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
-                         if t is not self.model.rotary.cos and t is not self.model.rotary.sin)
+                         if t is not self.model.rotary.inv_freq)
             layers = ", ".join(f"{n} {kind}" for kind, n in sorted(self.kinds.items()) if n)
             notes = "; ".join(f"{n} x {note}" for note, n in Counter(self.notes).items())
             log.info("quantized weights: Linear layers %s (head included), embedding int8%s; weights %.2f MiB at %s "
@@ -585,6 +586,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     else:
         load_weights(model, path, device, dtype, quantization, native_layers)
     model.eval()
+    # What the tokenizer's conversion and the skeleton left in the heaps, back to the kernel
+    # (SmolLM2's Q4_0 file: -6 MiB held).
+    gc.collect()
+    trim_heap()
     name = config.model if path is None else config.model.rstrip("/")
     log.info("loaded %s (%s) on %s in %s", name, arch, device, str(dtype).replace("torch.", ""))
     return LoadedModel(name=name, model=model, config=model_cfg, tokenizer=tokenizer, device=device,

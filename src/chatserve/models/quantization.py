@@ -164,7 +164,8 @@ class Int4Linear(QuantizedLinear):
     q in [0, 15]. Kept in one of two layouts: PyTorch's (`packed` for _weight_int4pack_mm_for_cpu,
     scales_and_zeros [in / group, out, 2]), or, with native=True, the native kernel's (models/native.py:
     int8 activations and AVX-512 VNNI dot products, 2-4x PyTorch's kernel at every batch size,
-    prefill included; `packed` and `scale_min`, w = q * scale + min)."""
+    prefill included; `packed` and `scales`: bf16 scales and mins, w = q * scale + min, or, when
+    every zero is 0 (Q4_0's blocks), Q4_0's fp16 scales alone: 9/16 of a byte a weight, not 10/16)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  bias: Optional[torch.Tensor] = None, native: bool = False):
@@ -177,9 +178,10 @@ class Int4Linear(QuantizedLinear):
             from . import native as native_kernels
 
             self.ops = native_kernels.ops()
-            packed, scale_min = self.ops.int4_pack(q, scales, zeros - 8 * scales)
+            mins = zeros - 8 * scales if zeros.any() else None
+            packed, packed_scales = self.ops.int4_pack(q, scales, mins)
             self.register_buffer("packed", packed)
-            self.register_buffer("scale_min", scale_min)
+            self.register_buffer("scales", packed_scales)
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         self.register_buffer("packed", packed)
@@ -196,7 +198,7 @@ class Int4Linear(QuantizedLinear):
         return tiles_fit(weight_shape, group_size)
 
     def native_call(self) -> tuple:
-        return self.ops.int4_gemm.default, (self.packed, self.scale_min, self.out_features)
+        return self.ops.int4_gemm.default, (self.packed, self.scales, self.out_features)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)

@@ -786,12 +786,14 @@ inline void int8_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
 // int4 weights in the native layout (int4_pack): tiles of 16 outputs; per tile and 8 inputs, 64
 // bytes whose low nibbles are inputs 0-3 and high nibbles inputs 4-7 of the 16 outputs (4 bytes an
 // output), so one load and two masks give two vpdpbusd operands with the outputs in the lanes:
-// no horizontal sums. Per tile and group of 32 inputs, 16 bf16 scales then 16 bf16 mins:
-// w = q * scale + min.
-//   out[r, n] = sum over groups g of scale[n, g] * dx[r, g] * (q[n, g] . qx[r, g]) + min[n, g] * xsum[r, g]
-template <int R, int T, typename OutT>
+// no horizontal sums. Per tile and group of 32 inputs, either 16 bf16 scales then 16 bf16 mins
+// (kMins: w = q * scale + min, Q4_1 and --quantization int4), or 16 fp16 scales alone (Q4_0's
+// own: w = d * (q - 8), a tenth less to read, and the - 8 in the integer dot product as int8's + 128):
+//   kMins: out[r, n] = sum over groups g of scale[n, g] * dx[r, g] * (q[n, g] . qx[r, g]) + min[n, g] * xsum[r, g]
+//   else:  out[r, n] = sum over groups g of d[n, g] * dx[r, g] * (q[n, g] . qx[r, g] - 8 * sum qx[r, g])
+template <int R, int T, typename OutT, bool kMins>
 inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, const uint8_t* packed,
-                           const uint16_t* scale_min, const float* bias, OutT* out, int64_t N, int64_t tile) {
+                           const uint16_t* scales, const float* bias, OutT* out, int64_t N, int64_t tile) {
   const int64_t groups = K / 32;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R][T];
@@ -799,8 +801,10 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i dot[R][T];
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) dot[r][t] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) {
+      const __m512i start = kMins ? _mm512_setzero_si512() : _mm512_set1_epi32(-8 * x.isum[(row0 + r) * groups + g]);
+      for (int t = 0; t < T; ++t) dot[r][t] = start;
+    }
     for (int o = 0; o < 4; ++o) {
       __m512i xa[R], xb[R];  // inputs 0-3 and 4-7 of these 8
       for (int r = 0; r < R; ++r) {
@@ -819,13 +823,21 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
       }
     }
     for (int t = 0; t < T; ++t) {
-      const c10::BFloat16* sm = reinterpret_cast<const c10::BFloat16*>(scale_min) + ((tile + t) * groups + g) * 32;
-      const __m512 scale = load16(sm), mins = load16(sm + 16);
-      for (int r = 0; r < R; ++r) {
-        const int64_t xi = (row0 + r) * groups + g;
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])),
-                                    acc[r][t]);
-        acc[r][t] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r][t]);
+      if constexpr (kMins) {
+        const c10::BFloat16* sm = reinterpret_cast<const c10::BFloat16*>(scales) + ((tile + t) * groups + g) * 32;
+        const __m512 scale = load16(sm), mins = load16(sm + 16);
+        for (int r = 0; r < R; ++r) {
+          const int64_t xi = (row0 + r) * groups + g;
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]),
+                                      _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])), acc[r][t]);
+          acc[r][t] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r][t]);
+        }
+      } else {
+        const __m512 d = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + ((tile + t) * groups + g) * 16)));
+        for (int r = 0; r < R; ++r)
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]),
+                                      _mm512_mul_ps(d, _mm512_set1_ps(x.scale[(row0 + r) * groups + g])), acc[r][t]);
       }
     }
   }
@@ -841,14 +853,16 @@ struct Int8Tiles {
   template <int R, int T, typename OutT, typename... Args>
   static void run(Args&&... args) { int8_gemm_tile<R, T, OutT>(std::forward<Args>(args)...); }
 };
+template <bool kMins>
 struct Int4Tiles {
   static constexpr int kFew = 1, kMany = 2;
   template <int R, int T, typename OutT, typename... Args>
-  static void run(Args&&... args) { int4_gemm_tile<R, T, OutT>(std::forward<Args>(args)...); }
+  static void run(Args&&... args) { int4_gemm_tile<R, T, OutT, kMins>(std::forward<Args>(args)...); }
 };
 #else
 constexpr bool kHaveIntegerGemm = false;
 struct Int8Tiles { static constexpr int kFew = 1, kMany = 1; };
+template <bool kMins>
 struct Int4Tiles { static constexpr int kFew = 1, kMany = 1; };
 #endif
 
@@ -1020,22 +1034,26 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
 }
 
 
-// q [N, K] integers 0..15, scales and mins [N, K / 32] -> (packed [N * K / 2] uint8, scale_min
-// [N / 16 * K / 32 * 32] bf16) in int4_gemm's layout (see above).
-std::vector<at::Tensor> int4_pack(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins) {
+// q [N, K] integers 0..15, scales [N, K / 32] and mins (or none) -> (packed [N * K / 2] uint8,
+// scales in int4_gemm's layout (see above): with mins [N / 16 * K / 32 * 32] bf16, scale and min
+// per group and output; without, [N / 16 * K / 32 * 16] fp16, w = scale * (q - 8)).
+std::vector<at::Tensor> int4_pack(const at::Tensor& q, const at::Tensor& scales, const std::optional<at::Tensor>& mins) {
   TORCH_CHECK(q.dim() == 2 && q.size(0) % 16 == 0 && q.size(1) % 32 == 0,
               "int4_pack: q must be [N, K] with N a multiple of 16 and K of 32");
   const int64_t N = q.size(0), K = q.size(1), groups = K / 32;
   const at::Tensor qc = q.to(at::kByte).contiguous();
-  const at::Tensor sc = scales.to(at::kBFloat16).contiguous(), mc = mins.to(at::kBFloat16).contiguous();
-  TORCH_CHECK(sc.numel() == N * groups && mc.numel() == N * groups, "int4_pack: one scale and min per group of 32");
+  const at::ScalarType scale_type = mins ? at::kBFloat16 : at::kHalf;
+  const at::Tensor sc = scales.to(scale_type).contiguous();
+  const at::Tensor mc = mins ? mins->to(scale_type).contiguous() : sc;
+  TORCH_CHECK(sc.numel() == N * groups && mc.numel() == N * groups, "int4_pack: one scale (and min) per group of 32");
+  const int64_t per_group = mins ? 32 : 16;
   at::Tensor packed = at::empty({N * K / 2}, q.options().dtype(at::kByte));
-  at::Tensor scale_min = at::empty({N / 16 * groups * 32}, q.options().dtype(at::kBFloat16));
+  at::Tensor packed_scales = at::empty({N / 16 * groups * per_group}, q.options().dtype(scale_type));
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   uint8_t* pp = packed.data_ptr<uint8_t>();
-  const c10::BFloat16* sp = sc.data_ptr<c10::BFloat16>();
-  const c10::BFloat16* mp = mc.data_ptr<c10::BFloat16>();
-  c10::BFloat16* smp = scale_min.data_ptr<c10::BFloat16>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(mc.data_ptr());
+  uint16_t* out = reinterpret_cast<uint16_t*>(packed_scales.data_ptr());
   for (int64_t t = 0; t < N / 16; ++t) {
     for (int64_t oct = 0; oct < K / 8; ++oct)
       for (int64_t j = 0; j < 64; ++j) {
@@ -1044,25 +1062,29 @@ std::vector<at::Tensor> int4_pack(const at::Tensor& q, const at::Tensor& scales,
       }
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t l = 0; l < 16; ++l) {
-        smp[(t * groups + g) * 32 + l] = sp[(t * 16 + l) * groups + g];
-        smp[(t * groups + g) * 32 + 16 + l] = mp[(t * 16 + l) * groups + g];
+        out[(t * groups + g) * per_group + l] = sp[(t * 16 + l) * groups + g];
+        if (mins) out[(t * groups + g) * per_group + 16 + l] = mp[(t * 16 + l) * groups + g];
       }
   }
-  return {packed, scale_min};
+  return {packed, packed_scales};
 }
 
 // x [rows, K] times int4 weights in int4_pack's layout: out [rows, N] in out_dtype (default x's).
 // Activations in int8 blocks of 32 (llama.cpp's scheme for its Q4 x Q8 products), weights widened
-// in registers, the outputs of a tile in the vector lanes.
-at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min, int64_t N,
+// in registers, the outputs of a tile in the vector lanes. The scales' dtype tells the layout:
+// bf16 scales and mins, or fp16 scales alone.
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t N,
                      const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
   check_rows(x, "int4_gemm");
+  const bool with_mins = scales.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(with_mins || scales.scalar_type() == at::kHalf, "int4_gemm: scales are bf16 (with mins) or fp16");
   TORCH_CHECK(N % 16 == 0 && x.size(1) % 32 == 0 && packed.numel() == N * x.size(1) / 2 &&
-                  scale_min.numel() == N / 16 * x.size(1),
+                  scales.numel() == N / 16 * x.size(1) / (with_mins ? 1 : 2),
               "int4_gemm: the packed weight does not match x");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const uint16_t* sm = reinterpret_cast<const uint16_t*>(scale_min.data_ptr<c10::BFloat16>());
-  return integer_gemm<Int4Tiles>(x, pp, sm, N, bias, out_dtype);
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  return with_mins ? integer_gemm<Int4Tiles<true>>(x, pp, sp, N, bias, out_dtype)
+                   : integer_gemm<Int4Tiles<false>>(x, pp, sp, N, bias, out_dtype);
 }
 
 
@@ -1144,8 +1166,8 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("int8_pack(Tensor q, Tensor scales) -> Tensor[]", &int8_pack);
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor scales, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
         &int8_gemm);
-  m.def("int4_pack(Tensor q, Tensor scales, Tensor mins) -> Tensor[]", &int4_pack);
-  m.def("int4_gemm(Tensor x, Tensor packed, Tensor scale_min, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
+  m.def("int4_pack(Tensor q, Tensor scales, Tensor? mins=None) -> Tensor[]", &int4_pack);
+  m.def("int4_gemm(Tensor x, Tensor packed, Tensor scales, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
         &int4_gemm);
   m.def("float_kernels_available(ScalarType dtype) -> bool", &float_kernels_available);
   m.def("float_pack(Tensor weight, ScalarType dtype) -> Tensor", &float_pack);
