@@ -99,7 +99,7 @@ def test_decode_step_matches_pytorch_path(ops, tiny_model_dir, storage):
     kv_native.data.copy_(kv.data)
     with torch.inference_mode():
         expected = model(tokens, positions, meta, kv, torch.arange(len(prompts)))
-        got = model.decode(ops, tokens, positions, meta, kv_native, torch.arange(len(prompts)))
+        got = model.forward_native(ops, tokens, positions, meta, kv_native, torch.arange(len(prompts)))
     if storage == "float32":
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(kv_native.data, kv.data, atol=1e-5, rtol=1e-5)

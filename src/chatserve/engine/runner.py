@@ -73,8 +73,9 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
-        # With the native kernels loaded, decode rows attend on them: a decode-only step runs the
-        # whole model on CausalLM.decode, a mixed one its decode rows' attention (meta.ops).
+        # With the native kernels loaded, the step runs on them (CausalLM.forward_native): a
+        # decode-only step wholly, one with prefills its norms, SiLU and matmuls, and its decode
+        # rows' attention (meta.ops).
         ops = native.ops() if self.native else None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
@@ -85,7 +86,7 @@ class ModelRunner:
                 meta.decode_bias = torch.zeros(attend.shape, device=self.device).masked_fill_(
                     ~attend, float("-inf"))[:, None, None, :]
         meta.ops = ops if prefills else None
-        run = partial(self.model.decode, ops) if ops is not None and not prefills else self.model
+        run = self.model if ops is None else partial(self.model.forward_native, ops)
         logits = run(self._tensor(input_ids), self._tensor(positions), meta, self.kv_cache,
                      self._tensor(logits_indices + prompt_indices))
         return logits, sampled, scored

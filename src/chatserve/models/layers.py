@@ -238,7 +238,7 @@ class Attention(nn.Module):
         return self.o_proj(out.view(n, -1))
 
     def _native_decode(self, qkv, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
-        """ops.decode_attention on the decode rows of qkv (as CausalLM.decode calls it): [D, heads * head_dim]."""
+        """ops.decode_attention on the decode rows of qkv (as CausalLM.forward_native calls it): [D, heads * head_dim]."""
         cos, sin, positions = meta.decode_rope
         d = qkv.shape[0]
         q_norm, k_norm = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
@@ -374,22 +374,34 @@ class CausalLM(nn.Module):
         x = self.model.norm(x[logits_indices])
         return self.compute_logits(x).float()
 
-    def decode(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-               kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
-        """forward() for a step of decodes only, on the native kernels (`ops`, models/native.py):
-        per layer four fused calls and the four matmuls, read from a plan made once (nn.Module's
-        call and attribute machinery is ~1 ms a step on a 30-layer model). The residual stream `x`
-        is added to in place; `h` is always the normed input of the next sublayer."""
+    def forward_native(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+        """forward() on the native kernels (`ops`, models/native.py), read from a plan made once
+        (nn.Module's call and attribute machinery is ~1 ms a step on a 30-layer model): per layer
+        the fused norms with the residual add, SiLU-and-multiply and the matmuls; the attention of
+        a decode-only step on decode_attention (with its norms, RoPE and K/V write), that of a step
+        with prefills through the Attention module (meta.ops set: its decode rows on the kernel).
+        The residual stream `x` is added to in place; `h` is always the normed input of the next
+        sublayer. (A 512-token SmolLM2 prefill spent 85 of 815 ms in fp32 on PyTorch's norms, SiLU
+        and adds: ~60 ops a layer.)"""
         plan, head, first_norm, eps, cos, sin, attention, add_rms_norm, silu_mul = self._decode_plan(ops)
         x = self.model.embed_tokens(input_ids)
         h = ops.rms_norm.default(x, first_norm, eps)
+        if meta.prefills:
+            rows_cos, rows_sin = self.rotary(positions, x.dtype)
+            if meta.decode_block_tables is not None:
+                meta = replace(meta, decode_rope=(cos, sin, positions[meta.num_prefill_tokens:]))
+            modules = [layer.self_attn for layer in self.model.layers]
         slots, tables, lens, block_size = (meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                            meta.block_size)
-        for (qkv, o, gate_up, down, post_norm, next_norm, q_norm, k_norm, heads, kv_heads, scale), (k_pool, v_pool) in zip(
-                plan, kv_cache.layers()):
-            a = attention(qkv(h), cos, sin, positions, k_pool, v_pool, slots, tables, lens, q_norm, k_norm, eps, heads,
-                          kv_heads, block_size, scale)
-            h = add_rms_norm(x, o(a), post_norm, eps)
+        for i, ((qkv, o, gate_up, down, post_norm, next_norm, q_norm, k_norm, heads, kv_heads, scale),
+                (k_pool, v_pool)) in enumerate(zip(plan, kv_cache.layers())):
+            if meta.prefills:
+                a = modules[i](h, rows_cos, rows_sin, meta, k_pool, v_pool)
+            else:
+                a = o(attention(qkv(h), cos, sin, positions, k_pool, v_pool, slots, tables, lens, q_norm, k_norm, eps,
+                                heads, kv_heads, block_size, scale))
+            h = add_rms_norm(x, a, post_norm, eps)
             h = add_rms_norm(x, down(silu_mul(gate_up(h))), next_norm, eps)
         return head(h[logits_indices]).float()
 

@@ -169,29 +169,6 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
   return out;
 }
 
-// [rows, 2 * I] (gate, up) -> silu(gate) * up, [rows, I].
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  check_rows(gate_up, "silu_mul");
-  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
-  auto out = at::empty({rows, n}, gate_up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
-    const scalar_t* gp = gate_up.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const scalar_t* g = gp + r * 2 * n;
-        const scalar_t* u = g + n;
-        scalar_t* o = op + r * n;
-        for (int64_t i = 0; i < n; ++i) {
-          const float x = to_f<scalar_t>(g[i]);
-          o[i] = from_f<scalar_t>(round_to<scalar_t>(x / (1.f + fast_exp(-x))) * to_f<scalar_t>(u[i]));
-        }
-      }
-    });
-  });
-  return out;
-}
-
 #ifdef __AVX512F__
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
@@ -612,10 +589,15 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 #ifdef __AVX512F__
 // 16 fp32 results stored as the output's dtype (bf16 rounded to nearest even, as PyTorch does).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-inline void store16(c10::BFloat16* out, __m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
+// v rounded to bf16 (nearest even), as fp32 values.
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void store16(c10::BFloat16* out, __m512 v) {
+  const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
 }
 
@@ -629,6 +611,44 @@ inline void store_sums(__m512 (&acc)[R][T], const float* bias, OutT* out, int64_
   }
 }
 #endif
+
+// [rows, 2 * I] (gate, up) -> silu(gate) * up, [rows, I], silu's result rounded to the dtype as
+// PyTorch's F.silu(gate) * up. Vectorised for fp32 and bf16 (the compiler left the loop scalar: a
+// 512-token SmolLM2 prefill's 30 calls took 30-50 ms, now ~3).
+template <typename T>
+inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 16 <= n; i += 16) {
+      const __m512 x = load16(g + i);
+      const __m512 e = fast_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+      const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+      const __m512 rounded = std::is_same_v<T, float> ? silu : round_bf16(silu);  // F.silu's output
+      store16(o + i, _mm512_mul_ps(rounded, load16(u + i)));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = to_f<T>(g[i]);
+    o[i] = from_f<T>(round_to<T>(x / (1.f + fast_exp(-x))) * to_f<T>(u[i]));
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "silu_mul");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  auto out = at::empty({rows, n}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* gp = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) silu_mul_row<scalar_t>(gp + r * 2 * n, gp + r * 2 * n + n, op + r * n, n);
+    });
+  });
+  return out;
+}
+
 
 // Runs `body` with a pointer to `out`'s data as its C++ type (fp32 or bf16): the integer and bf16
 // kernels write their results in the activations' dtype directly, no conversion op after.
