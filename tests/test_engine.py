@@ -359,6 +359,22 @@ def test_long_prefill_does_not_stall_running_decodes(qwen2_model):
 # -- 3. Requests that can never fit, and bad parameters ------------------------------------------
 
 
+def test_rotary_tables_cover_the_engines_context(qwen2_dir):
+    """The rotary tables are made for the context an engine's KV cache holds, not the model's 4096
+    positions; an engine with a longer context grows them, one with a shorter leaves them."""
+    loaded = load_model(EngineConfig(model=str(qwen2_dir), dtype="float32", device="cpu"))
+    assert loaded.model.rotary.length == 0  # nothing made at load
+    engine = make_engine(loaded, num_kv_blocks=4)
+    assert loaded.model.rotary.length == engine.max_model_len == 64
+    out = generate_one(engine, {"prompt_token_ids": random_prompt(60, 3)}, greedy(4))  # up to position 63
+    assert len(out) == 4
+    make_engine(loaded, num_kv_blocks=8)
+    assert loaded.model.rotary.length == 128
+    make_engine(loaded, num_kv_blocks=2)
+    assert loaded.model.rotary.length == 128
+    assert loaded.config.max_position_embeddings > 128
+
+
 def test_request_validation(qwen2_model):
     engine = make_engine(qwen2_model, num_kv_blocks=4)  # 64 tokens of context
     assert engine.max_model_len == 64

@@ -158,7 +158,7 @@ SKELETON_SCRIPT = textwrap.dedent("""
     print(json.dumps({
         "meta": sorted(n for n, p in model.named_parameters() if p.is_meta),
         "real": sorted(n for n, p in model.named_parameters() if not p.is_meta),
-        "rotary": torch.equal(model.rotary.cos, rotary.cos) and torch.equal(model.rotary.sin, rotary.sin),
+        "rotary": all(map(torch.equal, model.rotary.tables(), rotary.tables())),
         "dynamo": "torch._dynamo" in sys.modules}))
 """)
 

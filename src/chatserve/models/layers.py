@@ -6,6 +6,7 @@ Module and parameter names follow Hugging Face's checkpoints, so weights load by
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -138,15 +139,27 @@ class AttentionMetadata:
     decode_block_tables: Optional[torch.Tensor] = None  # [D, max_blocks]
     decode_bias: Optional[torch.Tensor] = None  # [D, 1, 1, max_blocks * block_size] fp32: 0 attend, -inf not
     decode_context_lens: Optional[torch.Tensor] = None  # [D] tokens of KV each decode attends to, its own included
-    # The native kernels (models/native.py), when the runner has them for a step mixing prefills and
-    # decodes: the decode rows' attention then runs on ops.decode_attention (a mixed step's PyTorch
-    # decode attention, gathering every row's padded KV, was ~1/3 of the step with 32 streams; a
-    # SmolLM2 bf16 step of a 480-token chunk and 32 decode rows at 64-576 tokens: 1650 -> 920 ms on
-    # 1 thread).
+    # The native kernels (models/native.py), when the runner has them for a step with prefills: the
+    # rows' norms, RoPE and K/V write run on ops.rope_kv_write, the decode rows' attention on
+    # ops.decode_attention (a mixed step's PyTorch decode attention, gathering every row's padded
+    # KV, was ~1/3 of the step with 32 streams; a SmolLM2 bf16 step of a 480-token chunk and 32
+    # decode rows at 64-576 tokens: 1650 -> 920 ms on 1 thread).
     ops: Any = None
-    # (cos, sin, positions): the model's fp32 rotary tables and the decode rows' positions, which
-    # that kernel reads; CausalLM.forward sets them when `ops` is.
-    decode_rope: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    # (cos, sin, positions): the model's fp32 rotary tables and every row's position, which those
+    # kernels read; CausalLM.forward and forward_native set them when `ops` is.
+    rope: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+
+def zeroed(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on the CPU in fresh anonymous pages, which the kernel hands out zeroed when
+    first touched: memory is only taken as the KV cache fills. torch.zeros writes every page at
+    start: a server given a 4 GiB pool holds 4 GiB from its first second (SmolLM2 with 1024 tokens'
+    cache serving one 512-token prompt: 22.5 MiB of KV resident, 12 with these pages)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    pages = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
 
 class KVCache:
@@ -157,7 +170,7 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.data = zeroed(shape, dtype, device)
         # Each layer's (K, V) views, made once: indexing `data` every layer of every step costs ops.
         self._layers = [(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
 
@@ -204,64 +217,78 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        n, heads = x.shape[0], self.num_heads
+        n, heads, p = x.shape[0], self.num_heads, meta.num_prefill_tokens
         qkv = self.qkv_proj(x)
-        slots, decoded = meta.slot_mapping, None
-        if meta.decode_rope is not None:
-            # The decode rows on the native kernel, their norms, RoPE and K/V write included; the
-            # rest below is the prefill rows'.
-            p = meta.num_prefill_tokens
-            decoded = self._native_decode(qkv[p:], meta, k_pool, v_pool)
-            qkv, cos, sin, slots = qkv[:p], cos[:p], sin[:p], slots[:p]
-        # q and k side by side as heads + kv_heads rows of head_dim: one RoPE for both.
-        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, :heads], qk[:, heads:]
-        k_pool.index_copy_(0, slots, k)
-        v_pool.index_copy_(0, slots, v)
-
-        if not meta.prefills:  # decodes only: the common step, without the scatter into `out`
-            if decoded is not None:
+        k = v = decoded = None
+        if meta.ops is not None:
+            # The native kernels: the prefill rows' norms, RoPE and K/V write (their attention
+            # reads K and V back from the pools), the decode rows' whole attention.
+            q = self._native_rope(qkv[:p], meta, k_pool, v_pool) if p else None
+            decoded = self._native_decode(qkv[p:], meta, k_pool, v_pool) if n > p else None
+            if not p:
                 return self.o_proj(decoded)
-            return self.o_proj(self._decode(q, meta, k_pool, v_pool, meta.block_size).view(n, -1))
+        else:
+            # q and k side by side as heads + kv_heads rows of head_dim: one RoPE for both.
+            qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + self.num_kv_heads, self.head_dim)
+            v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+            qk = apply_rope(qk, cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            k_pool.index_copy_(0, meta.slot_mapping, k)
+            v_pool.index_copy_(0, meta.slot_mapping, v)
+            if not meta.prefills:  # decodes only: the common step, without the scatter into `out`
+                return self.o_proj(self._decode(q, meta, k_pool, v_pool, meta.block_size).view(n, -1))
         out = q.new_empty(n, heads, self.head_dim)
         for span in meta.prefills:
-            out[span.start:span.end] = self._prefill(q, k, v, span, k_pool, v_pool, meta.block_size)
+            out[span.start:span.end] = self._prefill(q, k, v, span, meta, k_pool, v_pool)
         if decoded is not None:
-            out[meta.num_prefill_tokens:] = decoded.view(-1, heads, self.head_dim)
+            out[p:] = decoded.view(-1, heads, self.head_dim)
         elif meta.decode_block_tables is not None:
-            out[meta.num_prefill_tokens:] = self._decode(
-                q[meta.num_prefill_tokens:], meta, k_pool, v_pool, meta.block_size)
+            out[p:] = self._decode(q[p:], meta, k_pool, v_pool, meta.block_size)
         return self.o_proj(out.view(n, -1))
+
+    def _norms(self) -> tuple:
+        """(q_norm, k_norm, eps) as the native kernels take them."""
+        if self.q_norm is None:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
+    def _native_rope(self, qkv, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
+        """ops.rope_kv_write on the prefill rows of qkv: their roped queries [P, heads, head_dim]."""
+        cos, sin, positions = meta.rope
+        p = qkv.shape[0]
+        return meta.ops.rope_kv_write(qkv.contiguous(), cos, sin, positions[:p], k_pool, v_pool,
+                                      meta.slot_mapping[:p], *self._norms(), self.num_heads, self.num_kv_heads)
 
     def _native_decode(self, qkv, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
         """ops.decode_attention on the decode rows of qkv (as CausalLM.forward_native calls it): [D, heads * head_dim]."""
-        cos, sin, positions = meta.decode_rope
+        cos, sin, positions = meta.rope
         d = qkv.shape[0]
-        q_norm, k_norm = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-        eps = 0.0 if self.q_norm is None else self.q_norm.eps
-        return meta.ops.decode_attention(qkv.contiguous(), cos, sin, positions, k_pool, v_pool,
+        return meta.ops.decode_attention(qkv.contiguous(), cos, sin, positions[-d:], k_pool, v_pool,
                                          meta.slot_mapping[-d:], meta.decode_block_tables, meta.decode_context_lens,
-                                         q_norm, k_norm, eps, self.num_heads, self.num_kv_heads, meta.block_size,
+                                         *self._norms(), self.num_heads, self.num_kv_heads, meta.block_size,
                                          self.scale)
 
     def _gather(self, pool: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
         blocks = pool.view(-1, block_size, self.num_kv_heads, self.head_dim)[block_table]
         return blocks.view(*block_table.shape[:-1], -1, self.num_kv_heads, self.head_dim)
 
-    def _prefill(self, q, k, v, span: PrefillSpan, k_pool, v_pool, block_size) -> torch.Tensor:
+    def _prefill(self, q, k, v, span: PrefillSpan, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
+        """Attention of one prefill chunk. k, v: the step's fresh K/V rows, or None to read the
+        chunk's back from the pools (the native path wrote them there)."""
         qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
         if span.block_table is None:
             # The whole context is this chunk: attend to the fresh K/V, plain causal.
+            if k is None:
+                slots = meta.slot_mapping[span.start:span.end]
+                k, v, span = k_pool[slots], v_pool[slots], replace(span, start=0, end=len(slots))
             ks = k[span.start:span.end].transpose(0, 1).unsqueeze(0)
             vs = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            ks = self._gather(k_pool, span.block_table, block_size)[: span.context_len]
-            vs = self._gather(v_pool, span.block_table, block_size)[: span.context_len]
+            ks = self._gather(k_pool, span.block_table, meta.block_size)[: span.context_len]
+            vs = self._gather(v_pool, span.block_table, meta.block_size)[: span.context_len]
             ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=self.scale,
                                                enable_gqa=True)
@@ -366,9 +393,11 @@ class CausalLM(nn.Module):
                 kv_cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Hidden states of the flattened batch in, logits of the tokens at logits_indices out (fp32)."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        if meta.ops is not None and meta.decode_block_tables is not None:
-            meta = replace(meta, decode_rope=(*self.rotary.tables(), positions[meta.num_prefill_tokens:]))
+        if meta.ops is not None:  # the kernels take the tables and the positions
+            cos = sin = None
+            meta = replace(meta, rope=(*self.rotary.tables(), positions))
+        else:
+            cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, *kv_cache.layer(i))
         x = self.model.norm(x[logits_indices])
@@ -380,7 +409,8 @@ class CausalLM(nn.Module):
         (nn.Module's call and attribute machinery is ~1 ms a step on a 30-layer model): per layer
         the fused norms with the residual add, SiLU-and-multiply and the matmuls; the attention of
         a decode-only step on decode_attention (with its norms, RoPE and K/V write), that of a step
-        with prefills through the Attention module (meta.ops set: its decode rows on the kernel).
+        with prefills through the Attention module (meta.ops set: the rows' norms, RoPE and K/V
+        write, and the decode rows' attention, on the kernels).
         The residual stream `x` is added to in place; `h` is always the normed input of the next
         sublayer. (A 512-token SmolLM2 prefill spent 85 of 815 ms in fp32 on PyTorch's norms, SiLU
         and adds: ~60 ops a layer.)"""
@@ -388,16 +418,14 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         h = ops.rms_norm.default(x, first_norm, eps)
         if meta.prefills:
-            rows_cos, rows_sin = self.rotary(positions, x.dtype)
-            if meta.decode_block_tables is not None:
-                meta = replace(meta, decode_rope=(cos, sin, positions[meta.num_prefill_tokens:]))
+            meta = replace(meta, ops=ops, rope=(cos, sin, positions))
             modules = [layer.self_attn for layer in self.model.layers]
         slots, tables, lens, block_size = (meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                            meta.block_size)
         for i, ((qkv, o, gate_up, down, post_norm, next_norm, q_norm, k_norm, heads, kv_heads, scale),
                 (k_pool, v_pool)) in enumerate(zip(plan, kv_cache.layers())):
             if meta.prefills:
-                a = modules[i](h, rows_cos, rows_sin, meta, k_pool, v_pool)
+                a = modules[i](h, None, None, meta, k_pool, v_pool)
             else:
                 a = o(attention(qkv(h), cos, sin, positions, k_pool, v_pool, slots, tables, lens, q_norm, k_norm, eps,
                                 heads, kv_heads, block_size, scale))

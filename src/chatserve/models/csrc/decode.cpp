@@ -397,6 +397,102 @@ void attend_chunk(const float* q, const uint16_t* qb, const T* k, const T* v, in
   }
 }
 
+// What decode_attention and rope_kv_write share, for rows of fused qkv [rows, (heads + 2 * kv_heads)
+// * head_dim]: the arguments checked (`name` in the messages), then, per row, the per-head q/k norms
+// (when given) and RoPE applied, the row's K and V written at its slot, and its roped queries put in
+// q_out [rows, heads, head_dim] (fp32 or T: T-rounded values either way, as the PyTorch path's).
+//   cos, sin [max_positions, head_dim] fp32 (sin with its first half negated, as RotaryEmbedding
+//   keeps it); positions, slots [rows]; k_pool, v_pool [num_slots, kv_heads, head_dim].
+void check_rope_args(const char* name, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& positions, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                     const at::Tensor& slots, const std::optional<at::Tensor>& q_norm,
+                     const std::optional<at::Tensor>& k_norm, int64_t heads, int64_t kv_heads) {
+  check_rows(qkv, name);
+  const int64_t rows = qkv.size(0), dim = k_pool.size(2);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim, name, ": qkv width");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == qkv.scalar_type() &&
+                  v_pool.scalar_type() == qkv.scalar_type() && k_pool.size(1) == kv_heads &&
+                  v_pool.sizes() == k_pool.sizes(),
+              name, ": the KV pools must be contiguous [slots, kv_heads, head_dim] of qkv's dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.size(1) == dim &&
+                  sin.sizes() == cos.sizes() && cos.is_contiguous() && sin.is_contiguous(),
+              name, ": cos/sin tables must be fp32 [positions, head_dim]");
+  for (const at::Tensor* t : {&positions, &slots})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == rows && t->is_contiguous(), name,
+                ": positions and slots must be int64 [rows]");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, name, ": heads must be a multiple of kv_heads");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), name, ": q_norm and k_norm come together");
+  for (const auto* norm : {&q_norm, &k_norm})
+    TORCH_CHECK(!norm->has_value() || ((*norm)->numel() == dim && (*norm)->scalar_type() == qkv.scalar_type() &&
+                                       (*norm)->is_contiguous()),
+                name, ": q_norm and k_norm must be [head_dim] of qkv's dtype");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < k_pool.size(0), name, ": slot out of range");
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < cos.size(0), name, ": position out of range");
+  }
+}
+
+template <typename T, typename Q>
+void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+               at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slots,
+               const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
+               int64_t heads, int64_t kv_heads, Q* q_out) {
+  const int64_t rows = qkv.size(0), width = qkv.size(1), dim = k_pool.size(2), half = dim / 2;
+  const T* in = qkv.data_ptr<T>();
+  T* kp = k_pool.data_ptr<T>();
+  T* vp = v_pool.data_ptr<T>();
+  const T* qn = q_norm ? q_norm->data_ptr<T>() : nullptr;
+  const T* kn = k_norm ? k_norm->data_ptr<T>() : nullptr;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
+  // One (row, head) of q or k at a time.
+  at::parallel_for(0, rows * (heads + kv_heads), grain(dim * 8), [&](int64_t b, int64_t e) {
+    std::vector<float> h(dim);
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t r = k / (heads + kv_heads), hh = k % (heads + kv_heads);
+      const bool is_q = hh < heads;
+      const T* src = in + r * width + hh * dim;  // q heads then k heads, side by side
+      for (int64_t i = 0; i < dim; ++i) h[i] = to_f<T>(src[i]);
+      if (qn != nullptr) rms_row_f<T>(h.data(), is_q ? qn : kn, dim, static_cast<float>(eps));
+      const float* c = cos_p + pos[r] * dim;
+      const float* s = sin_p + pos[r] * dim;
+      // x * cos + roll(x, dim / 2) * signed_sin, with the tables rounded to T as the PyTorch path does.
+      Q* dst_q = is_q ? q_out + (r * heads + hh) * dim : nullptr;
+      T* dst_k = is_q ? nullptr : kp + (slot[r] * kv_heads + (hh - heads)) * dim;
+      for (int64_t i = 0; i < dim; ++i) {
+        const float rolled = h[i < half ? i + half : i - half];
+        const float v = round_to<T>(round_to<T>(h[i] * round_to<T>(c[i])) + rolled * round_to<T>(s[i]));
+        if (is_q) dst_q[i] = from_f<Q>(v); else dst_k[i] = from_f<T>(v);
+      }
+      if (!is_q) {
+        const T* vsrc = in + r * width + (heads + kv_heads + hh - heads) * dim;
+        T* vdst = vp + (slot[r] * kv_heads + (hh - heads)) * dim;
+        std::memcpy(vdst, vsrc, dim * sizeof(T));
+      }
+    }
+  });
+}
+
+// The prefill rows' half of attention on the native path: rope_rows alone, the roped queries out
+// [rows, heads, head_dim] in qkv's dtype (PyTorch's norms, RoPE and index_copy_ were ~8 ops and 4
+// temporaries a layer).
+at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& positions, at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slots,
+                         const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
+                         int64_t heads, int64_t kv_heads) {
+  check_rope_args("rope_kv_write", qkv, cos, sin, positions, k_pool, v_pool, slots, q_norm, k_norm, heads, kv_heads);
+  auto q = at::empty({qkv.size(0), heads, k_pool.size(2)}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_kv_write", [&] {
+    rope_rows<scalar_t, scalar_t>(qkv, cos, sin, positions, k_pool, v_pool, slots, q_norm, k_norm, eps, heads,
+                                  kv_heads, q.data_ptr<scalar_t>());
+  });
+  return q;
+}
+
 // One decode step of attention for a batch of single-token queries over the paged KV cache:
 // split the fused qkv rows, apply the per-head q/k norms (when given) and RoPE, write this token's
 // K and V at its slot, and attend over the sequence's context. out [rows, heads * head_dim].
@@ -418,77 +514,34 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
                             const at::Tensor& context_lens, const std::optional<at::Tensor>& q_norm,
                             const std::optional<at::Tensor>& k_norm, double eps, int64_t heads,
                             int64_t kv_heads, int64_t block_size, double scale) {
-  check_rows(qkv, "decode_attention");
+  check_rope_args("decode_attention", qkv, cos, sin, positions, k_pool, v_pool, slots, q_norm, k_norm, heads,
+                  kv_heads);
   const int64_t rows = qkv.size(0);
   const int64_t dim = k_pool.size(2);
-  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim, "decode_attention: qkv width");
-  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == qkv.scalar_type() &&
-                  v_pool.scalar_type() == qkv.scalar_type() && k_pool.size(1) == kv_heads,
-              "decode_attention: the KV pools must be contiguous [slots, kv_heads, head_dim] of qkv's dtype");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.size(1) == dim &&
-                  cos.is_contiguous() && sin.is_contiguous(),
-              "decode_attention: cos/sin tables must be fp32 [positions, head_dim]");
-  for (const at::Tensor* t : {&positions, &slots, &context_lens})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == rows && t->is_contiguous(),
-                "decode_attention: positions, slots and context_lens must be int64 [rows]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == rows && context_lens.is_contiguous(),
+              "decode_attention: context_lens must be int64 [rows]");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == rows &&
                   block_tables.is_contiguous(),
               "decode_attention: block_tables must be int64 [rows, max_blocks]");
-  TORCH_CHECK(heads % kv_heads == 0, "decode_attention: heads must be a multiple of kv_heads");
-  const bool qk_norm = q_norm.has_value();
-  TORCH_CHECK(qk_norm == k_norm.has_value(), "decode_attention: q_norm and k_norm come together");
-  const int64_t width = qkv.size(1), group = heads / kv_heads, half = dim / 2;
+  const int64_t group = heads / kv_heads;
   const int64_t max_blocks = block_tables.size(1), num_slots = k_pool.size(0);
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const float* cos_p = cos.data_ptr<float>();
-  const float* sin_p = sin.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(slot[r] >= 0 && slot[r] < num_slots, "decode_attention: slot out of range");
-    TORCH_CHECK(pos[r] >= 0 && pos[r] < cos.size(0), "decode_attention: position out of range");
+  for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(lens[r] >= 1 && lens[r] <= max_blocks * block_size, "decode_attention: context length out of range");
-  }
   auto out = at::empty({rows, heads * dim}, qkv.options());
   // The roped queries, fp32 (T-rounded values), [rows, heads, dim].
   std::vector<float> q_all(rows * heads * dim);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "decode_attention", [&] {
     using T = scalar_t;
-    const T* in = qkv.data_ptr<T>();
     T* kp = k_pool.data_ptr<T>();
     T* vp = v_pool.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    const T* qn = qk_norm ? q_norm->data_ptr<T>() : nullptr;
-    const T* kn = qk_norm ? k_norm->data_ptr<T>() : nullptr;
 
-    // 1. Norms, RoPE and the K/V write, one (row, head) of q or k at a time.
-    at::parallel_for(0, rows * (heads + kv_heads), grain(dim * 8), [&](int64_t b, int64_t e) {
-      std::vector<float> h(dim);
-      for (int64_t k = b; k < e; ++k) {
-        const int64_t r = k / (heads + kv_heads), hh = k % (heads + kv_heads);
-        const bool is_q = hh < heads;
-        const T* src = in + r * width + hh * dim;  // q heads then k heads, side by side
-        for (int64_t i = 0; i < dim; ++i) h[i] = to_f<T>(src[i]);
-        if (qk_norm) rms_row_f<T>(h.data(), is_q ? qn : kn, dim, static_cast<float>(eps));
-        const float* c = cos_p + pos[r] * dim;
-        const float* s = sin_p + pos[r] * dim;
-        // x * cos + roll(x, dim / 2) * signed_sin, with the tables rounded to T as the PyTorch path does.
-        float* dst_q = is_q ? q_all.data() + (r * heads + hh) * dim : nullptr;
-        T* dst_k = is_q ? nullptr : kp + (slot[r] * kv_heads + (hh - heads)) * dim;
-        for (int64_t i = 0; i < dim; ++i) {
-          const float rolled = h[i < half ? i + half : i - half];
-          const float v = round_to<T>(round_to<T>(h[i] * round_to<T>(c[i])) + rolled * round_to<T>(s[i]));
-          if (is_q) dst_q[i] = v; else dst_k[i] = from_f<T>(v);
-        }
-        if (!is_q) {
-          const T* vsrc = in + r * width + (heads + kv_heads + hh - heads) * dim;
-          T* vdst = vp + (slot[r] * kv_heads + (hh - heads)) * dim;
-          std::memcpy(vdst, vsrc, dim * sizeof(T));
-        }
-      }
-    });
+    // 1. Norms, RoPE and the K/V write.
+    rope_rows<T, float>(qkv, cos, sin, positions, k_pool, v_pool, slots, q_norm, k_norm, eps, heads, kv_heads,
+                        q_all.data());
 
     // 2. Attention: tasks of (row, chunk of kChunk tokens, KV head), each over the whole group of
     // query heads sharing the KV head, fp32 throughout; then each (row, head)'s chunks merged.
@@ -508,8 +561,11 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     // Each token's slot, once per sequence rather than once per head (a division each).
     std::vector<int64_t> slot_of(rows * longest);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t t = 0; t < lens[r]; ++t)
-        slot_of[r * longest + t] = tables[r * max_blocks + t / block_size] * block_size + t % block_size;
+      for (int64_t t = 0; t < lens[r]; ++t) {
+        const int64_t at = tables[r * max_blocks + t / block_size] * block_size + t % block_size;
+        TORCH_CHECK(at >= 0 && at < num_slots, "decode_attention: a block table entry is out of range");
+        slot_of[r * longest + t] = at;
+      }
     // Tasks in (row, chunk, KV head) order, so the KV heads of a chunk run one after the other
     // while its tokens' K and V (all heads side by side in the pool) are in L2; first[r]: row r's
     // first task, that of its chunk c and KV head g being first[r] + c * kv_heads + g.
@@ -1193,6 +1249,8 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("float_pack(Tensor weight, ScalarType dtype) -> Tensor", &float_pack);
   m.def("float_gemm(Tensor x, Tensor packed, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
         &float_gemm);
+  m.def("rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, Tensor(b!) v_pool, "
+        "Tensor slots, Tensor? q_norm, Tensor? k_norm, float eps, int heads, int kv_heads) -> Tensor", &rope_kv_write);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
