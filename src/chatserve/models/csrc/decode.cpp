@@ -420,6 +420,21 @@ void attend_chunk(const float* q, const uint16_t* qb, const T* k, const T* v, in
   }
 }
 
+// Tasks [0, cost.size()) cut into `threads` contiguous shares of about equal cost: share w is
+// tasks [share[w], share[w + 1]), a task going to the share that holds its middle.
+std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost, int64_t threads) {
+  const int64_t tasks = static_cast<int64_t>(cost.size());
+  int64_t total = 0;
+  for (const int64_t c : cost) total += c;
+  std::vector<int64_t> share(threads + 1, tasks);
+  share[0] = 0;
+  for (int64_t i = 0, w = 0, done = 0; i < tasks; ++i) {
+    while (w + 1 < threads && (2 * done + cost[i]) * threads > 2 * (w + 1) * total) share[++w] = i;
+    done += cost[i];
+  }
+  return share;
+}
+
 // One decode step of attention for a batch of single-token queries over the paged KV cache:
 // split the fused qkv rows, apply the per-head q/k norms (when given) and RoPE, write this token's
 // K and V at its slot, and attend over the sequence's context. out [rows, heads * head_dim].
@@ -545,7 +560,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     // The tasks cut into one contiguous share per thread of about equal tokens (a task costs its
     // tokens plus ~32 tokens' worth of setup), so rows of other lengths and chunk tails balance;
     // as few threads as leave each some 32K multiply-adds (a tiny step is not worth waking them).
-    std::vector<int64_t> task_row(tasks), task_head(tasks), task_start(tasks);
+    std::vector<int64_t> task_row(tasks), task_head(tasks), task_start(tasks), task_cost(tasks);
     int64_t cost = 0;
     {
       int64_t i = 0;
@@ -553,19 +568,12 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
         for (int64_t s = 0; s < lens[r]; s += kChunk)
           for (int64_t g = 0; g < kv_heads; ++g, ++i) {
             task_row[i] = r, task_head[i] = g, task_start[i] = s;
-            cost += std::min(kChunk, lens[r] - s) + 32;
+            cost += task_cost[i] = std::min(kChunk, lens[r] - s) + 32;
           }
     }
     const int64_t threads = std::max<int64_t>(
         1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), tasks, cost * group * dim * 2 / 32768}));
-    std::vector<int64_t> share(threads + 1, tasks);
-    share[0] = 0;
-    for (int64_t i = 0, w = 0, done = 0; i < tasks; ++i) {
-      const int64_t c = std::min(kChunk, lens[task_row[i]] - task_start[i]) + 32;
-      // Task i goes to the thread whose share holds its middle.
-      while (w + 1 < threads && (2 * done + c) * threads > 2 * (w + 1) * cost) share[++w] = i;
-      done += c;
-    }
+    const std::vector<int64_t> share = split_by_cost(task_cost, threads);
     at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
       std::vector<float> scores(group * kPad);
       std::vector<uint16_t> qb(bf16_scores ? group * dim : 0);
@@ -678,6 +686,332 @@ inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
     for (; t + Many <= e; t += Many) by_fours(Count<Many>{}, t);
   }
   for (; t < e; ++t) by_fours(Count<1>{}, t);
+}
+
+// Prefill attention: a chunk's T queries (the last T of a C-token context) attend causally to the
+// whole context over the paged KV cache, flash-attention style (scores, softmax and the weighted
+// sum of V tile by tile, the softmax online), so no [T, C] matrix is ever made.
+//
+// A task is one KV head and a block of 16 query rows (tokens); its M = 16 * group rows are the
+// group's query heads at those tokens, head-major, so each vector of 16 lanes is one head at 16
+// consecutive tokens: the causal mask of a lane depends on its token alone, the softmax's running
+// max and sum are per lane (no horizontal reductions), and Q and the output accumulator are kept
+// transposed, [dim][M]. Per tile of 32 context tokens, gathered through the slots into a
+// contiguous scratch (K as is for vdpbf16ps, else fp32; V fp32):
+//   scores  S[t][rows] = sum over d of K[t][d] * Q^T[d][rows]: K broadcast, Q^T one load a vector;
+//   softmax new max, the rows' rescale alpha = exp(old max - new max), P = exp(S * scale - max),
+//           masks only where a tile crosses the diagonal, tiles past the block's last token skipped;
+//   P . V   O^T[d][rows] = alpha O^T[d][rows] + sum over t of V[t][d] * P[t][rows].
+// fp32 throughout but bf16 Q . K, summed exactly in fp32 by vdpbf16ps.
+constexpr int64_t kPrefillRows = 16;  // query tokens a task: the lanes of a vector
+constexpr int64_t kPrefillTile = 32;  // context tokens a tile
+
+#ifdef __AVX512F__
+// S[t][v] (16 rows each) for tokens t < TB of the tile (kt: their fp32 K rows, [TB][dim]) and MV
+// vectors of rows (qt: Q^T at the first, `m` floats from one dim to the next). TB * MV accumulators.
+template <int TB, int MV>
+__attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, int64_t m, int64_t dim, float* s) {
+  __m512 acc[TB][MV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    __m512 qv[MV];
+    for (int v = 0; v < MV; ++v) qv[v] = _mm512_loadu_ps(qt + d * m + v * 16);
+    for (int t = 0; t < TB; ++t) {
+      const __m512 kb = _mm512_set1_ps(kt[t * dim + d]);
+      for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_fmadd_ps(kb, qv[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, acc[t][v]);
+}
+
+#ifdef __AVX512BF16__
+// The same for bf16 K rows and Q^T in pairs of dims ([dim / 2][m][2]: each 32-bit lane one row's
+// dims 2p and 2p + 1), by vdpbf16ps: a K pair broadcast, two exact products a lane summed in fp32.
+template <int TB, int MV>
+__attribute__((noinline)) void prefill_scores(const uint16_t* kt, const uint16_t* qp, int64_t m, int64_t dim,
+                                              float* s) {
+  __m512 acc[TB][MV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 2) {
+    __m512bh qv[MV];
+    for (int v = 0; v < MV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qp + (d * m + v * 32));
+    for (int t = 0; t < TB; ++t) {
+      int32_t pair;
+      std::memcpy(&pair, kt + t * dim + d, sizeof(pair));
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], qv[v], kb);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, acc[t][v]);
+}
+#endif
+
+// O^T[d0 .. d0 + DB][v] = alpha[v] O^T[..][v] + sum over tokens t < n of V[t][d] P[t][v], for MV
+// vectors of rows (ot, p, alpha at the first; `m` floats a dim or token); vt: the tile's V rows,
+// fp32 [n][dim]. DB * MV accumulators, each loaded and stored once a tile.
+template <int DB, int MV>
+__attribute__((noinline)) void prefill_weigh(const float* vt, int64_t d0, int64_t n, int64_t dim, const float* p,
+                                             const float* alpha, int64_t m, float* ot) {
+  __m512 acc[DB][MV];
+  for (int v = 0; v < MV; ++v) {
+    const __m512 a = _mm512_loadu_ps(alpha + v * 16);
+    for (int d = 0; d < DB; ++d) acc[d][v] = _mm512_mul_ps(a, _mm512_loadu_ps(ot + (d0 + d) * m + v * 16));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 pv[MV];
+    for (int v = 0; v < MV; ++v) pv[v] = _mm512_loadu_ps(p + t * m + v * 16);
+    for (int d = 0; d < DB; ++d) {
+      const __m512 vb = _mm512_set1_ps(vt[t * dim + d0 + d]);
+      for (int v = 0; v < MV; ++v) acc[d][v] = _mm512_fmadd_ps(vb, pv[v], acc[d][v]);
+    }
+  }
+  for (int d = 0; d < DB; ++d)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(ot + (d0 + d) * m + v * 16, acc[d][v]);
+}
+
+// Up to three vectors of rows at once: 8 tokens (or dims) by 3 vectors is 24 accumulators of the 32
+// registers; a group of 7 (Qwen2.5-0.5B) goes as 3 + 3 + 1.
+template <typename F>
+inline void by_row_vectors(int64_t vectors, F&& body) {
+  for (int64_t v = 0; v < vectors; v += 3) {
+    switch (std::min<int64_t>(3, vectors - v)) {
+      case 1: body(Count<1>{}, v); break;
+      case 2: body(Count<2>{}, v); break;
+      default: body(Count<3>{}, v); break;
+    }
+  }
+}
+
+// Scratch of one thread's prefill tasks.
+struct PrefillScratch {
+  std::vector<float> qt, kt, vt, s, ot, top, sum, alpha;
+  std::vector<uint16_t> qp, kb;
+  PrefillScratch(int64_t m, int64_t dim)
+      : qt(dim * m), kt(kPrefillTile * dim), vt(kPrefillTile * dim), s(kPrefillTile * m), ot(dim * m), top(m),
+        sum(m), alpha(m), qp(dim * m), kb(kPrefillTile * dim) {}
+};
+
+// One task of prefill_attention on an fp32 or bf16 cache, dim % 16 == 0: KV head g, query rows
+// [i0, i0 + 16) of T (fewer at the end). q [T, heads, dim]; k, v: the pools at head g, `stride`
+// elements a slot; slot_of [C]; out [T, heads, dim].
+template <typename T>
+void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t rows,
+                         int64_t C, int64_t heads, int64_t group, int64_t dim, int64_t g, int64_t i0, float scale,
+                         PrefillScratch& w, T* out) {
+#ifdef __AVX512BF16__
+  constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
+#else
+  constexpr bool pairs = false;
+#endif
+  const int64_t m = kPrefillRows * group, n_rows = std::min(kPrefillRows, rows - i0);
+  const int64_t pos0 = C - rows + i0;  // the context position of row i0: it sees tokens 0 .. pos0
+  const int64_t last = pos0 + n_rows - 1;  // the last token any row of the block sees
+  // Q^T (lanes past the last row zero; they compute finite values no one reads).
+  std::fill(w.qt.begin(), w.qt.end(), 0.f);
+  std::fill(w.qp.begin(), w.qp.end(), uint16_t(0));
+  for (int64_t j = 0; j < group; ++j)
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const T* src = q + ((i0 + i) * heads + g * group + j) * dim;
+      const int64_t lane = j * kPrefillRows + i;
+      for (int64_t d = 0; d < dim; ++d) {
+        if constexpr (pairs)
+          w.qp[(d / 2 * m + lane) * 2 + d % 2] = src[d].x;
+        else
+          w.qt[d * m + lane] = to_f<T>(src[d]);
+      }
+    }
+  std::fill(w.ot.begin(), w.ot.end(), 0.f);
+  std::fill(w.sum.begin(), w.sum.end(), 0.f);
+  // Not -inf: a lane no token has reached yet then rescales by exp(0), not by exp(-inf + inf).
+  std::fill(w.top.begin(), w.top.end(), -1e30f);
+  const int64_t vectors = group;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t k0 = 0; k0 <= last; k0 += kPrefillTile) {
+    const int64_t n = std::min(kPrefillTile, last + 1 - k0);
+    // The tile's K and V rows, contiguous; scores run over whole steps of 8 tokens, the rows past n
+    // copies of the last (finite, masked out).
+    const int64_t n8 = (n + 7) / 8 * 8;
+    for (int64_t t = 0; t < n8; ++t) {
+      const int64_t slot = slot_of[k0 + std::min(t, n - 1)];
+      const T* kr = k + slot * stride;
+      const T* vr = v + slot * stride;
+      for (int64_t d = 0; d < dim; d += 16) {
+        if constexpr (pairs)
+          std::memcpy(w.kb.data() + t * dim + d, kr + d, 16 * sizeof(T));
+        else
+          _mm512_storeu_ps(w.kt.data() + t * dim + d, load16(kr + d));
+        if (t < n) _mm512_storeu_ps(w.vt.data() + t * dim + d, load16(vr + d));
+      }
+    }
+    by_row_vectors(vectors, [&](auto mv, int64_t v0) {
+      constexpr int MV = decltype(mv)::value;
+      for (int64_t t = 0; t < n8; t += 8) {
+        if constexpr (pairs)
+          prefill_scores<8, MV>(w.kb.data() + t * dim, w.qp.data() + v0 * 32, m, dim, w.s.data() + t * m + v0 * 16);
+        else
+          prefill_scores<8, MV>(w.kt.data() + t * dim, w.qt.data() + v0 * 16, m, dim, w.s.data() + t * m + v0 * 16);
+      }
+    });
+    // Online softmax, 16 rows a vector. Token k0 + t is seen by lanes i with pos0 + i >= k0 + t.
+    const bool diagonal = k0 + n - 1 > pos0;
+    for (int64_t v = 0; v < vectors; ++v) {
+      float* s = w.s.data() + v * 16;
+      auto seen = [&](int64_t t) -> __mmask16 {
+        const int64_t first = k0 + t - pos0;
+        return !diagonal || first <= 0 ? __mmask16(0xFFFF) : first >= 16 ? __mmask16(0) : __mmask16(0xFFFF << first);
+      };
+      __m512 high = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + t * m), sv);
+        _mm512_storeu_ps(s + t * m, x);
+        high = _mm512_mask_max_ps(high, seen(t), high, x);
+      }
+      const __m512 old = _mm512_loadu_ps(w.top.data() + v * 16);
+      const __m512 top = _mm512_max_ps(old, high);
+      const __m512 alpha = fast_exp16(_mm512_sub_ps(old, top));
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 p = _mm512_maskz_mov_ps(seen(t), fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t * m), top)));
+        _mm512_storeu_ps(s + t * m, p);
+        total = _mm512_add_ps(total, p);
+      }
+      _mm512_storeu_ps(w.top.data() + v * 16, top);
+      _mm512_storeu_ps(w.alpha.data() + v * 16, alpha);
+      _mm512_storeu_ps(w.sum.data() + v * 16,
+                       _mm512_fmadd_ps(_mm512_loadu_ps(w.sum.data() + v * 16), alpha, total));
+    }
+    by_row_vectors(vectors, [&](auto mv, int64_t v0) {
+      constexpr int MV = decltype(mv)::value;
+      for (int64_t d = 0; d < dim; d += 8)
+        prefill_weigh<8, MV>(w.vt.data(), d, n, dim, w.s.data() + v0 * 16, w.alpha.data() + v0 * 16, m,
+                             w.ot.data() + v0 * 16);
+    });
+  }
+  for (int64_t j = 0; j < group; ++j)
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const int64_t lane = j * kPrefillRows + i;
+      const float inv = 1.f / w.sum[lane];
+      T* dst = out + ((i0 + i) * heads + g * group + j) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = from_f<T>(w.ot[d * m + lane] * inv);
+    }
+}
+#endif
+
+// prefill_attention's vector path: tasks (block of 16 rows, KV head), each costing the tokens its
+// rows see (plus setup), cut into one contiguous share a thread. False for dtypes it does not cover.
+template <typename T>
+bool prefill_avx512(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t rows,
+                    int64_t C, int64_t heads, int64_t kv_heads, int64_t dim, float scale, T* out) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    const int64_t blocks = (rows + kPrefillRows - 1) / kPrefillRows, tasks = blocks * kv_heads;
+    const int64_t group = heads / kv_heads;
+    std::vector<int64_t> cost(tasks);
+    for (int64_t i = 0; i < tasks; ++i)
+      cost[i] = C - rows + std::min(rows, (i / kv_heads + 1) * kPrefillRows) + kPrefillTile;
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+    const std::vector<int64_t> share = split_by_cost(cost, threads);
+    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      PrefillScratch w(kPrefillRows * group, dim);
+      for (int64_t th = b; th < e; ++th)
+        for (int64_t i = share[th]; i < share[th + 1]; ++i) {
+          const int64_t blk = i / kv_heads, g = i % kv_heads;
+          prefill_task_avx512<T>(q, k + g * dim, v + g * dim, stride, slot_of, rows, C, heads, group, dim, g,
+                                 blk * kPrefillRows, scale, w, out);
+        }
+    });
+    return true;
+  }
+#endif
+  return false;
+}
+
+// One query row and head of prefill_attention for what the vector path does not cover (fp16, dims
+// not a multiple of 16, builds without AVX-512): its scores over tokens 0 .. pos, softmax, the
+// weighted sum of V. scores: scratch of pos + 1 floats.
+template <typename T>
+void prefill_row(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t pos,
+                 int64_t dim, float scale, float* scores, float* acc, T* out) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t <= pos; ++t) {
+    scores[t] = dot<T, T>(q, k + slot_of[t] * stride, dim) * scale;
+    top = std::max(top, scores[t]);
+  }
+  std::fill(acc, acc + dim, 0.f);
+  float total = 0.f;
+  for (int64_t t = 0; t <= pos; ++t) {
+    const float p = fast_exp(scores[t] - top);
+    total += p;
+    const T* vt = v + slot_of[t] * stride;
+    for (int64_t d = 0; d < dim; ++d) acc[d] += p * to_f<T>(vt[d]);
+  }
+  for (int64_t d = 0; d < dim; ++d) out[d] = from_f<T>(acc[d] / total);
+}
+
+// Whether prefill_attention runs vectorised for this dtype and head size (models/layers.py keeps
+// PyTorch's SDPA for the rest: the fallback is scalar).
+bool prefill_attention_vectorised(at::ScalarType dtype, int64_t dim) {
+#ifdef __AVX512F__
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && dim % 16 == 0 && dim > 0;
+#else
+  return false;
+#endif
+}
+
+// Causal attention of a prefill chunk over the paged KV cache: q [T, heads, dim] (normed and
+// roped), k_pool, v_pool [num_slots, kv_heads, dim] holding the whole context's K/V (the chunk's
+// own included), slots [C] the slot of each context token, C >= T. Query i is context position
+// C - T + i and sees tokens 0 .. C - T + i; query head h reads KV head h / (heads / kv_heads).
+// Returns [T, heads, dim] in q's dtype.
+// Against F.scaled_dot_product_attention (is_causal, enable_gqa) on [1, heads, T, dim], per layer,
+// T = C = 512, 2 threads, median of interleaved runs (ms):
+//   PREFILL_FIGURES
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                             const at::Tensor& slots, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
+              "prefill_attention: q must be a contiguous [T, heads, head_dim] CPU tensor");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.sizes() == v_pool.sizes() && k_pool.device().is_cpu() && v_pool.device().is_cpu(),
+              "prefill_attention: the KV pools must be contiguous CPU tensors [slots, kv_heads, head_dim] of one shape");
+  TORCH_CHECK(k_pool.scalar_type() == q.scalar_type() && v_pool.scalar_type() == q.scalar_type(),
+              "prefill_attention: q and the KV pools must have one dtype");
+  TORCH_CHECK(k_pool.size(2) == q.size(2), "prefill_attention: q's head_dim is not the pools'");
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_pool.size(1);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "prefill_attention: heads must be a multiple of kv_heads");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.device().is_cpu(),
+              "prefill_attention: slots must be a contiguous int64 [context] CPU tensor");
+  const int64_t C = slots.size(0), num_slots = k_pool.size(0);
+  TORCH_CHECK(C >= rows, "prefill_attention: fewer slots (", C, ") than queries (", rows, ")");
+  const int64_t* slot_of = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < C; ++t)
+    TORCH_CHECK(slot_of[t] >= 0 && slot_of[t] < num_slots, "prefill_attention: slot ", slot_of[t], " of token ", t,
+                " is outside the pool's ", num_slots, " slots");
+  auto out = at::empty_like(q);
+  if (rows == 0) return out;
+  const int64_t group = heads / kv_heads, stride = kv_heads * dim;
+  const float sc = static_cast<float>(scale);
+  const bool vectorised = prefill_attention_vectorised(q.scalar_type(), dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefill_attention", [&] {
+    using T = scalar_t;
+    const T* qp = q.data_ptr<T>();
+    const T* kp = k_pool.data_ptr<T>();
+    const T* vp = v_pool.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    if (vectorised && prefill_avx512<T>(qp, kp, vp, stride, slot_of, rows, C, heads, kv_heads, dim, sc, op)) return;
+    at::parallel_for(0, rows * heads, grain(C * dim * 2), [&](int64_t b, int64_t e) {
+      std::vector<float> scores(C), acc(dim);
+      for (int64_t x = b; x < e; ++x) {
+        const int64_t r = x / heads, h = x % heads;
+        prefill_row<T>(qp + x * dim, kp + h / group * dim, vp + h / group * dim, stride, slot_of, C - rows + r, dim,
+                       sc, scores.data(), acc.data(), op + x * dim);
+      }
+    });
+  });
+  return out;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -1173,6 +1507,9 @@ TORCH_LIBRARY(chatserve, m) {
   m.def("float_pack(Tensor weight, ScalarType dtype) -> Tensor", &float_pack);
   m.def("float_gemm(Tensor x, Tensor packed, int N, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor",
         &float_gemm);
+  m.def("prefill_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slots, float scale) -> Tensor",
+        &prefill_attention);
+  m.def("prefill_attention_vectorised(ScalarType dtype, int head_dim) -> bool", &prefill_attention_vectorised);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
