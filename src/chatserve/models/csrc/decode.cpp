@@ -620,11 +620,14 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 #ifdef __AVX512F__
 // 16 fp32 results stored as the output's dtype (bf16 rounded to nearest even, as PyTorch does).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-inline void store16(c10::BFloat16* out, __m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
+// 16 fp32 values rounded to bf16 (nearest even), the bits in each lane's low half.
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+}
+inline void store16(c10::BFloat16* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
 // The R x T tiles of sums, plus the bias (fp32, before the one rounding, as F.linear), stored as the
@@ -810,20 +813,28 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
   const int64_t m = kPrefillRows * group, n_rows = std::min(kPrefillRows, rows - i0);
   const int64_t pos0 = C - rows + i0;  // the context position of row i0: it sees tokens 0 .. pos0
   const int64_t last = pos0 + n_rows - 1;  // the last token any row of the block sees
-  // Q^T (lanes past the last row zero; they compute finite values no one reads).
-  std::fill(w.qt.begin(), w.qt.end(), 0.f);
-  std::fill(w.qp.begin(), w.qp.end(), uint16_t(0));
-  for (int64_t j = 0; j < group; ++j)
-    for (int64_t i = 0; i < n_rows; ++i) {
-      const T* src = q + ((i0 + i) * heads + g * group + j) * dim;
-      const int64_t lane = j * kPrefillRows + i;
-      for (int64_t d = 0; d < dim; ++d) {
-        if constexpr (pairs)
-          w.qp[(d / 2 * m + lane) * 2 + d % 2] = src[d].x;
-        else
-          w.qt[d * m + lane] = to_f<T>(src[d]);
+  // Q^T, gathered a dim (a pair of dims) of 16 rows at a time; lanes past the last row zero (they
+  // compute finite values no one reads). The rows are heads * dim elements apart.
+  const __mmask16 live = static_cast<__mmask16>((1u << n_rows) - 1);
+  const __m512i row_step = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(heads * dim)));
+  for (int64_t j = 0; j < group; ++j) {
+    const T* src = q + (i0 * heads + g * group + j) * dim;
+    const int64_t lane = j * kPrefillRows;
+    for (int64_t d = 0; d < dim; d += pairs ? 2 : 1) {
+      if constexpr (pairs) {
+        _mm512_storeu_si512(w.qp.data() + (d * m + lane * 2),
+                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_step, src + d, 2));
+      } else if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(w.qt.data() + d * m + lane,
+                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, row_step, src + d, 4));
+      } else {  // bf16 on a CPU without vdpbf16ps
+        for (int64_t i = 0; i < kPrefillRows; ++i)
+          w.qt[d * m + lane + i] = i < n_rows ? to_f<T>(src[i * heads * dim + d]) : 0.f;
       }
     }
+  }
   std::fill(w.ot.begin(), w.ot.end(), 0.f);
   std::fill(w.sum.begin(), w.sum.end(), 0.f);
   // Not -inf: a lane no token has reached yet then rescales by exp(0), not by exp(-inf + inf).
@@ -835,6 +846,13 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
     // The tile's K and V rows, contiguous; scores run over whole steps of 8 tokens, the rows past n
     // copies of the last (finite, masked out).
     const int64_t n8 = (n + 7) / 8 * 8;
+    // The next tile's rows asked for now: KV blocks lie anywhere in the pool, which the hardware
+    // prefetcher does not follow.
+    for (int64_t t = k0 + kPrefillTile; t < std::min(k0 + 2 * kPrefillTile, last + 1); ++t)
+      for (int64_t x = 0; x < dim * static_cast<int64_t>(sizeof(T)); x += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(k + slot_of[t] * stride) + x, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v + slot_of[t] * stride) + x, _MM_HINT_T0);
+      }
     for (int64_t t = 0; t < n8; ++t) {
       const int64_t slot = slot_of[k0 + std::min(t, n - 1)];
       const T* kr = k + slot * stride;
@@ -891,18 +909,32 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
                              w.ot.data() + v0 * 16);
     });
   }
-  for (int64_t j = 0; j < group; ++j)
-    for (int64_t i = 0; i < n_rows; ++i) {
-      const int64_t lane = j * kPrefillRows + i;
-      const float inv = 1.f / w.sum[lane];
-      T* dst = out + ((i0 + i) * heads + g * group + j) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = from_f<T>(w.ot[d * m + lane] * inv);
+  // Normalised and scattered back to the rows, as Q^T came (bf16: a pair of dims a 32-bit lane).
+  for (int64_t j = 0; j < group; ++j) {
+    const int64_t lane = j * kPrefillRows;
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(w.sum.data() + lane));
+    T* dst = out + (i0 * heads + g * group + j) * dim;
+    for (int64_t d = 0; d < dim; d += pairs ? 2 : 1) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + d * m + lane), inv);
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_i32scatter_ps(dst + d, live, row_step, x, 4);
+      } else if constexpr (pairs) {
+        const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + (d + 1) * m + lane), inv);
+        const __m512i both = _mm512_or_si512(bf16_bits(x), _mm512_slli_epi32(bf16_bits(y), 16));
+        _mm512_mask_i32scatter_epi32(dst + d, live, row_step, both, 2);
+      } else {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, x);
+        for (int64_t i = 0; i < n_rows; ++i) dst[i * heads * dim + d] = from_f<T>(lanes[i]);
+      }
     }
+  }
 }
 #endif
 
-// prefill_attention's vector path: tasks (block of 16 rows, KV head), each costing the tokens its
-// rows see (plus setup), cut into one contiguous share a thread. False for dtypes it does not cover.
+// prefill_attention's vector path: tasks (KV head, block of 16 rows), each costing the tokens its
+// rows see (plus setup), cut into one contiguous share a thread: a thread's tasks mostly share a KV
+// head, whose K and V stay in its L2. False for dtypes it does not cover.
 template <typename T>
 bool prefill_avx512(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t rows,
                     int64_t C, int64_t heads, int64_t kv_heads, int64_t dim, float scale, T* out) {
@@ -912,14 +944,14 @@ bool prefill_avx512(const T* q, const T* k, const T* v, int64_t stride, const in
     const int64_t group = heads / kv_heads;
     std::vector<int64_t> cost(tasks);
     for (int64_t i = 0; i < tasks; ++i)
-      cost[i] = C - rows + std::min(rows, (i / kv_heads + 1) * kPrefillRows) + kPrefillTile;
+      cost[i] = C - rows + std::min(rows, (i % blocks + 1) * kPrefillRows) + kPrefillTile;
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
     const std::vector<int64_t> share = split_by_cost(cost, threads);
     at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
       PrefillScratch w(kPrefillRows * group, dim);
       for (int64_t th = b; th < e; ++th)
         for (int64_t i = share[th]; i < share[th + 1]; ++i) {
-          const int64_t blk = i / kv_heads, g = i % kv_heads;
+          const int64_t g = i / blocks, blk = i % blocks;
           prefill_task_avx512<T>(q, k + g * dim, v + g * dim, stride, slot_of, rows, C, heads, group, dim, g,
                                  blk * kPrefillRows, scale, w, out);
         }
