@@ -73,8 +73,9 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
-        # With the native kernels loaded, decode rows attend on them: a decode-only step runs the
-        # whole model on CausalLM.decode, a mixed one its decode rows' attention (meta.ops).
+        # With the native kernels loaded, a decode-only step runs the whole model on CausalLM.decode;
+        # a step with prefills hands them over in meta.ops: its prefill chunks attend on
+        # ops.prefill_attention, its decode rows (if any) on ops.decode_attention.
         ops = native.ops() if self.native else None
         if decode_tables:
             width = max(len(t) for t in decode_tables)

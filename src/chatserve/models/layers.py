@@ -138,11 +138,11 @@ class AttentionMetadata:
     decode_block_tables: Optional[torch.Tensor] = None  # [D, max_blocks]
     decode_bias: Optional[torch.Tensor] = None  # [D, 1, 1, max_blocks * block_size] fp32: 0 attend, -inf not
     decode_context_lens: Optional[torch.Tensor] = None  # [D] tokens of KV each decode attends to, its own included
-    # The native kernels (models/native.py), when the runner has them for a step mixing prefills and
-    # decodes: the decode rows' attention then runs on ops.decode_attention (a mixed step's PyTorch
-    # decode attention, gathering every row's padded KV, was ~1/3 of the step with 32 streams; a
-    # SmolLM2 bf16 step of a 480-token chunk and 32 decode rows at 64-576 tokens: 1650 -> 920 ms on
-    # 1 thread).
+    # The native kernels (models/native.py), when the runner has them for a step with prefills: the
+    # prefill chunks attend on ops.prefill_attention (fp32/bf16 with head_dim % 16 == 0, else SDPA),
+    # and a mixed step's decode rows on ops.decode_attention (a mixed step's PyTorch decode
+    # attention, gathering every row's padded KV, was ~1/3 of the step with 32 streams; a SmolLM2
+    # bf16 step of a 480-token chunk and 32 decode rows at 64-576 tokens: 1650 -> 920 ms on 1 thread).
     ops: Any = None
     # (cos, sin, positions): the model's fp32 rotary tables and the decode rows' positions, which
     # that kernel reads; CausalLM.forward sets them when `ops` is.
@@ -228,8 +228,12 @@ class Attention(nn.Module):
                 return self.o_proj(decoded)
             return self.o_proj(self._decode(q, meta, k_pool, v_pool, meta.block_size).view(n, -1))
         out = q.new_empty(n, heads, self.head_dim)
+        native = meta.ops is not None and self._native_prefill(meta.ops, q.dtype)
         for span in meta.prefills:
-            out[span.start:span.end] = self._prefill(q, k, v, span, k_pool, v_pool, meta.block_size)
+            if native:
+                out[span.start:span.end] = self._native_prefill_span(q, span, meta, k_pool, v_pool)
+            else:
+                out[span.start:span.end] = self._prefill(q, k, v, span, k_pool, v_pool, meta.block_size)
         if decoded is not None:
             out[meta.num_prefill_tokens:] = decoded.view(-1, heads, self.head_dim)
         elif meta.decode_block_tables is not None:
@@ -247,6 +251,26 @@ class Attention(nn.Module):
                                          meta.slot_mapping[-d:], meta.decode_block_tables, meta.decode_context_lens,
                                          q_norm, k_norm, eps, self.num_heads, self.num_kv_heads, meta.block_size,
                                          self.scale)
+
+    def _native_prefill(self, ops, dtype: torch.dtype) -> bool:
+        """Whether ops.prefill_attention runs vectorised for this layer (fp32 or bf16, head_dim a
+        multiple of 16, an AVX-512 build); else the chunk keeps PyTorch's SDPA. Asked once a dtype."""
+        known = self.__dict__.setdefault("_prefill_kernel", {})
+        if dtype not in known:
+            known[dtype] = bool(ops.prefill_attention_vectorised(dtype, self.head_dim))
+        return known[dtype]
+
+    def _native_prefill_span(self, q, span: PrefillSpan, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
+        """One prefill chunk's attention on ops.prefill_attention, which reads the whole context's K/V
+        from the pools (the chunk's own written there already) through each token's slot. SmolLM2,
+        a 512-token prompt, per layer: see decode.cpp's prefill_attention."""
+        if span.block_table is None:  # the context is the chunk itself
+            slots = meta.slot_mapping[span.start:span.end]
+        else:
+            bs = meta.block_size
+            slots = (span.block_table.unsqueeze(1) * bs + torch.arange(bs, device=q.device)).view(-1)
+            slots = slots[: span.context_len]
+        return meta.ops.prefill_attention(q[span.start:span.end].contiguous(), k_pool, v_pool, slots, self.scale)
 
     def _gather(self, pool: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
         blocks = pool.view(-1, block_size, self.num_kv_heads, self.head_dim)[block_table]

@@ -19,7 +19,9 @@ VNNI and BF16 kernels exist where the CPU has those instructions). Modes (--nati
         follow at the next start). No compiler: PyTorch ops.
   on    build now if needed (start-up waits) and fail if it cannot be built.
   off   PyTorch ops only.
-CUDA, prefill attention and the oracle tests run the PyTorch path."""
+- Prefill attention: causal flash attention of a prefill chunk over the paged KV cache (fp32, or
+  bf16 with vdpbf16ps), for every step with prefills (Attention._prefill).
+CUDA, CausalLM.score and the oracle tests run the PyTorch path."""
 
 from __future__ import annotations
 
