@@ -776,6 +776,40 @@ __attribute__((noinline)) void prefill_weigh(const float* vt, int64_t d0, int64_
     for (int v = 0; v < MV; ++v) _mm512_storeu_ps(ot + (d0 + d) * m + v * 16, acc[d][v]);
 }
 
+#ifdef __AVX512BF16__
+// The same by vdpbf16ps, two tokens a step: vp, the tile's V in pairs of tokens ([n / 2][dim][2]:
+// a 32-bit lane holds dim d of tokens 2p and 2p + 1), p the weights rounded to bf16 in the same
+// pairs ([n / 2][m][2]).
+template <int DB, int MV>
+__attribute__((noinline)) void prefill_weigh(const uint16_t* vp, int64_t d0, int64_t n, int64_t dim,
+                                             const uint16_t* p, const float* alpha, int64_t m, float* ot) {
+  __m512 acc[DB][MV];
+  for (int v = 0; v < MV; ++v) {
+    const __m512 a = _mm512_loadu_ps(alpha + v * 16);
+    for (int d = 0; d < DB; ++d) acc[d][v] = _mm512_mul_ps(a, _mm512_loadu_ps(ot + (d0 + d) * m + v * 16));
+  }
+  for (int64_t t = 0; t < n; t += 2) {
+    __m512bh pv[MV];
+    for (int v = 0; v < MV; ++v) pv[v] = (__m512bh)_mm512_loadu_si512(p + (t * m + v * 32));
+    for (int d = 0; d < DB; ++d) {
+      int32_t pair;
+      std::memcpy(&pair, vp + t * dim + (d0 + d) * 2, sizeof(pair));
+      const __m512bh vb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < MV; ++v) acc[d][v] = _mm512_dpbf16_ps(acc[d][v], pv[v], vb);
+    }
+  }
+  for (int d = 0; d < DB; ++d)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(ot + (d0 + d) * m + v * 16, acc[d][v]);
+}
+
+// 16 bf16 values a and 16 b (the halves of x) interleaved: a0 b0 a1 b1 ... a15 b15.
+inline __m512i interleave_halves16(__m512i x) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, x);
+}
+#endif
+
 // Up to three vectors of rows at once: 8 tokens (or dims) by 3 vectors is 24 accumulators of the 32
 // registers; a group of 7 (Qwen2.5-0.5B) goes as 3 + 3 + 1.
 template <typename F>
@@ -792,10 +826,10 @@ inline void by_row_vectors(int64_t vectors, F&& body) {
 // Scratch of one thread's prefill tasks.
 struct PrefillScratch {
   std::vector<float> qt, kt, vt, s, ot, top, sum, alpha;
-  std::vector<uint16_t> qp, kb;
+  std::vector<uint16_t> qp, kb, vb, pb;  // the bf16 pairs' layouts of qt, kt, vt and s
   PrefillScratch(int64_t m, int64_t dim)
       : qt(dim * m), kt(kPrefillTile * dim), vt(kPrefillTile * dim), s(kPrefillTile * m), ot(dim * m), top(m),
-        sum(m), alpha(m), qp(dim * m), kb(kPrefillTile * dim) {}
+        sum(m), alpha(m), qp(dim * m), kb(kPrefillTile * dim), vb(kPrefillTile * dim), pb(kPrefillTile * m) {}
 };
 
 // One task of prefill_attention on an fp32 or bf16 cache, dim % 16 == 0: KV head g, query rows
@@ -854,15 +888,27 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
         _mm_prefetch(reinterpret_cast<const char*>(v + slot_of[t] * stride) + x, _MM_HINT_T0);
       }
     for (int64_t t = 0; t < n8; ++t) {
-      const int64_t slot = slot_of[k0 + std::min(t, n - 1)];
-      const T* kr = k + slot * stride;
-      const T* vr = v + slot * stride;
+      const T* kr = k + slot_of[k0 + std::min(t, n - 1)] * stride;
       for (int64_t d = 0; d < dim; d += 16) {
         if constexpr (pairs)
           std::memcpy(w.kb.data() + t * dim + d, kr + d, 16 * sizeof(T));
         else
           _mm512_storeu_ps(w.kt.data() + t * dim + d, load16(kr + d));
-        if (t < n) _mm512_storeu_ps(w.vt.data() + t * dim + d, load16(vr + d));
+      }
+    }
+    for (int64_t t = 0; t < n; t += pairs ? 2 : 1) {
+      const T* vr = v + slot_of[k0 + t] * stride;
+      for (int64_t d = 0; d < dim; d += 16) {
+        if constexpr (pairs) {  // tokens t and t + 1 (zeros past n: weighted 0) side by side
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + d));
+          const __m256i b = t + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                            v + slot_of[k0 + t + 1] * stride + d))
+                                      : _mm256_setzero_si256();
+          _mm512_storeu_si512(w.vb.data() + t * dim + d * 2,
+                              interleave_halves16(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
+        } else {
+          _mm512_storeu_ps(w.vt.data() + t * dim + d, load16(vr + d));
+        }
       }
     }
     by_row_vectors(vectors, [&](auto mv, int64_t v0) {
@@ -897,6 +943,14 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
         _mm512_storeu_ps(s + t * m, p);
         total = _mm512_add_ps(total, p);
       }
+      if constexpr (pairs) {  // the weights rounded to bf16 in pairs of tokens, for vdpbf16ps
+        for (int64_t t = 0; t < n; t += 2) {
+          const __m512 a = _mm512_loadu_ps(s + t * m);
+          const __m512 b = t + 1 < n ? _mm512_loadu_ps(s + (t + 1) * m) : _mm512_setzero_ps();
+          _mm512_storeu_si512(w.pb.data() + (t * m + v * 32),
+                              interleave_halves16((__m512i)_mm512_cvtne2ps_pbh(b, a)));
+        }
+      }
       _mm512_storeu_ps(w.top.data() + v * 16, top);
       _mm512_storeu_ps(w.alpha.data() + v * 16, alpha);
       _mm512_storeu_ps(w.sum.data() + v * 16,
@@ -905,8 +959,12 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
     by_row_vectors(vectors, [&](auto mv, int64_t v0) {
       constexpr int MV = decltype(mv)::value;
       for (int64_t d = 0; d < dim; d += 8)
-        prefill_weigh<8, MV>(w.vt.data(), d, n, dim, w.s.data() + v0 * 16, w.alpha.data() + v0 * 16, m,
-                             w.ot.data() + v0 * 16);
+        if constexpr (pairs)
+          prefill_weigh<8, MV>(w.vb.data(), d, n, dim, w.pb.data() + v0 * 32, w.alpha.data() + v0 * 16, m,
+                               w.ot.data() + v0 * 16);
+        else
+          prefill_weigh<8, MV>(w.vt.data(), d, n, dim, w.s.data() + v0 * 16, w.alpha.data() + v0 * 16, m,
+                               w.ot.data() + v0 * 16);
     });
   }
   // Normalised and scattered back to the rows, as Q^T came (bf16: a pair of dims a 32-bit lane).
