@@ -225,9 +225,9 @@ def scattered_pools(context: int, kv_heads: int, dim: int, dtype, block_size: in
     return (*pools, slots)
 
 
-# (heads, kv_heads, head_dim): SmolLM2, Qwen2.5-0.5B, Qwen3; 40: not a multiple of 16 (the scalar
-# kernel, as every fp16 cache).
-PREFILL_SHAPES = [(9, 3, 64), (14, 2, 64), (16, 8, 128), (4, 2, 40)]
+# (heads, kv_heads, head_dim): SmolLM2, Qwen2.5-0.5B, Qwen3; 48: bf16 rows of 24 pairs (16 and a
+# part 16-word transpose); 40: not a multiple of 16 (the scalar kernel, as every fp16 cache).
+PREFILL_SHAPES = [(9, 3, 64), (14, 2, 64), (16, 8, 128), (6, 2, 48), (4, 2, 40)]
 # (queries, context): a fresh prompt (context = queries) of 1, 7, 33 and 512 tokens; a chunk behind
 # cached tokens, crossing tiles and blocks unevenly; a 128-token chunk at the end of 640.
 PREFILL_SIZES = [(1, 1), (7, 7), (33, 33), (512, 512), (77, 177), (128, 640)]

@@ -710,10 +710,37 @@ constexpr int64_t kPrefillRows = 16;  // query tokens a task: the lanes of a vec
 constexpr int64_t kPrefillTile = 32;  // context tokens a tile
 
 #ifdef __AVX512F__
-// S[t][v] (16 rows each) for tokens t < TB of the tile (kt: their fp32 K rows, [TB][dim]) and MV
-// vectors of rows (qt: Q^T at the first, `m` floats from one dim to the next). TB * MV accumulators.
+// r[i] lane c <- r[c] lane i: a 16 x 16 transpose of 32-bit values, 4 x 4 within the 128-bit lanes
+// (unpacks), then the lanes (two rounds of shuffles); 64 shuffles.
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int g = 0; g < 4; ++g) {  // t[4g + e], 128-bit lane L: rows 4g .. 4g + 3 at column 4L + e
+    const __m512 *x = r + 4 * g;
+    const __m512d u0 = _mm512_castps_pd(_mm512_unpacklo_ps(x[0], x[1])), u1 = _mm512_castps_pd(_mm512_unpackhi_ps(x[0], x[1]));
+    const __m512d u2 = _mm512_castps_pd(_mm512_unpacklo_ps(x[2], x[3])), u3 = _mm512_castps_pd(_mm512_unpackhi_ps(x[2], x[3]));
+    t[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(u0, u2));
+    t[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(u0, u2));
+    t[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(u1, u3));
+    t[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(u1, u3));
+  }
+  for (int e = 0; e < 4; ++e) {  // column 4L + e: lane L of t[e], t[4 + e], t[8 + e], t[12 + e]
+    const __m512 x0 = _mm512_shuffle_f32x4(t[e], t[4 + e], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 x1 = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 y0 = _mm512_shuffle_f32x4(t[e], t[4 + e], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 y1 = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], _MM_SHUFFLE(3, 2, 3, 2));
+    r[e] = _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + e] = _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + e] = _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + e] = _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// S[t][v] (16 rows each), times the scale sv, for tokens t < TB of the tile (kt: their fp32 K rows,
+// [TB][dim]) and MV vectors of rows (qt: Q^T at the first, `m` floats from one dim to the next).
+// TB * MV accumulators.
 template <int TB, int MV>
-__attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, int64_t m, int64_t dim, float* s) {
+__attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, int64_t m, int64_t dim, __m512 sv,
+                                              float* s) {
   __m512 acc[TB][MV];
   for (int t = 0; t < TB; ++t)
     for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
@@ -726,7 +753,7 @@ __attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, 
     }
   }
   for (int t = 0; t < TB; ++t)
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, acc[t][v]);
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, _mm512_mul_ps(acc[t][v], sv));
 }
 
 #ifdef __AVX512BF16__
@@ -734,7 +761,7 @@ __attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, 
 // dims 2p and 2p + 1), by vdpbf16ps: a K pair broadcast, two exact products a lane summed in fp32.
 template <int TB, int MV>
 __attribute__((noinline)) void prefill_scores(const uint16_t* kt, const uint16_t* qp, int64_t m, int64_t dim,
-                                              float* s) {
+                                              __m512 sv, float* s) {
   __m512 acc[TB][MV];
   for (int t = 0; t < TB; ++t)
     for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
@@ -749,7 +776,7 @@ __attribute__((noinline)) void prefill_scores(const uint16_t* kt, const uint16_t
     }
   }
   for (int t = 0; t < TB; ++t)
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, acc[t][v]);
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, _mm512_mul_ps(acc[t][v], sv));
 }
 #endif
 
@@ -847,27 +874,29 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
   const int64_t m = kPrefillRows * group, n_rows = std::min(kPrefillRows, rows - i0);
   const int64_t pos0 = C - rows + i0;  // the context position of row i0: it sees tokens 0 .. pos0
   const int64_t last = pos0 + n_rows - 1;  // the last token any row of the block sees
-  // Q^T, gathered a dim (a pair of dims) of 16 rows at a time; lanes past the last row zero (they
-  // compute finite values no one reads). The rows are heads * dim elements apart.
-  const __mmask16 live = static_cast<__mmask16>((1u << n_rows) - 1);
-  const __m512i row_step = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(heads * dim)));
-  for (int64_t j = 0; j < group; ++j) {
-    const T* src = q + (i0 * heads + g * group + j) * dim;
-    const int64_t lane = j * kPrefillRows;
-    for (int64_t d = 0; d < dim; d += pairs ? 2 : 1) {
-      if constexpr (pairs) {
-        _mm512_storeu_si512(w.qp.data() + (d * m + lane * 2),
-                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_step, src + d, 2));
-      } else if constexpr (std::is_same_v<T, float>) {
-        _mm512_storeu_ps(w.qt.data() + d * m + lane,
-                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, row_step, src + d, 4));
-      } else {  // bf16 on a CPU without vdpbf16ps
-        for (int64_t i = 0; i < kPrefillRows; ++i)
-          w.qt[d * m + lane + i] = i < n_rows ? to_f<T>(src[i * heads * dim + d]) : 0.f;
+  // Q^T, 16 rows by 16 32-bit words (dims, or pairs of bf16 dims for vdpbf16ps) at a time through
+  // a transpose in registers (against a gather a dim: the kernel's 1-thread SmolLM2 fp32 time -X%).
+  // Lanes past the last row are zero: they compute finite values no one reads.
+  const int64_t words = pairs ? dim / 2 : dim;  // a row's 32-bit words
+  if constexpr (pairs || std::is_same_v<T, float>) {
+    float* qw = pairs ? reinterpret_cast<float*>(w.qp.data()) : w.qt.data();
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t c0 = 0; c0 < words; c0 += 16) {
+        const int64_t count = std::min<int64_t>(16, words - c0);
+        const __mmask16 part = static_cast<__mmask16>((1u << count) - 1);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i)
+          r[i] = i < n_rows ? _mm512_maskz_loadu_ps(part, reinterpret_cast<const float*>(
+                                                              q + ((i0 + i) * heads + g * group + j) * dim) + c0)
+                            : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t c = 0; c < count; ++c) _mm512_storeu_ps(qw + (c0 + c) * m + j * kPrefillRows, r[c]);
       }
-    }
+  } else {  // bf16 on a CPU without vdpbf16ps
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t i = 0; i < kPrefillRows; ++i)
+        for (int64_t d = 0; d < dim; ++d)
+          w.qt[d * m + j * kPrefillRows + i] = i < n_rows ? to_f<T>(q[((i0 + i) * heads + g * group + j) * dim + d]) : 0.f;
   }
   std::fill(w.ot.begin(), w.ot.end(), 0.f);
   std::fill(w.sum.begin(), w.sum.end(), 0.f);
@@ -915,9 +944,9 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
       constexpr int MV = decltype(mv)::value;
       for (int64_t t = 0; t < n8; t += 8) {
         if constexpr (pairs)
-          prefill_scores<8, MV>(w.kb.data() + t * dim, w.qp.data() + v0 * 32, m, dim, w.s.data() + t * m + v0 * 16);
+          prefill_scores<8, MV>(w.kb.data() + t * dim, w.qp.data() + v0 * 32, m, dim, sv, w.s.data() + t * m + v0 * 16);
         else
-          prefill_scores<8, MV>(w.kt.data() + t * dim, w.qt.data() + v0 * 16, m, dim, w.s.data() + t * m + v0 * 16);
+          prefill_scores<8, MV>(w.kt.data() + t * dim, w.qt.data() + v0 * 16, m, dim, sv, w.s.data() + t * m + v0 * 16);
       }
     });
     // Online softmax, 16 rows a vector. Token k0 + t is seen by lanes i with pos0 + i >= k0 + t.
@@ -929,11 +958,7 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
         return !diagonal || first <= 0 ? __mmask16(0xFFFF) : first >= 16 ? __mmask16(0) : __mmask16(0xFFFF << first);
       };
       __m512 high = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < n; ++t) {
-        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + t * m), sv);
-        _mm512_storeu_ps(s + t * m, x);
-        high = _mm512_mask_max_ps(high, seen(t), high, x);
-      }
+      for (int64_t t = 0; t < n; ++t) high = _mm512_mask_max_ps(high, seen(t), high, _mm512_loadu_ps(s + t * m));
       const __m512 old = _mm512_loadu_ps(w.top.data() + v * 16);
       const __m512 top = _mm512_max_ps(old, high);
       const __m512 alpha = fast_exp16(_mm512_sub_ps(old, top));
@@ -967,23 +992,37 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
                                w.ot.data() + v0 * 16);
     });
   }
-  // Normalised and scattered back to the rows, as Q^T came (bf16: a pair of dims a 32-bit lane).
+  // Normalised, rounded to T, and transposed back to the rows as Q^T came.
   for (int64_t j = 0; j < group; ++j) {
     const int64_t lane = j * kPrefillRows;
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(w.sum.data() + lane));
-    T* dst = out + (i0 * heads + g * group + j) * dim;
-    for (int64_t d = 0; d < dim; d += pairs ? 2 : 1) {
-      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + d * m + lane), inv);
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_mask_i32scatter_ps(dst + d, live, row_step, x, 4);
-      } else if constexpr (pairs) {
-        const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + (d + 1) * m + lane), inv);
-        const __m512i both = _mm512_or_si512(bf16_bits(x), _mm512_slli_epi32(bf16_bits(y), 16));
-        _mm512_mask_i32scatter_epi32(dst + d, live, row_step, both, 2);
-      } else {
+    auto row = [&](int64_t i, int64_t d) { return out + ((i0 + i) * heads + g * group + j) * dim + d; };
+    if constexpr (pairs || std::is_same_v<T, float>) {
+      for (int64_t c0 = 0; c0 < words; c0 += 16) {
+        const int64_t count = std::min<int64_t>(16, words - c0);
+        __m512 r[16];
+        for (int64_t c = 0; c < 16; ++c) {
+          if (c >= count) {
+            r[c] = _mm512_setzero_ps();
+          } else if constexpr (pairs) {  // dims 2c and 2c + 1 in one word
+            const int64_t d = 2 * (c0 + c);
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + d * m + lane), inv);
+            const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + (d + 1) * m + lane), inv);
+            r[c] = _mm512_castsi512_ps(_mm512_or_si512(bf16_bits(x), _mm512_slli_epi32(bf16_bits(y), 16)));
+          } else {
+            r[c] = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + (c0 + c) * m + lane), inv);
+          }
+        }
+        transpose16(r);
+        const __mmask16 part = static_cast<__mmask16>((1u << count) - 1);
+        for (int64_t i = 0; i < n_rows; ++i)
+          _mm512_mask_storeu_ps(reinterpret_cast<float*>(row(i, 0)) + c0, part, r[i]);
+      }
+    } else {
+      for (int64_t d = 0; d < dim; ++d) {
         alignas(64) float lanes[16];
-        _mm512_store_ps(lanes, x);
-        for (int64_t i = 0; i < n_rows; ++i) dst[i * heads * dim + d] = from_f<T>(lanes[i]);
+        _mm512_store_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + d * m + lane), inv));
+        for (int64_t i = 0; i < n_rows; ++i) *row(i, d) = from_f<T>(lanes[i]);
       }
     }
   }
