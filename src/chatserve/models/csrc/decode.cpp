@@ -736,11 +736,13 @@ inline void transpose16(__m512 (&r)[16]) {
 }
 
 // S[t][v] (16 rows each), times the scale sv, for tokens t < TB of the tile (kt: their fp32 K rows,
-// [TB][dim]) and MV vectors of rows (qt: Q^T at the first, `m` floats from one dim to the next).
+// in the pool or converted) and MV vectors of rows (qt: Q^T at the first, `m` floats from one dim to the next).
 // TB * MV accumulators.
 template <int TB, int MV>
-__attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, int64_t m, int64_t dim, __m512 sv,
-                                              float* s) {
+__attribute__((noinline)) void prefill_scores(const float* const* kt, const float* qt, int64_t m, int64_t dim,
+                                              __m512 sv, float* s) {
+  const float* k[TB];
+  for (int t = 0; t < TB; ++t) k[t] = kt[t];
   __m512 acc[TB][MV];
   for (int t = 0; t < TB; ++t)
     for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
@@ -748,7 +750,7 @@ __attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, 
     __m512 qv[MV];
     for (int v = 0; v < MV; ++v) qv[v] = _mm512_loadu_ps(qt + d * m + v * 16);
     for (int t = 0; t < TB; ++t) {
-      const __m512 kb = _mm512_set1_ps(kt[t * dim + d]);
+      const __m512 kb = _mm512_set1_ps(k[t][d]);
       for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_fmadd_ps(kb, qv[v], acc[t][v]);
     }
   }
@@ -760,8 +762,10 @@ __attribute__((noinline)) void prefill_scores(const float* kt, const float* qt, 
 // The same for bf16 K rows and Q^T in pairs of dims ([dim / 2][m][2]: each 32-bit lane one row's
 // dims 2p and 2p + 1), by vdpbf16ps: a K pair broadcast, two exact products a lane summed in fp32.
 template <int TB, int MV>
-__attribute__((noinline)) void prefill_scores(const uint16_t* kt, const uint16_t* qp, int64_t m, int64_t dim,
-                                              __m512 sv, float* s) {
+__attribute__((noinline)) void prefill_scores(const c10::BFloat16* const* kt, const uint16_t* qp, int64_t m,
+                                              int64_t dim, __m512 sv, float* s) {
+  const c10::BFloat16* k[TB];
+  for (int t = 0; t < TB; ++t) k[t] = kt[t];
   __m512 acc[TB][MV];
   for (int t = 0; t < TB; ++t)
     for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
@@ -770,7 +774,7 @@ __attribute__((noinline)) void prefill_scores(const uint16_t* kt, const uint16_t
     for (int v = 0; v < MV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qp + (d * m + v * 32));
     for (int t = 0; t < TB; ++t) {
       int32_t pair;
-      std::memcpy(&pair, kt + t * dim + d, sizeof(pair));
+      std::memcpy(&pair, k[t] + d, sizeof(pair));
       const __m512bh kb = (__m512bh)_mm512_set1_epi32(pair);
       for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], qv[v], kb);
     }
@@ -781,11 +785,11 @@ __attribute__((noinline)) void prefill_scores(const uint16_t* kt, const uint16_t
 #endif
 
 // O^T[d0 .. d0 + DB][v] = alpha[v] O^T[..][v] + sum over tokens t < n of V[t][d] P[t][v], for MV
-// vectors of rows (ot, p, alpha at the first; `m` floats a dim or token); vt: the tile's V rows,
-// fp32 [n][dim]. DB * MV accumulators, each loaded and stored once a tile.
+// vectors of rows (ot, p, alpha at the first; `m` floats a dim or token); vt: the tile's fp32 V
+// rows, in the pool or converted. DB * MV accumulators, each loaded and stored once a tile.
 template <int DB, int MV>
-__attribute__((noinline)) void prefill_weigh(const float* vt, int64_t d0, int64_t n, int64_t dim, const float* p,
-                                             const float* alpha, int64_t m, float* ot) {
+__attribute__((noinline)) void prefill_weigh(const float* const* vt, int64_t d0, int64_t n, int64_t dim,
+                                             const float* p, const float* alpha, int64_t m, float* ot) {
   __m512 acc[DB][MV];
   for (int v = 0; v < MV; ++v) {
     const __m512 a = _mm512_loadu_ps(alpha + v * 16);
@@ -794,8 +798,9 @@ __attribute__((noinline)) void prefill_weigh(const float* vt, int64_t d0, int64_
   for (int64_t t = 0; t < n; ++t) {
     __m512 pv[MV];
     for (int v = 0; v < MV; ++v) pv[v] = _mm512_loadu_ps(p + t * m + v * 16);
+    const float* row = vt[t] + d0;
     for (int d = 0; d < DB; ++d) {
-      const __m512 vb = _mm512_set1_ps(vt[t * dim + d0 + d]);
+      const __m512 vb = _mm512_set1_ps(row[d]);
       for (int v = 0; v < MV; ++v) acc[d][v] = _mm512_fmadd_ps(vb, pv[v], acc[d][v]);
     }
   }
@@ -853,10 +858,13 @@ inline void by_row_vectors(int64_t vectors, F&& body) {
 // Scratch of one thread's prefill tasks.
 struct PrefillScratch {
   std::vector<float> qt, kt, vt, s, ot, top, sum, alpha;
-  std::vector<uint16_t> qp, kb, vb, pb;  // the bf16 pairs' layouts of qt, kt, vt and s
+  std::vector<uint16_t> qp, vb, pb;  // the bf16 pairs' layouts of qt, vt and s
+  const float* krow[kPrefillTile];  // the tile's K and V rows (in the pool, or kt and vt)
+  const float* vrow[kPrefillTile];
+  const c10::BFloat16* kbrow[kPrefillTile];
   PrefillScratch(int64_t m, int64_t dim)
       : qt(dim * m), kt(kPrefillTile * dim), vt(kPrefillTile * dim), s(kPrefillTile * m), ot(dim * m), top(m),
-        sum(m), alpha(m), qp(dim * m), kb(kPrefillTile * dim), vb(kPrefillTile * dim), pb(kPrefillTile * m) {}
+        sum(m), alpha(m), qp(dim * m), vb(kPrefillTile * dim), pb(kPrefillTile * m) {}
 };
 
 // One task of prefill_attention on an fp32 or bf16 cache, dim % 16 == 0: KV head g, query rows
@@ -916,37 +924,47 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
         _mm_prefetch(reinterpret_cast<const char*>(k + slot_of[t] * stride) + x, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(v + slot_of[t] * stride) + x, _MM_HINT_T0);
       }
+    // The tile's rows: fp32 K and V read in the pool, bf16 K too (by vdpbf16ps); bf16 V in pairs of
+    // tokens (tokens t and t + 1 side by side, zeros past n: weighted 0); converted to fp32 where
+    // there is no vdpbf16ps. K past n: token n - 1 again (finite, masked out).
     for (int64_t t = 0; t < n8; ++t) {
       const T* kr = k + slot_of[k0 + std::min(t, n - 1)] * stride;
-      for (int64_t d = 0; d < dim; d += 16) {
-        if constexpr (pairs)
-          std::memcpy(w.kb.data() + t * dim + d, kr + d, 16 * sizeof(T));
-        else
-          _mm512_storeu_ps(w.kt.data() + t * dim + d, load16(kr + d));
+      if constexpr (std::is_same_v<T, float>) {
+        w.krow[t] = kr;
+      } else if constexpr (pairs) {
+        w.kbrow[t] = kr;
+      } else {
+        for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(w.kt.data() + t * dim + d, load16(kr + d));
+        w.krow[t] = w.kt.data() + t * dim;
       }
     }
     for (int64_t t = 0; t < n; t += pairs ? 2 : 1) {
       const T* vr = v + slot_of[k0 + t] * stride;
-      for (int64_t d = 0; d < dim; d += 16) {
-        if constexpr (pairs) {  // tokens t and t + 1 (zeros past n: weighted 0) side by side
-          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + d));
-          const __m256i b = t + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                            v + slot_of[k0 + t + 1] * stride + d))
-                                      : _mm256_setzero_si256();
-          _mm512_storeu_si512(w.vb.data() + t * dim + d * 2,
-                              interleave_halves16(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
-        } else {
-          _mm512_storeu_ps(w.vt.data() + t * dim + d, load16(vr + d));
+      if constexpr (std::is_same_v<T, float>) {
+        w.vrow[t] = vr;
+      } else {
+        for (int64_t d = 0; d < dim; d += 16) {
+          if constexpr (pairs) {
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + d));
+            const __m256i b = t + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                              v + slot_of[k0 + t + 1] * stride + d))
+                                        : _mm256_setzero_si256();
+            _mm512_storeu_si512(w.vb.data() + t * dim + d * 2,
+                                interleave_halves16(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
+          } else {
+            _mm512_storeu_ps(w.vt.data() + t * dim + d, load16(vr + d));
+          }
         }
+        w.vrow[t] = w.vt.data() + t * dim;
       }
     }
     by_row_vectors(vectors, [&](auto mv, int64_t v0) {
       constexpr int MV = decltype(mv)::value;
       for (int64_t t = 0; t < n8; t += 8) {
         if constexpr (pairs)
-          prefill_scores<8, MV>(w.kb.data() + t * dim, w.qp.data() + v0 * 32, m, dim, sv, w.s.data() + t * m + v0 * 16);
+          prefill_scores<8, MV>(w.kbrow + t, w.qp.data() + v0 * 32, m, dim, sv, w.s.data() + t * m + v0 * 16);
         else
-          prefill_scores<8, MV>(w.kt.data() + t * dim, w.qt.data() + v0 * 16, m, dim, sv, w.s.data() + t * m + v0 * 16);
+          prefill_scores<8, MV>(w.krow + t, w.qt.data() + v0 * 16, m, dim, sv, w.s.data() + t * m + v0 * 16);
       }
     });
     // Online softmax, 16 rows a vector. Token k0 + t is seen by lanes i with pos0 + i >= k0 + t.
@@ -988,7 +1006,7 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
           prefill_weigh<8, MV>(w.vb.data(), d, n, dim, w.pb.data() + v0 * 32, w.alpha.data() + v0 * 16, m,
                                w.ot.data() + v0 * 16);
         else
-          prefill_weigh<8, MV>(w.vt.data(), d, n, dim, w.s.data() + v0 * 16, w.alpha.data() + v0 * 16, m,
+          prefill_weigh<8, MV>(w.vrow, d, n, dim, w.s.data() + v0 * 16, w.alpha.data() + v0 * 16, m,
                                w.ot.data() + v0 * 16);
     });
   }
