@@ -883,7 +883,8 @@ void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, con
   const int64_t pos0 = C - rows + i0;  // the context position of row i0: it sees tokens 0 .. pos0
   const int64_t last = pos0 + n_rows - 1;  // the last token any row of the block sees
   // Q^T, 16 rows by 16 32-bit words (dims, or pairs of bf16 dims for vdpbf16ps) at a time through
-  // a transpose in registers (against a gather a dim: the kernel's 1-thread SmolLM2 fp32 time -X%).
+  // a transpose in registers (a gather a dim and a scatter back were a third of the time outside the
+  // two products).
   // Lanes past the last row are zero: they compute finite values no one reads.
   const int64_t words = pairs ? dim / 2 : dim;  // a row's 32-bit words
   if constexpr (pairs || std::is_same_v<T, float>) {
@@ -1114,9 +1115,15 @@ bool prefill_attention_vectorised(at::ScalarType dtype, int64_t dim) {
 // own included), slots [C] the slot of each context token, C >= T. Query i is context position
 // C - T + i and sees tokens 0 .. C - T + i; query head h reads KV head h / (heads / kv_heads).
 // Returns [T, heads, dim] in q's dtype.
-// Against F.scaled_dot_product_attention (is_causal, enable_gqa) on [1, heads, T, dim], per layer,
-// T = C = 512, 2 threads, median of interleaved runs (ms):
-//   PREFILL_FIGURES
+// Against F.scaled_dot_product_attention (is_causal, enable_gqa) on [1, heads, T, dim] as
+// Attention._prefill calls it, per layer, T = C = 512, median of 20 interleaved runs (ms),
+// 2 threads (1 thread) on the 2-core EPYC:
+//   SmolLM2 (9/3 x 64)       fp32  5.03 -> 2.28 (7.79 -> 3.83)   bf16  4.98 -> 1.50 (8.42 -> 2.57)
+//   Qwen2.5-0.5B (14/2 x 64) fp32  7.90 -> 3.46 (12.1 -> 5.93)   bf16  8.34 -> 2.39 (13.1 -> 3.82)
+//   Qwen3 (16/8 x 128)       fp32  17.3 -> 7.97 (27.8 -> 13.4)   bf16  16.1 -> 4.83 (27.4 -> 7.88)
+// (fp32 ~80 GFLOPS a core of causal work, 2/3 of the FMA peak; the products are ~80% of the time,
+// the softmax and the tiles' set-up the rest.) A whole 512-token SmolLM2 prefill (engine.step, 2
+// threads): fp32 772 -> 692 ms, bf16 504 -> 405 ms.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                              const at::Tensor& slots, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
