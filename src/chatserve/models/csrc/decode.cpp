@@ -1121,7 +1121,7 @@ bool prefill_attention_vectorised(at::ScalarType dtype, int64_t dim) {
 //   SmolLM2 (9/3 x 64)       fp32  5.03 -> 2.28 (7.79 -> 3.83)   bf16  4.98 -> 1.50 (8.42 -> 2.57)
 //   Qwen2.5-0.5B (14/2 x 64) fp32  7.90 -> 3.46 (12.1 -> 5.93)   bf16  8.34 -> 2.39 (13.1 -> 3.82)
 //   Qwen3 (16/8 x 128)       fp32  17.3 -> 7.97 (27.8 -> 13.4)   bf16  16.1 -> 4.83 (27.4 -> 7.88)
-// (fp32 ~80 GFLOPS a core of causal work, 2/3 of the FMA peak; the products are ~80% of the time,
+// (fp32 ~80 GFLOPS a core of causal work, over 80% of the FMA peak; the products are ~80% of the time,
 // the softmax and the tiles' set-up the rest.) A whole 512-token SmolLM2 prefill (engine.step, 2
 // threads): fp32 772 -> 692 ms, bf16 504 -> 405 ms.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
