@@ -699,7 +699,7 @@ inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
 // group's query heads at those tokens, head-major, so each vector of 16 lanes is one head at 16
 // consecutive tokens: the causal mask of a lane depends on its token alone, the softmax's running
 // max and sum are per lane (no horizontal reductions), and Q and the output accumulator are kept
-// transposed, [dim][M]. Per tile of 32 context tokens, their K and V rows found through the slots
+// transposed, [dim][M]. Per tile of 64 context tokens, their K and V rows found through the slots
 // (read in the pool; bf16 V interleaved in pairs of tokens for vdpbf16ps):
 //   scores  S[t][rows] = sum over d of K[t][d] * Q^T[d][rows]: K broadcast, Q^T one load a vector;
 //   softmax new max, the rows' rescale alpha = exp(old max - new max), P = exp(S * scale - max),
@@ -707,9 +707,9 @@ inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
 //   P . V   O^T[d][rows] = alpha O^T[d][rows] + sum over t of V[t][d] * P[t][rows].
 // Sums in fp32; for bf16, Q . K and P . V by vdpbf16ps (exact products), with P rounded to bf16 as
 // PyTorch's own bf16 flash attention does (2.2e-3 of the output's norm from an fp32 reference,
-// 1.6e-3 with P kept fp32; 1.3-1.6x faster).
+// 1.6e-3 with P kept fp32; 1.2-1.5x faster).
 constexpr int64_t kPrefillRows = 16;  // query tokens a task: the lanes of a vector
-constexpr int64_t kPrefillTile = 32;  // context tokens a tile
+constexpr int64_t kPrefillTile = 64;  // context tokens a tile (32: 4-10% slower, 128: no faster)
 
 #ifdef __AVX512F__
 // r[i] lane c <- r[c] lane i: a 16 x 16 transpose of 32-bit values, 4 x 4 within the 128-bit lanes
