@@ -263,8 +263,8 @@ class Attention(nn.Module):
     def _native_prefill_span(self, q, span: PrefillSpan, meta: AttentionMetadata, k_pool, v_pool) -> torch.Tensor:
         """One prefill chunk's attention on ops.prefill_attention, which reads the whole context's K/V
         from the pools (the chunk's own written there already) through each token's slot: 2.2x
-        SDPA's speed in fp32, 3.3x in bf16 (a 512-token SmolLM2 prefill: 772 -> 692 ms in fp32,
-        504 -> 405 ms in bf16; decode.cpp has the figures)."""
+        SDPA's speed in fp32, 3.5x in bf16 (a 512-token SmolLM2 prefill: 818 -> 719 ms in fp32,
+        566 -> 450 ms in bf16; decode.cpp has the figures)."""
         if span.block_table is None:  # the context is the chunk itself
             slots = meta.slot_mapping[span.start:span.end]
         else:

@@ -1117,13 +1117,13 @@ bool prefill_attention_vectorised(at::ScalarType dtype, int64_t dim) {
 // Returns [T, heads, dim] in q's dtype.
 // Against F.scaled_dot_product_attention (is_causal, enable_gqa) on [1, heads, T, dim] as
 // Attention._prefill calls it, per layer, T = C = 512, median of 20 interleaved runs (ms),
-// 2 threads (1 thread) on the 2-core EPYC:
-//   SmolLM2 (9/3 x 64)       fp32  5.03 -> 2.28 (7.79 -> 3.83)   bf16  4.98 -> 1.50 (8.42 -> 2.57)
-//   Qwen2.5-0.5B (14/2 x 64) fp32  7.90 -> 3.46 (12.1 -> 5.93)   bf16  8.34 -> 2.39 (13.1 -> 3.82)
-//   Qwen3 (16/8 x 128)       fp32  17.3 -> 7.97 (27.8 -> 13.4)   bf16  16.1 -> 4.83 (27.4 -> 7.88)
-// (fp32 ~80 GFLOPS a core of causal work, over 80% of the FMA peak; the products are ~80% of the time,
-// the softmax and the tiles' set-up the rest.) A whole 512-token SmolLM2 prefill (engine.step, 2
-// threads): fp32 772 -> 692 ms, bf16 504 -> 405 ms.
+// 2 threads (1 thread) on the shared 2-core EPYC:
+//   SmolLM2 (9/3 x 64)       fp32  5.28 -> 2.29 (9.15 -> 4.20)   bf16  5.35 -> 1.55 (10.8 -> 2.92)
+//   Qwen2.5-0.5B (14/2 x 64) fp32  7.68 -> 3.27 (13.3 -> 6.07)   bf16  8.47 -> 2.28 (13.7 -> 3.76)
+//   Qwen3 (16/8 x 128)       fp32  18.0 -> 7.95 (33.7 -> 15.4)   bf16  15.7 -> 4.26 (32.2 -> 8.52)
+// (fp32: ~80 GFLOPS a core of causal work at best, over 80% of the FMA peak; the two products are
+// ~80% of the time, the softmax and the tiles' set-up the rest.) A whole 512-token SmolLM2 prefill
+// (engine.step, 2 threads, median of 6 interleaved): fp32 818 -> 719 ms, bf16 566 -> 450 ms.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                              const at::Tensor& slots, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
