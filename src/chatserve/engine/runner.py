@@ -74,8 +74,9 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs, prefills=prefills,
                                  num_prefill_tokens=sum(s.end - s.start for s in prefills))
         # With the native kernels loaded, the step runs on them (CausalLM.forward_native): a
-        # decode-only step wholly, one with prefills its norms, SiLU and matmuls, and its decode
-        # rows' attention (meta.ops).
+        # decode-only step wholly; a step with prefills its norms, SiLU and matmuls, and, handed
+        # over in meta.ops, its rows' RoPE and K/V write, its prefill chunks' attention
+        # (ops.prefill_attention) and its decode rows' (ops.decode_attention).
         ops = native.ops() if self.native else None
         if decode_tables:
             width = max(len(t) for t in decode_tables)

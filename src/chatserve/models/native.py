@@ -9,6 +9,8 @@
   products, as llama.cpp's Q4/Q8 products; bf16 with vdpbf16ps; fp32 with FMAs. Each keeps its
   weights in a tiled layout of its own, taken when the kernels are loaded before the weights; the
   layers then run every step on them, prefill included.
+- Prefill attention: causal flash attention of a prefill chunk over the paged KV cache (fp32, or
+  bf16 with vdpbf16ps), for every step with prefills (Attention._native_prefill_span).
 
 They are built with the machine's C++ compiler against the installed torch (no build step at
 install time, no prebuilt binary), once: the library is cached under ~/.cache/chatserve/kernels,
@@ -19,7 +21,7 @@ VNNI and BF16 kernels exist where the CPU has those instructions). Modes (--nati
         follow at the next start). No compiler: PyTorch ops.
   on    build now if needed (start-up waits) and fail if it cannot be built.
   off   PyTorch ops only.
-CUDA, prefill attention and the oracle tests run the PyTorch path."""
+CUDA, CausalLM.score and the oracle tests run the PyTorch path."""
 
 from __future__ import annotations
 

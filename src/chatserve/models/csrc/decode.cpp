@@ -493,6 +493,21 @@ at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at:
   return q;
 }
 
+// Tasks [0, cost.size()) cut into `threads` contiguous shares of about equal cost: share w is
+// tasks [share[w], share[w + 1]), a task going to the share that holds its middle.
+std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost, int64_t threads) {
+  const int64_t tasks = static_cast<int64_t>(cost.size());
+  int64_t total = 0;
+  for (const int64_t c : cost) total += c;
+  std::vector<int64_t> share(threads + 1, tasks);
+  share[0] = 0;
+  for (int64_t i = 0, w = 0, done = 0; i < tasks; ++i) {
+    while (w + 1 < threads && (2 * done + cost[i]) * threads > 2 * (w + 1) * total) share[++w] = i;
+    done += cost[i];
+  }
+  return share;
+}
+
 // One decode step of attention for a batch of single-token queries over the paged KV cache:
 // split the fused qkv rows, apply the per-head q/k norms (when given) and RoPE, write this token's
 // K and V at its slot, and attend over the sequence's context. out [rows, heads * head_dim].
@@ -578,7 +593,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     // The tasks cut into one contiguous share per thread of about equal tokens (a task costs its
     // tokens plus ~32 tokens' worth of setup), so rows of other lengths and chunk tails balance;
     // as few threads as leave each some 32K multiply-adds (a tiny step is not worth waking them).
-    std::vector<int64_t> task_row(tasks), task_head(tasks), task_start(tasks);
+    std::vector<int64_t> task_row(tasks), task_head(tasks), task_start(tasks), task_cost(tasks);
     int64_t cost = 0;
     {
       int64_t i = 0;
@@ -586,19 +601,12 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
         for (int64_t s = 0; s < lens[r]; s += kChunk)
           for (int64_t g = 0; g < kv_heads; ++g, ++i) {
             task_row[i] = r, task_head[i] = g, task_start[i] = s;
-            cost += std::min(kChunk, lens[r] - s) + 32;
+            cost += task_cost[i] = std::min(kChunk, lens[r] - s) + 32;
           }
     }
     const int64_t threads = std::max<int64_t>(
         1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), tasks, cost * group * dim * 2 / 32768}));
-    std::vector<int64_t> share(threads + 1, tasks);
-    share[0] = 0;
-    for (int64_t i = 0, w = 0, done = 0; i < tasks; ++i) {
-      const int64_t c = std::min(kChunk, lens[task_row[i]] - task_start[i]) + 32;
-      // Task i goes to the thread whose share holds its middle.
-      while (w + 1 < threads && (2 * done + c) * threads > 2 * (w + 1) * cost) share[++w] = i;
-      done += c;
-    }
+    const std::vector<int64_t> share = split_by_cost(task_cost, threads);
     at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
       std::vector<float> scores(group * kPad);
       std::vector<uint16_t> qb(bf16_scores ? group * dim : 0);
@@ -645,16 +653,16 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 #ifdef __AVX512F__
 // 16 fp32 results stored as the output's dtype (bf16 rounded to nearest even, as PyTorch does).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-// v rounded to bf16 (nearest even), as fp32 values.
-inline __m512 round_bf16(__m512 v) {
+// 16 fp32 values rounded to bf16 (nearest even), the bits in each lane's low half.
+inline __m512i bf16_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
 }
+// The same as fp32 values.
+inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
 inline void store16(c10::BFloat16* out, __m512 v) {
-  const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
 // The R x T tiles of sums, plus the bias (fp32, before the one rounding, as F.linear), stored as the
@@ -754,6 +762,483 @@ inline void over_tiles(int64_t rows, int64_t b, int64_t e, Kernel&& kernel) {
     for (; t + Many <= e; t += Many) by_fours(Count<Many>{}, t);
   }
   for (; t < e; ++t) by_fours(Count<1>{}, t);
+}
+
+// Prefill attention: a chunk's T queries (the last T of a C-token context) attend causally to the
+// whole context over the paged KV cache, flash-attention style (scores, softmax and the weighted
+// sum of V tile by tile, the softmax online), so no [T, C] matrix is ever made.
+//
+// A task is one KV head and a block of 16 query rows (tokens); its M = 16 * group rows are the
+// group's query heads at those tokens, head-major, so each vector of 16 lanes is one head at 16
+// consecutive tokens: the causal mask of a lane depends on its token alone, the softmax's running
+// max and sum are per lane (no horizontal reductions), and Q and the output accumulator are kept
+// transposed, [dim][M]. Per tile of 64 context tokens, their K and V rows found through the slots
+// (read in the pool; bf16 V interleaved in pairs of tokens for vdpbf16ps):
+//   scores  S[t][rows] = sum over d of K[t][d] * Q^T[d][rows]: K broadcast, Q^T one load a vector;
+//   softmax new max, the rows' rescale alpha = exp(old max - new max), P = exp(S * scale - max),
+//           masks only where a tile crosses the diagonal, tiles past the block's last token skipped;
+//   P . V   O^T[d][rows] = alpha O^T[d][rows] + sum over t of V[t][d] * P[t][rows].
+// Sums in fp32; for bf16, Q . K and P . V by vdpbf16ps (exact products), with P rounded to bf16 as
+// PyTorch's own bf16 flash attention does (2.2e-3 of the output's norm from an fp32 reference,
+// 1.6e-3 with P kept fp32; 1.2-1.5x faster).
+constexpr int64_t kPrefillRows = 16;  // query tokens a task: the lanes of a vector
+constexpr int64_t kPrefillTile = 64;  // context tokens a tile (32: 4-10% slower, 128: no faster)
+
+#ifdef __AVX512F__
+// r[i] lane c <- r[c] lane i: a 16 x 16 transpose of 32-bit values, 4 x 4 within the 128-bit lanes
+// (unpacks), then the lanes (two rounds of shuffles); 64 shuffles.
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int g = 0; g < 4; ++g) {  // t[4g + e], 128-bit lane L: rows 4g .. 4g + 3 at column 4L + e
+    const __m512 *x = r + 4 * g;
+    const __m512d u0 = _mm512_castps_pd(_mm512_unpacklo_ps(x[0], x[1])), u1 = _mm512_castps_pd(_mm512_unpackhi_ps(x[0], x[1]));
+    const __m512d u2 = _mm512_castps_pd(_mm512_unpacklo_ps(x[2], x[3])), u3 = _mm512_castps_pd(_mm512_unpackhi_ps(x[2], x[3]));
+    t[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(u0, u2));
+    t[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(u0, u2));
+    t[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(u1, u3));
+    t[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(u1, u3));
+  }
+  for (int e = 0; e < 4; ++e) {  // column 4L + e: lane L of t[e], t[4 + e], t[8 + e], t[12 + e]
+    const __m512 x0 = _mm512_shuffle_f32x4(t[e], t[4 + e], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 x1 = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 y0 = _mm512_shuffle_f32x4(t[e], t[4 + e], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 y1 = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], _MM_SHUFFLE(3, 2, 3, 2));
+    r[e] = _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + e] = _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + e] = _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + e] = _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// S[t][v] (16 rows each), times the scale sv, for tokens t < TB of the tile (kt: their fp32 K rows,
+// in the pool or converted) and MV vectors of rows (qt: Q^T at the first, `m` floats from one dim to the next).
+// TB * MV accumulators.
+template <int TB, int MV>
+__attribute__((noinline)) void prefill_scores(const float* const* kt, const float* qt, int64_t m, int64_t dim,
+                                              __m512 sv, float* s) {
+  const float* k[TB];
+  for (int t = 0; t < TB; ++t) k[t] = kt[t];
+  __m512 acc[TB][MV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    __m512 qv[MV];
+    for (int v = 0; v < MV; ++v) qv[v] = _mm512_loadu_ps(qt + d * m + v * 16);
+    for (int t = 0; t < TB; ++t) {
+      const __m512 kb = _mm512_set1_ps(k[t][d]);
+      for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_fmadd_ps(kb, qv[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, _mm512_mul_ps(acc[t][v], sv));
+}
+
+#ifdef __AVX512BF16__
+// The same for bf16 K rows and Q^T in pairs of dims ([dim / 2][m][2]: each 32-bit lane one row's
+// dims 2p and 2p + 1), by vdpbf16ps: a K pair broadcast, two exact products a lane summed in fp32.
+template <int TB, int MV>
+__attribute__((noinline)) void prefill_scores(const c10::BFloat16* const* kt, const uint16_t* qp, int64_t m,
+                                              int64_t dim, __m512 sv, float* s) {
+  const c10::BFloat16* k[TB];
+  for (int t = 0; t < TB; ++t) k[t] = kt[t];
+  __m512 acc[TB][MV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 2) {
+    __m512bh qv[MV];
+    for (int v = 0; v < MV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qp + (d * m + v * 32));
+    for (int t = 0; t < TB; ++t) {
+      int32_t pair;
+      std::memcpy(&pair, k[t] + d, sizeof(pair));
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < MV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], qv[v], kb);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + t * m + v * 16, _mm512_mul_ps(acc[t][v], sv));
+}
+#endif
+
+// O^T[d0 .. d0 + DB][v] = alpha[v] O^T[..][v] + sum over tokens t < n of V[t][d] P[t][v], for MV
+// vectors of rows (ot, p, alpha at the first; `m` floats a dim or token); vt: the tile's fp32 V
+// rows, in the pool or converted. DB * MV accumulators, each loaded and stored once a tile.
+template <int DB, int MV>
+__attribute__((noinline)) void prefill_weigh(const float* const* vt, int64_t d0, int64_t n, int64_t dim,
+                                             const float* p, const float* alpha, int64_t m, float* ot) {
+  __m512 acc[DB][MV];
+  for (int v = 0; v < MV; ++v) {
+    const __m512 a = _mm512_loadu_ps(alpha + v * 16);
+    for (int d = 0; d < DB; ++d) acc[d][v] = _mm512_mul_ps(a, _mm512_loadu_ps(ot + (d0 + d) * m + v * 16));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 pv[MV];
+    for (int v = 0; v < MV; ++v) pv[v] = _mm512_loadu_ps(p + t * m + v * 16);
+    const float* row = vt[t] + d0;
+    for (int d = 0; d < DB; ++d) {
+      const __m512 vb = _mm512_set1_ps(row[d]);
+      for (int v = 0; v < MV; ++v) acc[d][v] = _mm512_fmadd_ps(vb, pv[v], acc[d][v]);
+    }
+  }
+  for (int d = 0; d < DB; ++d)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(ot + (d0 + d) * m + v * 16, acc[d][v]);
+}
+
+#ifdef __AVX512BF16__
+// The same by vdpbf16ps, two tokens a step: vp, the tile's V in pairs of tokens ([n / 2][dim][2]:
+// a 32-bit lane holds dim d of tokens 2p and 2p + 1), p the weights rounded to bf16 in the same
+// pairs ([n / 2][m][2]).
+template <int DB, int MV>
+__attribute__((noinline)) void prefill_weigh(const uint16_t* vp, int64_t d0, int64_t n, int64_t dim,
+                                             const uint16_t* p, const float* alpha, int64_t m, float* ot) {
+  __m512 acc[DB][MV];
+  for (int v = 0; v < MV; ++v) {
+    const __m512 a = _mm512_loadu_ps(alpha + v * 16);
+    for (int d = 0; d < DB; ++d) acc[d][v] = _mm512_mul_ps(a, _mm512_loadu_ps(ot + (d0 + d) * m + v * 16));
+  }
+  for (int64_t t = 0; t < n; t += 2) {
+    __m512bh pv[MV];
+    for (int v = 0; v < MV; ++v) pv[v] = (__m512bh)_mm512_loadu_si512(p + (t * m + v * 32));
+    for (int d = 0; d < DB; ++d) {
+      int32_t pair;
+      std::memcpy(&pair, vp + t * dim + (d0 + d) * 2, sizeof(pair));
+      const __m512bh vb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < MV; ++v) acc[d][v] = _mm512_dpbf16_ps(acc[d][v], pv[v], vb);
+    }
+  }
+  for (int d = 0; d < DB; ++d)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(ot + (d0 + d) * m + v * 16, acc[d][v]);
+}
+
+// 16 bf16 values a and 16 b (the halves of x) interleaved: a0 b0 a1 b1 ... a15 b15.
+inline __m512i interleave_halves16(__m512i x) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, x);
+}
+#endif
+
+// Up to three vectors of rows at once: 8 tokens (or dims) by 3 vectors is 24 accumulators of the 32
+// registers; a group of 7 (Qwen2.5-0.5B) goes as 3 + 3 + 1.
+template <typename F>
+inline void by_row_vectors(int64_t vectors, F&& body) {
+  for (int64_t v = 0; v < vectors; v += 3) {
+    switch (std::min<int64_t>(3, vectors - v)) {
+      case 1: body(Count<1>{}, v); break;
+      case 2: body(Count<2>{}, v); break;
+      default: body(Count<3>{}, v); break;
+    }
+  }
+}
+
+// Scratch of one thread's prefill tasks.
+struct PrefillScratch {
+  std::vector<float> qt, kt, vt, s, ot, top, sum, alpha;
+  std::vector<uint16_t> qp, vb, pb;  // the bf16 pairs' layouts of qt, vt and s
+  const float* krow[kPrefillTile];  // the tile's K and V rows (in the pool, or kt and vt)
+  const float* vrow[kPrefillTile];
+  const c10::BFloat16* kbrow[kPrefillTile];
+  PrefillScratch(int64_t m, int64_t dim)
+      : qt(dim * m), kt(kPrefillTile * dim), vt(kPrefillTile * dim), s(kPrefillTile * m), ot(dim * m), top(m),
+        sum(m), alpha(m), qp(dim * m), vb(kPrefillTile * dim), pb(kPrefillTile * m) {}
+};
+
+// One task of prefill_attention on an fp32 or bf16 cache, dim % 16 == 0: KV head g, query rows
+// [i0, i0 + 16) of T (fewer at the end). q [T, heads, dim]; k, v: the pools at head g, `stride`
+// elements a slot; slot_of [C]; out [T, heads, dim].
+template <typename T>
+void prefill_task_avx512(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t rows,
+                         int64_t C, int64_t heads, int64_t group, int64_t dim, int64_t g, int64_t i0, float scale,
+                         PrefillScratch& w, T* out) {
+#ifdef __AVX512BF16__
+  constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
+#else
+  constexpr bool pairs = false;
+#endif
+  const int64_t m = kPrefillRows * group, n_rows = std::min(kPrefillRows, rows - i0);
+  const int64_t pos0 = C - rows + i0;  // the context position of row i0: it sees tokens 0 .. pos0
+  const int64_t last = pos0 + n_rows - 1;  // the last token any row of the block sees
+  // Q^T, 16 rows by 16 32-bit words (dims, or pairs of bf16 dims for vdpbf16ps) at a time through
+  // a transpose in registers (a gather a dim and a scatter back were a third of the time outside the
+  // two products).
+  // Lanes past the last row are zero: they compute finite values no one reads.
+  const int64_t words = pairs ? dim / 2 : dim;  // a row's 32-bit words
+  if constexpr (pairs || std::is_same_v<T, float>) {
+    float* qw = pairs ? reinterpret_cast<float*>(w.qp.data()) : w.qt.data();
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t c0 = 0; c0 < words; c0 += 16) {
+        const int64_t count = std::min<int64_t>(16, words - c0);
+        const __mmask16 part = static_cast<__mmask16>((1u << count) - 1);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i)
+          r[i] = i < n_rows ? _mm512_maskz_loadu_ps(part, reinterpret_cast<const float*>(
+                                                              q + ((i0 + i) * heads + g * group + j) * dim) + c0)
+                            : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t c = 0; c < count; ++c) _mm512_storeu_ps(qw + (c0 + c) * m + j * kPrefillRows, r[c]);
+      }
+  } else {  // bf16 on a CPU without vdpbf16ps
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t i = 0; i < kPrefillRows; ++i)
+        for (int64_t d = 0; d < dim; ++d)
+          w.qt[d * m + j * kPrefillRows + i] = i < n_rows ? to_f<T>(q[((i0 + i) * heads + g * group + j) * dim + d]) : 0.f;
+  }
+  std::fill(w.ot.begin(), w.ot.end(), 0.f);
+  std::fill(w.sum.begin(), w.sum.end(), 0.f);
+  // Not -inf: a lane no token has reached yet then rescales by exp(0), not by exp(-inf + inf).
+  std::fill(w.top.begin(), w.top.end(), -1e30f);
+  const int64_t vectors = group;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t k0 = 0; k0 <= last; k0 += kPrefillTile) {
+    const int64_t n = std::min(kPrefillTile, last + 1 - k0);
+    const int64_t n8 = (n + 7) / 8 * 8;  // scores run over whole steps of 8 tokens
+    // The next tile's rows asked for now: KV blocks lie anywhere in the pool, which the hardware
+    // prefetcher does not follow.
+    for (int64_t t = k0 + kPrefillTile; t < std::min(k0 + 2 * kPrefillTile, last + 1); ++t)
+      for (int64_t x = 0; x < dim * static_cast<int64_t>(sizeof(T)); x += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(k + slot_of[t] * stride) + x, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v + slot_of[t] * stride) + x, _MM_HINT_T0);
+      }
+    // The tile's rows: fp32 K and V read in the pool, bf16 K too (by vdpbf16ps); bf16 V in pairs of
+    // tokens (tokens t and t + 1 side by side, zeros past n: weighted 0); converted to fp32 where
+    // there is no vdpbf16ps. K past n: token n - 1 again (finite, masked out).
+    for (int64_t t = 0; t < n8; ++t) {
+      const T* kr = k + slot_of[k0 + std::min(t, n - 1)] * stride;
+      if constexpr (std::is_same_v<T, float>) {
+        w.krow[t] = kr;
+      } else if constexpr (pairs) {
+        w.kbrow[t] = kr;
+      } else {
+        for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(w.kt.data() + t * dim + d, load16(kr + d));
+        w.krow[t] = w.kt.data() + t * dim;
+      }
+    }
+    for (int64_t t = 0; t < n; t += pairs ? 2 : 1) {
+      const T* vr = v + slot_of[k0 + t] * stride;
+      if constexpr (std::is_same_v<T, float>) {
+        w.vrow[t] = vr;
+      } else {
+        for (int64_t d = 0; d < dim; d += 16) {
+          if constexpr (pairs) {
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + d));
+            const __m256i b = t + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                              v + slot_of[k0 + t + 1] * stride + d))
+                                        : _mm256_setzero_si256();
+            _mm512_storeu_si512(w.vb.data() + t * dim + d * 2,
+                                interleave_halves16(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
+          } else {
+            _mm512_storeu_ps(w.vt.data() + t * dim + d, load16(vr + d));
+          }
+        }
+        w.vrow[t] = w.vt.data() + t * dim;
+      }
+    }
+    by_row_vectors(vectors, [&](auto mv, int64_t v0) {
+      constexpr int MV = decltype(mv)::value;
+      for (int64_t t = 0; t < n8; t += 8) {
+        if constexpr (pairs)
+          prefill_scores<8, MV>(w.kbrow + t, w.qp.data() + v0 * 32, m, dim, sv, w.s.data() + t * m + v0 * 16);
+        else
+          prefill_scores<8, MV>(w.krow + t, w.qt.data() + v0 * 16, m, dim, sv, w.s.data() + t * m + v0 * 16);
+      }
+    });
+    // Online softmax, 16 rows a vector. Token k0 + t is seen by lanes i with pos0 + i >= k0 + t.
+    const bool diagonal = k0 + n - 1 > pos0;
+    for (int64_t v = 0; v < vectors; ++v) {
+      float* s = w.s.data() + v * 16;
+      auto seen = [&](int64_t t) -> __mmask16 {
+        const int64_t first = k0 + t - pos0;
+        return !diagonal || first <= 0 ? __mmask16(0xFFFF) : first >= 16 ? __mmask16(0) : __mmask16(0xFFFF << first);
+      };
+      __m512 high = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < n; ++t) high = _mm512_mask_max_ps(high, seen(t), high, _mm512_loadu_ps(s + t * m));
+      const __m512 old = _mm512_loadu_ps(w.top.data() + v * 16);
+      const __m512 top = _mm512_max_ps(old, high);
+      const __m512 alpha = fast_exp16(_mm512_sub_ps(old, top));
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 p = _mm512_maskz_mov_ps(seen(t), fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t * m), top)));
+        _mm512_storeu_ps(s + t * m, p);
+        total = _mm512_add_ps(total, p);
+      }
+      if constexpr (pairs) {  // the weights rounded to bf16 in pairs of tokens, for vdpbf16ps
+        for (int64_t t = 0; t < n; t += 2) {
+          const __m512 a = _mm512_loadu_ps(s + t * m);
+          const __m512 b = t + 1 < n ? _mm512_loadu_ps(s + (t + 1) * m) : _mm512_setzero_ps();
+          _mm512_storeu_si512(w.pb.data() + (t * m + v * 32),
+                              interleave_halves16((__m512i)_mm512_cvtne2ps_pbh(b, a)));
+        }
+      }
+      _mm512_storeu_ps(w.top.data() + v * 16, top);
+      _mm512_storeu_ps(w.alpha.data() + v * 16, alpha);
+      _mm512_storeu_ps(w.sum.data() + v * 16,
+                       _mm512_fmadd_ps(_mm512_loadu_ps(w.sum.data() + v * 16), alpha, total));
+    }
+    by_row_vectors(vectors, [&](auto mv, int64_t v0) {
+      constexpr int MV = decltype(mv)::value;
+      for (int64_t d = 0; d < dim; d += 8)
+        if constexpr (pairs)
+          prefill_weigh<8, MV>(w.vb.data(), d, n, dim, w.pb.data() + v0 * 32, w.alpha.data() + v0 * 16, m,
+                               w.ot.data() + v0 * 16);
+        else
+          prefill_weigh<8, MV>(w.vrow, d, n, dim, w.s.data() + v0 * 16, w.alpha.data() + v0 * 16, m,
+                               w.ot.data() + v0 * 16);
+    });
+  }
+  // Normalised, rounded to T, and transposed back to the rows as Q^T came.
+  for (int64_t j = 0; j < group; ++j) {
+    const int64_t lane = j * kPrefillRows;
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(w.sum.data() + lane));
+    auto row = [&](int64_t i, int64_t d) { return out + ((i0 + i) * heads + g * group + j) * dim + d; };
+    if constexpr (pairs || std::is_same_v<T, float>) {
+      for (int64_t c0 = 0; c0 < words; c0 += 16) {
+        const int64_t count = std::min<int64_t>(16, words - c0);
+        __m512 r[16];
+        for (int64_t c = 0; c < 16; ++c) {
+          if (c >= count) {
+            r[c] = _mm512_setzero_ps();
+          } else if constexpr (pairs) {  // dims 2c and 2c + 1 in one word
+            const int64_t d = 2 * (c0 + c);
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + d * m + lane), inv);
+            const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + (d + 1) * m + lane), inv);
+            r[c] = _mm512_castsi512_ps(_mm512_or_si512(bf16_bits(x), _mm512_slli_epi32(bf16_bits(y), 16)));
+          } else {
+            r[c] = _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + (c0 + c) * m + lane), inv);
+          }
+        }
+        transpose16(r);
+        const __mmask16 part = static_cast<__mmask16>((1u << count) - 1);
+        for (int64_t i = 0; i < n_rows; ++i)
+          _mm512_mask_storeu_ps(reinterpret_cast<float*>(row(i, 0)) + c0, part, r[i]);
+      }
+    } else {
+      for (int64_t d = 0; d < dim; ++d) {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(w.ot.data() + d * m + lane), inv));
+        for (int64_t i = 0; i < n_rows; ++i) *row(i, d) = from_f<T>(lanes[i]);
+      }
+    }
+  }
+}
+#endif
+
+// prefill_attention's vector path: tasks (KV head, block of 16 rows), each costing the tokens its
+// rows see (plus setup), cut into one contiguous share a thread: a thread's tasks mostly share a KV
+// head, whose K and V stay in its L2. False for dtypes it does not cover.
+template <typename T>
+bool prefill_avx512(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t rows,
+                    int64_t C, int64_t heads, int64_t kv_heads, int64_t dim, float scale, T* out) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    const int64_t blocks = (rows + kPrefillRows - 1) / kPrefillRows, tasks = blocks * kv_heads;
+    const int64_t group = heads / kv_heads;
+    std::vector<int64_t> cost(tasks);
+    for (int64_t i = 0; i < tasks; ++i)
+      cost[i] = C - rows + std::min(rows, (i % blocks + 1) * kPrefillRows) + kPrefillTile;
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+    const std::vector<int64_t> share = split_by_cost(cost, threads);
+    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      PrefillScratch w(kPrefillRows * group, dim);
+      for (int64_t th = b; th < e; ++th)
+        for (int64_t i = share[th]; i < share[th + 1]; ++i) {
+          const int64_t g = i / blocks, blk = i % blocks;
+          prefill_task_avx512<T>(q, k + g * dim, v + g * dim, stride, slot_of, rows, C, heads, group, dim, g,
+                                 blk * kPrefillRows, scale, w, out);
+        }
+    });
+    return true;
+  }
+#endif
+  return false;
+}
+
+// One query row and head of prefill_attention for what the vector path does not cover (fp16, dims
+// not a multiple of 16, builds without AVX-512): its scores over tokens 0 .. pos, softmax, the
+// weighted sum of V. scores: scratch of pos + 1 floats.
+template <typename T>
+void prefill_row(const T* q, const T* k, const T* v, int64_t stride, const int64_t* slot_of, int64_t pos,
+                 int64_t dim, float scale, float* scores, float* acc, T* out) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t <= pos; ++t) {
+    scores[t] = dot<T, T>(q, k + slot_of[t] * stride, dim) * scale;
+    top = std::max(top, scores[t]);
+  }
+  std::fill(acc, acc + dim, 0.f);
+  float total = 0.f;
+  for (int64_t t = 0; t <= pos; ++t) {
+    const float p = fast_exp(scores[t] - top);
+    total += p;
+    const T* vt = v + slot_of[t] * stride;
+    for (int64_t d = 0; d < dim; ++d) acc[d] += p * to_f<T>(vt[d]);
+  }
+  for (int64_t d = 0; d < dim; ++d) out[d] = from_f<T>(acc[d] / total);
+}
+
+// Whether prefill_attention runs vectorised for this dtype and head size (models/layers.py keeps
+// PyTorch's SDPA for the rest: the fallback is scalar).
+bool prefill_attention_vectorised(at::ScalarType dtype, int64_t dim) {
+#ifdef __AVX512F__
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && dim % 16 == 0 && dim > 0;
+#else
+  return false;
+#endif
+}
+
+// Causal attention of a prefill chunk over the paged KV cache: q [T, heads, dim] (normed and
+// roped), k_pool, v_pool [num_slots, kv_heads, dim] holding the whole context's K/V (the chunk's
+// own included), slots [C] the slot of each context token, C >= T. Query i is context position
+// C - T + i and sees tokens 0 .. C - T + i; query head h reads KV head h / (heads / kv_heads).
+// Returns [T, heads, dim] in q's dtype.
+// Against F.scaled_dot_product_attention (is_causal, enable_gqa) on [1, heads, T, dim] as
+// Attention._prefill calls it, per layer, T = C = 512, median of 20 interleaved runs (ms),
+// 2 threads (1 thread) on the shared 2-core EPYC:
+//   SmolLM2 (9/3 x 64)       fp32  5.28 -> 2.29 (9.15 -> 4.20)   bf16  5.35 -> 1.55 (10.8 -> 2.92)
+//   Qwen2.5-0.5B (14/2 x 64) fp32  7.68 -> 3.27 (13.3 -> 6.07)   bf16  8.47 -> 2.28 (13.7 -> 3.76)
+//   Qwen3 (16/8 x 128)       fp32  18.0 -> 7.95 (33.7 -> 15.4)   bf16  15.7 -> 4.26 (32.2 -> 8.52)
+// (fp32: ~80 GFLOPS a core of causal work at best, over 80% of the FMA peak; the two products are
+// ~80% of the time, the softmax and the tiles' set-up the rest.) A whole 512-token SmolLM2 prefill
+// (engine.step, 2 threads, median of 6 interleaved): fp32 818 -> 719 ms, bf16 566 -> 450 ms.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                             const at::Tensor& slots, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
+              "prefill_attention: q must be a contiguous [T, heads, head_dim] CPU tensor");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.sizes() == v_pool.sizes() && k_pool.device().is_cpu() && v_pool.device().is_cpu(),
+              "prefill_attention: the KV pools must be contiguous CPU tensors [slots, kv_heads, head_dim] of one shape");
+  TORCH_CHECK(k_pool.scalar_type() == q.scalar_type() && v_pool.scalar_type() == q.scalar_type(),
+              "prefill_attention: q and the KV pools must have one dtype");
+  TORCH_CHECK(k_pool.size(2) == q.size(2), "prefill_attention: q's head_dim is not the pools'");
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_pool.size(1);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "prefill_attention: heads must be a multiple of kv_heads");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.device().is_cpu(),
+              "prefill_attention: slots must be a contiguous int64 [context] CPU tensor");
+  const int64_t C = slots.size(0), num_slots = k_pool.size(0);
+  TORCH_CHECK(C >= rows, "prefill_attention: fewer slots (", C, ") than queries (", rows, ")");
+  const int64_t* slot_of = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < C; ++t)
+    TORCH_CHECK(slot_of[t] >= 0 && slot_of[t] < num_slots, "prefill_attention: slot ", slot_of[t], " of token ", t,
+                " is outside the pool's ", num_slots, " slots");
+  auto out = at::empty_like(q);
+  if (rows == 0) return out;
+  const int64_t group = heads / kv_heads, stride = kv_heads * dim;
+  const float sc = static_cast<float>(scale);
+  const bool vectorised = prefill_attention_vectorised(q.scalar_type(), dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefill_attention", [&] {
+    using T = scalar_t;
+    const T* qp = q.data_ptr<T>();
+    const T* kp = k_pool.data_ptr<T>();
+    const T* vp = v_pool.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    if (vectorised && prefill_avx512<T>(qp, kp, vp, stride, slot_of, rows, C, heads, kv_heads, dim, sc, op)) return;
+    at::parallel_for(0, rows * heads, grain(C * dim * 2), [&](int64_t b, int64_t e) {
+      std::vector<float> scores(C), acc(dim);
+      for (int64_t x = b; x < e; ++x) {
+        const int64_t r = x / heads, h = x % heads;
+        prefill_row<T>(qp + x * dim, kp + h / group * dim, vp + h / group * dim, stride, slot_of, C - rows + r, dim,
+                       sc, scores.data(), acc.data(), op + x * dim);
+      }
+    });
+  });
+  return out;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -1251,6 +1736,9 @@ TORCH_LIBRARY(chatserve, m) {
         &float_gemm);
   m.def("rope_kv_write(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, Tensor(b!) v_pool, "
         "Tensor slots, Tensor? q_norm, Tensor? k_norm, float eps, int heads, int kv_heads) -> Tensor", &rope_kv_write);
+  m.def("prefill_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slots, float scale) -> Tensor",
+        &prefill_attention);
+  m.def("prefill_attention_vectorised(ScalarType dtype, int head_dim) -> bool", &prefill_attention_vectorised);
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slots, Tensor block_tables, Tensor context_lens, Tensor? q_norm, "
         "Tensor? k_norm, float eps, int heads, int kv_heads, int block_size, float scale) -> Tensor",
