@@ -1456,6 +1456,16 @@ inline void store_tiles(__m512 (&acc)[R][T][2], const float* bias, OutT* out, in
 }
 #endif
 
+#ifdef __AVX512F__
+// Many rows pass over a float tile in groups of four (over_tiles), the first pass reading it from
+// memory and the rest from L2. Each step of every pass asks for the same step's line of the next
+// tile (into L2; a request the memory system drops is asked again in the next pass), so that tile's
+// first pass finds it there too. 32 rows, 2 threads, GFLOPS: Qwen2.5-0.5B's gate_up fp32 135 -> 192,
+// bf16 390 -> 439; its output head fp32 165 -> 181, bf16 306 -> 335; 8 rows of the gate_up in fp32
+// 74 -> 165; 512 rows as before (fp32 ~215, bf16 ~440).
+inline void prefetch_line(const void* line) { _mm_prefetch(static_cast<const char*>(line), _MM_HINT_T1); }
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 constexpr bool kHaveBf16Gemm = true;
 
@@ -1480,6 +1490,7 @@ inline void bf16_gemm_tile(const uint16_t* x, int64_t row0, int64_t K, const uin
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(packed + ((tile + t) * pairs + p) * 32);
       for (int r = 0; r < R; ++r) acc[r][t][u] = _mm512_dpbf16_ps(acc[r][t][u], wv, xv[r]);
     }
+    if constexpr (R >= 3) prefetch_line(packed + ((tile + T) * pairs + p) * 32);
   };
   alternate_steps(pairs, step);
   store_tiles<R, T, OutT>(acc, bias, out, row0, N, tile);
@@ -1505,6 +1516,7 @@ inline void f32_gemm_tile(const float* x, int64_t row0, int64_t K, const float* 
       const __m512 wv = _mm512_loadu_ps(packed + ((tile + t) * K + k) * 16);
       for (int r = 0; r < R; ++r) acc[r][t][u] = _mm512_fmadd_ps(wv, xv[r], acc[r][t][u]);
     }
+    if constexpr (R >= 3) prefetch_line(packed + ((tile + T) * K + k) * 16);
   };
   alternate_steps(K, step);
   store_tiles<R, T, OutT>(acc, bias, out, row0, N, tile);
