@@ -4,7 +4,8 @@
   paged KV cache with the q/k norms, RoPE and the K/V write: four calls a layer where PyTorch runs
   ~50 ops (on a small model dispatch was half the decode step: SmolLM2-135M, ~1700 ops, ~6 ms of
   14). CausalLM.forward_native runs them for every step: a decode-only step wholly, a step with
-  prefill chunks its norms and SiLU, and its decode rows' attention on decode_attention.
+  prefill chunks its norms and SiLU, its rows' q/k norms, RoPE and K/V write (rope_kv_write) and
+  its decode rows' attention (decode_attention).
 - Matmuls: int4 and int8 with the activations quantized to int8 blocks of 32 and AVX-512 VNNI dot
   products, as llama.cpp's Q4/Q8 products; bf16 with vdpbf16ps; fp32 with FMAs. Each keeps its
   weights in a tiled layout of its own, taken when the kernels are loaded before the weights; the
