@@ -420,6 +420,20 @@ def test_native_kernels_flag(tmp_path):
     assert args.native_kernels == "off"
 
 
+def matches_dequantized(layer, deq: torch.Tensor, bias: torch.Tensor, row_counts) -> None:
+    """layer(x) against x @ deq.T + bias for fp32 and bf16 activations, rows in the counts the tile
+    driver splits differently. The activations go in int8 blocks of 32, as llama.cpp's Q8_0 dot
+    products: ~0.4% error."""
+    out_features, in_features = deq.shape
+    for rows in row_counts:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(rows, in_features) * 2).to(dtype)
+            expected = x.float() @ deq.t() + bias
+            got = layer(x)
+            assert got.dtype == dtype and got.shape == (rows, out_features)
+            assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+
+
 def test_int8_kernel_is_the_int8_matmul(ops):
     if not ops.integer_kernels_available():
         pytest.skip("this CPU has no AVX-512 VNNI: int8 layers keep PyTorch's kernel")
@@ -431,14 +445,7 @@ def test_int8_kernel_is_the_int8_matmul(ops):
     layer = Int8Linear(q, scales, bias, native=True)
     assert layer.native and not hasattr(layer, "qweight")
     deq = dequantize_int8_blocks(q, scales.half().float())  # the layout keeps fp16 scales, as Q8_0
-    for rows in (1, 2, 3, 4, 7, 32, 77):  # one and two rows take four tiles at once, more go by fours
-        for dtype in (torch.float32, torch.bfloat16):
-            x = (torch.randn(rows, 160) * 2).to(dtype)
-            expected = x.float() @ deq.t() + bias
-            got = layer(x)
-            assert got.dtype == dtype and got.shape == (rows, 208)
-            # Activations in int8 blocks of 32, as llama.cpp's Q8_0 dot products: ~0.4% error.
-            assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+    matches_dequantized(layer, deq, bias, (1, 2, 3, 4, 7, 32, 77))  # 1-2 rows: four tiles at once
     # Its rows serve a tied embedding's lookups exactly.
     embedding = NativeInt8Embedding(layer, torch.float32)
     ids = torch.tensor([[0, 15, 16], [207, 100, 31]])
@@ -477,13 +484,7 @@ def test_int4_kernel_is_the_int4_matmul(ops):
         kept = scales.to(scale_dtype).float()  # the layout keeps the scales (and mins) at its dtype
         mins = (zeros - 8 * scales).to(scale_dtype).float()
         deq = (q.float().view(208, 5, 32) * kept.unsqueeze(-1) + mins.unsqueeze(-1)).view(208, 160)
-        for rows in (1, 2, 3, 7, 32, 77):
-            for dtype in (torch.float32, torch.bfloat16):
-                x = (torch.randn(rows, 160) * 2).to(dtype)
-                expected = x.float() @ deq.t() + bias
-                got = layer(x)
-                assert got.dtype == dtype and got.shape == (rows, 208)
-                assert ((got.float() - expected).norm() / expected.norm()).item() < 0.01
+        matches_dequantized(layer, deq, bias, (1, 2, 3, 7, 32, 77))
     with pytest.raises(RuntimeError, match="does not match"):
         ops.int4_gemm(torch.randn(1, 96), layer.packed, layer.scales, 208)
 
