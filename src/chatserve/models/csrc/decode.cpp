@@ -1305,6 +1305,30 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// What int8 and Q4_0-style int4 share per block of 32 inputs: the integer dot products start from
+// -offset * sum(qx) (the weights are stored + offset as unsigned bytes: 128 for int8, 8 for int4),
+// and end scaled by the weights' 16 fp16 block scales of each tile (at d + t * tile_stride) times the
+// row's activation scale.
+template <int R, int T>
+inline void start_dots(__m512i (&dot)[R][T], const QuantizedRows& x, int64_t row0, int64_t blocks, int64_t b,
+                       int32_t offset) {
+  for (int r = 0; r < R; ++r) {
+    const __m512i start = _mm512_set1_epi32(-offset * x.isum[(row0 + r) * blocks + b]);
+    for (int t = 0; t < T; ++t) dot[r][t] = start;
+  }
+}
+
+template <int R, int T>
+inline void add_fp16_scaled(__m512 (&acc)[R][T], const __m512i (&dot)[R][T], const QuantizedRows& x, int64_t row0,
+                            int64_t blocks, int64_t b, const uint16_t* d, int64_t tile_stride) {
+  for (int t = 0; t < T; ++t) {
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + t * tile_stride)));
+    for (int r = 0; r < R; ++r)
+      acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]),
+                                  _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[(row0 + r) * blocks + b])), acc[r][t]);
+  }
+}
+
 // int8 weights in int8_pack's layout: tiles of 16 outputs; per tile and 4 inputs, 64 bytes (each
 // output's 4 weights side by side, stored + 128 as unsigned bytes), so one load is one vpdpbusd
 // operand with the outputs in the lanes: no horizontal sums, and each thread streams its tiles in
@@ -1320,11 +1344,7 @@ inline void int8_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i dot[R][T];
-    for (int r = 0; r < R; ++r) {
-      // Starting from -128 * sum(qx) takes the weights' offset back out.
-      const __m512i start = _mm512_set1_epi32(-128 * x.isum[(row0 + r) * blocks + b]);
-      for (int t = 0; t < T; ++t) dot[r][t] = start;
-    }
+    start_dots(dot, x, row0, blocks, b, 128);
     for (int o = 0; o < 8; ++o) {
       __m512i xv[R];
       for (int r = 0; r < R; ++r) xv[r] = broadcast4(x.q.data() + (row0 + r) * K + b * 32 + o * 4);
@@ -1333,13 +1353,7 @@ inline void int8_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
         for (int r = 0; r < R; ++r) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wv, xv[r]);
       }
     }
-    for (int t = 0; t < T; ++t) {
-      const __m512 d = _mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + ((tile + t) * blocks + b) * 16)));
-      for (int r = 0; r < R; ++r)
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]),
-                                    _mm512_mul_ps(d, _mm512_set1_ps(x.scale[(row0 + r) * blocks + b])), acc[r][t]);
-    }
+    add_fp16_scaled(acc, dot, x, row0, blocks, b, scales + (tile * blocks + b) * 16, blocks * 16);
   }
   store_sums(acc, bias, out, row0, N, tile);
 }
@@ -1362,10 +1376,7 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i dot[R][T];
-    for (int r = 0; r < R; ++r) {
-      const __m512i start = kMins ? _mm512_setzero_si512() : _mm512_set1_epi32(-8 * x.isum[(row0 + r) * groups + g]);
-      for (int t = 0; t < T; ++t) dot[r][t] = start;
-    }
+    start_dots(dot, x, row0, groups, g, kMins ? 0 : 8);
     for (int o = 0; o < 4; ++o) {
       __m512i xa[R], xb[R];  // inputs 0-3 and 4-7 of these 8
       for (int r = 0; r < R; ++r) {
@@ -1383,8 +1394,8 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
         }
       }
     }
-    for (int t = 0; t < T; ++t) {
-      if constexpr (kMins) {
+    if constexpr (kMins) {
+      for (int t = 0; t < T; ++t) {
         const c10::BFloat16* sm = reinterpret_cast<const c10::BFloat16*>(scales) + ((tile + t) * groups + g) * 32;
         const __m512 scale = load16(sm), mins = load16(sm + 16);
         for (int r = 0; r < R; ++r) {
@@ -1393,13 +1404,9 @@ inline void int4_gemm_tile(const QuantizedRows& x, int64_t row0, int64_t K, cons
                                       _mm512_mul_ps(scale, _mm512_set1_ps(x.scale[xi])), acc[r][t]);
           acc[r][t] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[xi]), acc[r][t]);
         }
-      } else {
-        const __m512 d = _mm512_cvtph_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + ((tile + t) * groups + g) * 16)));
-        for (int r = 0; r < R; ++r)
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]),
-                                      _mm512_mul_ps(d, _mm512_set1_ps(x.scale[(row0 + r) * groups + g])), acc[r][t]);
       }
+    } else {
+      add_fp16_scaled(acc, dot, x, row0, groups, g, scales + (tile * groups + g) * 16, groups * 16);
     }
   }
   store_sums(acc, bias, out, row0, N, tile);
